@@ -1,0 +1,126 @@
+"""THE place where vqkernels' operator schemas, fake (meta) impls and autograd are registered.
+
+Backends attach kernels to these schemas:
+
+* C++ CPU (``csrc/cpu``): ``TORCH_LIBRARY_IMPL(vqkernels, CPU, m)`` in ``vqkernels._C``;
+* C++ CUDA (``csrc/cuda/bindings.cpp``): ``TORCH_LIBRARY_IMPL(vqkernels, CUDA, m)`` in
+  ``vqkernels._C_cuda``;
+* Triton (``vqkernels/triton``): separate ``vqkernels::*_triton`` ops defined with
+  ``torch.library.triton_op`` (a triton_op owns its schema), whose fake impls and autograd are
+  registered next to their launchers.
+
+The ops take already-flattened 2-D inputs (``x: [N, D]``); ``vqkernels.functional`` does the
+flattening, validation and backend choice.  Schemas (one name per op across every layer):
+
+``nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] i64, distance[N] f32)``
+``cluster_stats(x[N,D], indices[N] i64, num_codes) -> (counts[K] f32, sums[K,D] f32)``
+``ema_update_(codebook!, cluster_size!, embed_sum!, x, indices, decay, eps) -> ()``
+``quantize(x, codebook, beta, metric, codebook_loss) -> (quantized[N,D], indices[N], loss[] f32)``
+``quantize_backward(grad_q, grad_loss, x, codebook, indices, beta, codebook_loss)
+    -> (grad_x[N,D], grad_codebook[K,D] or [0] when codebook_loss is False)``
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "vqkernels"
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+_lib.define("nearest_code(Tensor x, Tensor codebook, str metric) -> (Tensor indices, Tensor distance)")
+_lib.define("cluster_stats(Tensor x, Tensor indices, int num_codes) -> (Tensor counts, Tensor sums)")
+_lib.define(
+    "ema_update_(Tensor(a!) codebook, Tensor(b!) cluster_size, Tensor(c!) embed_sum, "
+    "Tensor x, Tensor indices, float decay, float eps) -> ()"
+)
+_lib.define(
+    "quantize(Tensor x, Tensor codebook, float beta, str metric, bool codebook_loss) "
+    "-> (Tensor quantized, Tensor indices, Tensor loss)"
+)
+_lib.define(
+    "quantize_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
+    "Tensor indices, float beta, bool codebook_loss) -> (Tensor grad_x, Tensor grad_codebook)"
+)
+
+OP_NAMES = ("nearest_code", "cluster_stats", "ema_update_", "quantize", "quantize_backward")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake impls: check and allocate only (they run under torch.compile / FakeTensor / meta).
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nearest_code")
+def _nearest_code_fake(x, codebook, metric):
+    torch._check(x.dim() == 2 and codebook.dim() == 2, lambda: "x and codebook must be 2-D")
+    torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
+    n = x.shape[0]
+    return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::cluster_stats")
+def _cluster_stats_fake(x, indices, num_codes):
+    torch._check(x.dim() == 2, lambda: "x must be 2-D")
+    return (
+        x.new_empty((num_codes,), dtype=torch.float32),
+        x.new_empty((num_codes, x.shape[1]), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::ema_update_")
+def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
+    torch._check(codebook.shape == embed_sum.shape, lambda: "codebook/embed_sum shape mismatch")
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize")
+def _quantize_fake(x, codebook, beta, metric, codebook_loss):
+    torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
+    n = x.shape[0]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize_backward")
+def _quantize_backward_fake(grad_quantized, grad_loss, x, codebook, indices, beta, codebook_loss):
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if codebook_loss:
+        grad_cb = torch.empty_like(codebook, memory_format=torch.contiguous_format)
+    else:
+        grad_cb = codebook.new_empty((0,))
+    return grad_x, grad_cb
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd for quantize: straight-through + commitment (+ codebook) loss, fused backward kernel.
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantize_setup_context(ctx, inputs, output):
+    x, codebook, beta, metric, codebook_loss = inputs
+    _, indices, _ = output
+    ctx.save_for_backward(x, codebook, indices)
+    ctx.beta = beta
+    ctx.codebook_loss = codebook_loss
+    ctx.mark_non_differentiable(indices)
+
+
+def _quantize_backward(ctx, grad_quantized, grad_indices, grad_loss):
+    x, codebook, indices = ctx.saved_tensors
+    if grad_quantized is None:
+        grad_quantized = torch.zeros_like(x)
+    if grad_loss is None:
+        grad_loss = x.new_zeros((), dtype=torch.float32)
+    grad_x, grad_cb = torch.ops.vqkernels.quantize_backward(
+        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss
+    )
+    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::quantize", _quantize_backward, setup_context=_quantize_setup_context
+)

@@ -1,0 +1,180 @@
+"""Backend selection: which implementation runs a call, and why the others refused.
+
+Backends
+--------
+``reference``  pure PyTorch (``vqkernels.reference``); any device; always available.
+``cpu``        fused C++ kernels (``vqkernels._C``, OpenMP + SIMD); CPU tensors.
+``cuda``       fused CUDA C++ kernels (``vqkernels._C_cuda``); CUDA tensors; needs a CUDA build.
+``triton``     Triton kernels (``vqkernels.triton``); CUDA tensors, or CPU tensors when
+               ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
+
+``backend="auto"`` picks, for CUDA tensors, ``cuda`` then ``triton`` then ``reference``; for CPU
+tensors ``cpu`` then ``reference``.  The environment variable ``VQKERNELS_BACKEND`` overrides
+``auto`` (an explicit ``backend=`` argument wins over the variable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (see README, 'Building')"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when an explicitly requested backend cannot run the call; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Probe:
+    ok: bool
+    why: str  # empty when ok
+
+
+_probe_cache: dict[str, _Probe] = {}
+_module_cache: dict[str, ModuleType] = {}
+
+
+def _import(name: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(name), ""
+    except Exception as exc:  # ImportError or a broken shared object: report, never crash
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _probe(backend: str) -> _Probe:
+    if backend in _probe_cache:
+        return _probe_cache[backend]
+    if backend == "reference":
+        p = _Probe(True, "")
+    elif backend == "cpu":
+        mod, err = _import("vqkernels._C")
+        if mod is None:
+            p = _Probe(False, f"the C++ CPU extension vqkernels._C is not built ({err}); {_BUILD_HINT}")
+        else:
+            _module_cache["cpu"] = mod
+            p = _Probe(True, "")
+    elif backend == "cuda":
+        if torch.version.cuda is None:
+            p = _Probe(False, "the installed torch has no CUDA support (CPU-only wheel)")
+        else:
+            mod, err = _import("vqkernels._C_cuda")
+            if mod is None:
+                p = _Probe(
+                    False,
+                    f"the CUDA extension vqkernels._C_cuda is not built ({err}); with a CUDA torch and "
+                    f"nvcc, {_BUILD_HINT}, or force it with VQKERNELS_BUILD_CUDA=1",
+                )
+            else:
+                _module_cache["cuda"] = mod
+                p = _Probe(True, "")
+    elif backend == "triton":
+        mod, err = _import("vqkernels.triton")
+        if mod is None:
+            p = _Probe(False, f"triton is not usable ({err}); `pip install triton`")
+        else:
+            _module_cache["triton"] = mod
+            p = _Probe(True, "")
+    else:  # pragma: no cover - guarded by validate_backend
+        raise ValueError(backend)
+    _probe_cache[backend] = p
+    return p
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _device_refusal(backend: str, device: torch.device) -> str:
+    """Why ``backend`` cannot run on tensors of ``device`` ('' when it can)."""
+    if backend == "reference":
+        return ""
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, got {device.type} tensors"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
+    if backend == "triton":
+        if device.type == "cuda":
+            return ""
+        if device.type == "cpu" and triton_interpreting():
+            return ""
+        return (
+            f"the triton backend runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before importing triton), got {device.type} tensors"
+        )
+    return ""
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, str]:
+    """Map every backend to ``""`` when usable (on ``device`` if given) or the reason it is not."""
+    out = {}
+    for b in BACKENDS:
+        p = _probe(b)
+        why = p.why
+        if p.ok and device is not None:
+            why = _device_refusal(b, torch.device(device))
+        out[b] = why
+    return out
+
+
+def validate_backend(backend: str) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend name that runs a call on ``device`` for the requested ``backend``."""
+    validate_backend(backend)
+    if backend == "auto":
+        env = os.environ.get("VQKERNELS_BACKEND", "auto") or "auto"
+        if env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(
+                    f"VQKERNELS_BACKEND must be 'auto' or one of {BACKENDS}, got {env!r}"
+                )
+            backend = env
+    if backend != "auto":
+        p = _probe(backend)
+        if not p.ok:
+            raise BackendUnavailableError(f"backend {backend!r} is unavailable: {p.why}")
+        why = _device_refusal(backend, device)
+        if why:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run this call: {why}")
+        return backend
+    order = _AUTO_ORDER.get(device.type, ("reference",))
+    for b in order:
+        if _probe(b).ok and not _device_refusal(b, device):
+            return b
+    return "reference"  # pragma: no cover - reference always qualifies
+
+
+def explain(device: torch.device | str) -> str:
+    """Human-readable account of which backend ``auto`` picks on ``device`` and why."""
+    device = torch.device(device)
+    chosen = resolve("auto", device)
+    lines = [f"auto -> {chosen} on {device.type}"]
+    for b, why in available_backends(device).items():
+        lines.append(f"  {b:9s} {'available' if not why else 'unavailable: ' + why}")
+    return "\n".join(lines)
+
+
+def module(backend: str) -> ModuleType:
+    """The imported module implementing ``backend`` (after a successful probe)."""
+    _probe(backend)
+    return _module_cache[backend]
+
+
+OpFn = Callable[..., object]

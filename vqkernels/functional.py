@@ -1,0 +1,372 @@
+"""Public functional API: ``nearest_code``, ``cluster_stats``, ``ema_update_``, ``quantize``.
+
+Each function validates its inputs (shape, dtype, device errors name the argument), flattens any
+leading dims (``x: [..., D]`` -> ``[N, D]``), picks a backend (see :mod:`vqkernels.dispatch`) and
+restores the leading dims on the way out.
+
+Value checks (NaN/Inf in ``x``/``codebook``, indices outside ``[-1, K)``) cost one pass over the
+inputs and, on a GPU, a host sync; they run when ``check_inputs=True`` (the default, overridable
+process-wide with ``VQKERNELS_CHECK_INPUTS=0``) and are skipped while ``torch.compile`` traces.
+Unchecked behaviour of the raw kernels (documented, not an error): a row of ``x`` containing NaN
+gets some valid index and a NaN distance; a code containing NaN is never chosen by the fused
+kernels (every comparison with NaN is false) whereas ``torch.argmin`` in the reference would
+pick it - hence the check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the schemas)
+from . import dispatch, reference
+
+__all__ = ["nearest_code", "cluster_stats", "ema_update_", "ema_blend_", "quantize"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_METRICS = ("l2", "cosine")
+_PRECISIONS = ("exact", "fast")
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _default_check() -> bool:
+    return os.environ.get("VQKERNELS_CHECK_INPUTS", "1") not in ("0", "false", "False", "")
+
+
+def _want_check(check_inputs: bool | None) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return _default_check() if check_inputs is None else bool(check_inputs)
+
+
+def _require_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _require_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16, got {t.dtype} (shape {tuple(t.shape)})"
+        )
+
+
+def _check_x(x, d_name: str = "x") -> torch.Tensor:
+    x = _require_tensor(d_name, x)
+    _require_float(d_name, x)
+    if x.dim() < 1:
+        raise ValueError(f"{d_name} must have shape [..., D] with at least 1 dim, got a 0-d tensor")
+    return x
+
+
+def _check_codebook(codebook, x: torch.Tensor | None, same_dtype: bool) -> torch.Tensor:
+    codebook = _require_tensor("codebook", codebook)
+    _require_float("codebook", codebook)
+    if codebook.dim() != 2:
+        raise ValueError(f"codebook must have shape [K, D], got shape {tuple(codebook.shape)}")
+    k, d = codebook.shape
+    if k < 1 or d < 1:
+        raise ValueError(f"codebook must have K >= 1 codes of D >= 1 dims, got shape {(k, d)}")
+    if x is not None:
+        if x.shape[-1] != d:
+            raise ValueError(
+                f"x has last dim D={x.shape[-1]} but codebook has D={d} "
+                f"(x shape {tuple(x.shape)}, codebook shape {(k, d)})"
+            )
+        if x.device != codebook.device:
+            raise ValueError(f"x is on {x.device} but codebook is on {codebook.device}")
+        if same_dtype and x.dtype != codebook.dtype:
+            raise TypeError(
+                f"x ({x.dtype}) and codebook ({codebook.dtype}) must have the same dtype; "
+                f"cast one of them (e.g. codebook.to(x.dtype))"
+            )
+    return codebook
+
+
+def _check_metric(metric) -> str:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    return metric
+
+
+def _check_precision(precision) -> str:
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{name} contains {bad} NaN/Inf value(s); pass finite values "
+            f"(or check_inputs=False for the documented unchecked behaviour)"
+        )
+
+
+def _check_indices(indices, n: int, k: int, device: torch.device, check_values: bool) -> torch.Tensor:
+    indices = _require_tensor("indices", indices)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
+    if indices.numel() != n:
+        raise ValueError(
+            f"indices must have one entry per row of x ({n}), got shape {tuple(indices.shape)}"
+        )
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but x is on {device}")
+    indices = indices.reshape(n).to(torch.int64)
+    if check_values and n:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < -1 or hi >= k:
+            raise ValueError(
+                f"indices must lie in [-1, {k}) (-1 = ignored row), got values in [{lo}, {hi}]"
+            )
+    return indices
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# ----------------------------------------------------------------------------------- the ops
+
+
+def nearest_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    return_distance: bool = False,
+    *,
+    backend: str = "auto",
+    precision: str = "exact",
+    check_inputs: bool | None = None,
+):
+    """Index of the nearest codebook entry for every vector, without an N x K matrix.
+
+    Args:
+        x: ``[..., D]`` float32/bfloat16/float16, any strides.
+        codebook: ``[K, D]``, same dtype and device as ``x``.
+        metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (codes are L2-normalized).
+        return_distance: also return the distance to the chosen code.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        precision: ``"exact"`` (fp32 products) or ``"fast"`` (tensor-core products with fp32
+            accumulation; Triton/CUDA only, the other backends treat it as ``"exact"``).
+        check_inputs: validate finiteness (default on; see module docs).
+
+    Returns:
+        ``indices: [...] int64`` (ties -> lowest index), and with ``return_distance``
+        ``distance: [...] float32`` (squared L2 clamped >= 0, or ``1 - cosine``).
+    """
+    x = _check_x(x)
+    codebook = _check_codebook(codebook, x, same_dtype=True)
+    _check_metric(metric)
+    _check_precision(precision)
+    if _want_check(check_inputs):
+        _check_finite("x", x)
+        _check_finite("codebook", codebook)
+    lead = x.shape[:-1]
+    x2 = _flatten(x)
+    name = dispatch.resolve(backend, x.device)
+    if name == "reference":
+        indices, distance = reference.nearest_code(x2, codebook, metric)
+    elif name == "triton":
+        indices, distance = dispatch.module("triton").nearest_code(x2, codebook, metric, precision)
+    else:
+        indices, distance = torch.ops.vqkernels.nearest_code(x2, codebook, metric)
+    indices = indices.reshape(lead)
+    if return_distance:
+        return indices, distance.reshape(lead)
+    return indices
+
+
+def cluster_stats(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    num_codes: int,
+    *,
+    backend: str = "auto",
+    check_inputs: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts and sums of assigned vectors (no one-hot matrix; deterministic).
+
+    Args:
+        x: ``[..., D]`` float.
+        indices: ``[...]`` int64 with ``x.shape[:-1]`` elements, values in ``[-1, num_codes)``;
+            ``-1`` marks a row to ignore (padding).
+        num_codes: K >= 1.
+
+    Returns:
+        ``counts: [K] float32`` and ``sums: [K, D] float32``.
+    """
+    x = _check_x(x)
+    if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
+        raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
+    x2 = _flatten(x)
+    check = _want_check(check_inputs)
+    if check:
+        _check_finite("x", x2)
+    idx = _check_indices(indices, x2.shape[0], num_codes, x.device, check)
+    name = dispatch.resolve(backend, x.device)
+    if name == "reference":
+        return reference.cluster_stats(x2, idx, num_codes)
+    if name == "triton":
+        return dispatch.module("triton").cluster_stats(x2, idx, num_codes)
+    return torch.ops.vqkernels.cluster_stats(x2, idx, num_codes)
+
+
+def _check_ema_state(codebook, cluster_size, embed_sum) -> None:
+    codebook = _require_tensor("codebook", codebook)
+    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"codebook must have shape [K, D] with K, D >= 1, got {tuple(codebook.shape)}")
+    k, d = codebook.shape
+    for name, t, shape in (
+        ("codebook", codebook, (k, d)),
+        ("cluster_size", cluster_size, (k,)),
+        ("embed_sum", embed_sum, (k, d)),
+    ):
+        _require_tensor(name, t)
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32 (EMA state stays fp32), got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.device != codebook.device:
+            raise ValueError(f"{name} is on {t.device} but codebook is on {codebook.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is updated in place and must be contiguous")
+
+
+def _check_decay_eps(decay, eps) -> tuple[float, float]:
+    if not isinstance(decay, (int, float)) or not 0.0 <= float(decay) <= 1.0:
+        raise ValueError(f"decay must be a float in [0, 1], got {decay!r}")
+    if not isinstance(eps, (int, float)) or not float(eps) > 0.0:
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    return float(decay), float(eps)
+
+
+def ema_update_(
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+    check_inputs: bool | None = None,
+) -> None:
+    """Exponential-moving-average codebook update, in place (returns nothing).
+
+    ``cluster_size ← decay·cluster_size + (1−decay)·counts``;
+    ``embed_sum ← decay·embed_sum + (1−decay)·S`` with ``S_k = Σ_{i: idx_i=k} x_i``;
+    ``n = Σ cluster_size``; ``c_k = (cluster_size_k + eps)/(n + K·eps)·n`` (Laplace smoothing);
+    ``codebook_k = embed_sum_k / c_k``.  Counts and sums are computed without a one-hot matrix and
+    deterministically (same bits on every run and thread count).
+
+    Args:
+        codebook: ``[K, D] float32``, contiguous, written.
+        cluster_size: ``[K] float32``, contiguous, written.
+        embed_sum: ``[K, D] float32``, contiguous, written.
+        x: ``[..., D]`` float (accumulated in fp32).
+        indices: ``[...]`` int64 with ``x.shape[:-1]`` elements in ``[-1, K)``; ``-1`` = ignore.
+        decay: in ``[0, 1]``.  eps: ``> 0``.
+    """
+    _check_ema_state(codebook, cluster_size, embed_sum)
+    x = _check_x(x)
+    k, d = codebook.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x has last dim D={x.shape[-1]} but codebook has D={d}")
+    if x.device != codebook.device:
+        raise ValueError(f"x is on {x.device} but codebook is on {codebook.device}")
+    decay, eps = _check_decay_eps(decay, eps)
+    x2 = _flatten(x)
+    check = _want_check(check_inputs)
+    if check:
+        _check_finite("x", x2)
+    idx = _check_indices(indices, x2.shape[0], k, x.device, check)
+    name = dispatch.resolve(backend, x.device)
+    if name == "reference":
+        reference.ema_update_(codebook, cluster_size, embed_sum, x2, idx, decay, eps)
+    elif name == "triton":
+        dispatch.module("triton").ema_update_(codebook, cluster_size, embed_sum, x2, idx, decay, eps)
+    else:
+        torch.ops.vqkernels.ema_update_(codebook, cluster_size, embed_sum, x2, idx, decay, eps)
+
+
+def ema_blend_(
+    codebook: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    counts: torch.Tensor,
+    sums: torch.Tensor,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+) -> None:
+    """Second half of :func:`ema_update_` from already-reduced ``counts: [K]``/``sums: [K, D]``
+    (fp32), e.g. after an all-reduce across ranks.  Plain PyTorch (O(K·D), not a hot spot)."""
+    _check_ema_state(codebook, cluster_size, embed_sum)
+    decay, eps = _check_decay_eps(decay, eps)
+    if tuple(counts.shape) != tuple(cluster_size.shape) or tuple(sums.shape) != tuple(embed_sum.shape):
+        raise ValueError(
+            f"counts/sums must have shapes {list(cluster_size.shape)}/{list(embed_sum.shape)}, "
+            f"got {list(counts.shape)}/{list(sums.shape)}"
+        )
+    reference.ema_blend_(codebook, cluster_size, embed_sum, counts.float(), sums.float(), decay, eps)
+
+
+def quantize(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    metric: str = "l2",
+    *,
+    codebook_loss: bool | None = None,
+    backend: str = "auto",
+    precision: str = "exact",
+    check_inputs: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused straight-through quantization with the VQ-VAE losses.
+
+    Args:
+        x: ``[..., D]`` float32/bfloat16/float16.
+        codebook: ``[K, D]``, same dtype/device as ``x``.
+        beta: commitment weight (>= 0).
+        metric: search metric; the loss is always the squared error to the chosen code.
+        codebook_loss: add ``mean((sg(x) − q)²)`` (gives the codebook a gradient); defaults to
+            ``codebook.requires_grad``.
+
+    Returns:
+        ``quantized: [..., D]`` (dtype of x; the chosen codes' values, the gradient of x),
+        ``indices: [...] int64``, ``loss: [] float32`` =
+        ``beta·mean((x − sg(q))²) [+ mean((sg(x) − q)²)]`` (0 when x is empty).
+        Backward: ``grad_x = grad_q + grad_loss·2·beta·(x − q)/numel``; the codebook gets the
+        segment-summed gradient of its loss.
+    """
+    x = _check_x(x)
+    codebook = _check_codebook(codebook, x, same_dtype=True)
+    _check_metric(metric)
+    _check_precision(precision)
+    if not isinstance(beta, (int, float)) or float(beta) < 0:
+        raise ValueError(f"beta must be a float >= 0, got {beta!r}")
+    beta = float(beta)
+    if codebook_loss is None:
+        codebook_loss = codebook.requires_grad
+    if _want_check(check_inputs):
+        _check_finite("x", x)
+        _check_finite("codebook", codebook)
+    lead = x.shape
+    x2 = _flatten(x)
+    name = dispatch.resolve(backend, x.device)
+    if name == "reference":
+        q, idx, loss = reference.quantize(x2, codebook, beta, metric, codebook_loss)
+    elif name == "triton":
+        q, idx, loss = dispatch.module("triton").quantize(
+            x2, codebook, beta, metric, bool(codebook_loss), precision
+        )
+    else:
+        q, idx, loss = torch.ops.vqkernels.quantize(x2, codebook, beta, metric, bool(codebook_loss))
+    return q.reshape(lead), idx.reshape(lead[:-1]), loss

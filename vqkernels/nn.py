@@ -1,0 +1,1 @@
+"""Drop-in vector-quantization layers (see VectorQuantizer)."""
