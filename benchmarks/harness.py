@@ -1,0 +1,706 @@
+"""Shared benchmark harness: timing, peak memory, metadata, result files, plots, CLI.
+
+Every ``benchmarks/bench_*.py`` script uses this module so that all numbers are measured and
+recorded the same way (DESIGN.md §6).
+
+Timing (:func:`time_fn`)
+    ``warmup`` untimed calls, then ``repeat`` timed calls; reports the median and the 20 % / 80 %
+    quantiles in milliseconds.  On CPU each call is timed with ``time.perf_counter``; on CUDA each
+    call is bracketed by CUDA events and the device is synchronized before the first and after
+    the last call, so asynchronous launches are fully counted.  When ``repeat`` is not given it is
+    chosen from the time of the first timed call so that a case costs about ``target_s`` seconds
+    (clamped to ``[min_repeat, max_repeat]``): slow providers get few repeats, fast ones many.
+    The thread count is whatever ``torch.set_num_threads`` set (``--threads``); it is recorded in
+    the metadata.
+
+Peak memory (:func:`measure_memory`), measured SEPARATELY from timing
+    * CUDA: ``torch.cuda.reset_peak_memory_stats`` after the inputs exist and one warm-up call,
+      then ``max_memory_allocated − memory_allocated(before)`` over one call.  This counts only
+      the PyTorch caching allocator (cuBLAS workspaces, Triton scratch are not allocator-backed).
+    * CPU: ``tracemalloc`` does not see torch's allocations and torch has no CPU allocator
+      statistics, so memory is measured at the OS level in a *fresh child process* per provider
+      and shape: the child builds the inputs, makes one warm-up call (one-time costs such as
+      ``torch.compile``, OpenMP thread stacks or lazily loaded libraries are not counted), frees
+      garbage, calls ``malloc_trim(0)``, resets the kernel's resident-set high-water mark by
+      writing ``5`` to ``/proc/self/clear_refs`` (Linux ≥ 4.0), reads ``VmRSS`` as the baseline,
+      makes ONE call, keeps its outputs alive and reads ``VmHWM``.  Extra peak memory is
+      ``VmHWM − baseline``: the largest amount of additional memory the call made resident,
+      outputs included.  The child runs with ``MALLOC_MMAP_THRESHOLD_=65536`` (a fixed threshold
+      also disables glibc's dynamic threshold) so every buffer above 64 KiB is its own mapping
+      that is returned to the OS when freed; otherwise memory freed by the warm-up call could be
+      reused silently and the measured peak would be too low.  Resolution is one page (4 KiB),
+      noise from the interpreter is a few hundred KiB.  If ``clear_refs`` cannot be written the
+      child falls back to ``VmHWM`` before/after without the warm-up call (first-call costs are
+      then included) and says so in the ``mem_method`` field.
+
+Providers are described by *factories*: a module-level function ``factory(**params)`` that builds
+the inputs and returns a zero-argument callable running the provider once.  A factory raises
+:class:`Skip` (with the reason) when the provider cannot run here; the reason is recorded in the
+row.  Being module-level functions with JSON parameters, factories can be re-run in the memory
+child process.
+
+Results (:func:`write_results`)
+    ``<out>/<name>.json`` (``{"meta": ..., "rows": [...]}``) and ``<out>/<name>.csv`` (one line per
+    row, meta columns ``commit``/``torch``/``device`` repeated), plus plots via :func:`plot_rows`
+    (matplotlib, Agg backend, no display needed).
+
+Typical use (see ``bench_nearest_code.py``)::
+
+    args = harness.parse_args(harness.make_parser("nearest_code benchmark"))
+    row = harness.bench_case(
+        "nearest_code", "cpu", "benchmarks.bench_nearest_code", "make_vqkernels",
+        dict(n=4096, d=64, k=512, device="cpu"), args=args, memory=True,
+    )
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as _dt
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Skip",
+    "Timing",
+    "time_fn",
+    "measure_memory",
+    "bench_case",
+    "gemm_peak_flops",
+    "metadata",
+    "make_parser",
+    "parse_args",
+    "write_results",
+    "plot_rows",
+    "format_table",
+    "RESULTS_DIR",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 1024.0 * 1024.0
+
+
+class Skip(Exception):
+    """Raised by a factory when its provider cannot run here; the message is the recorded reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Wall-clock statistics of one provider on one case, in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    repeats: int
+    warmup: int
+    times_ms: list[float]
+
+
+def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile of already sorted values (numpy's default 'linear')."""
+    if len(sorted_vals) == 1:
+        return float(sorted_vals[0])
+    pos = q * (len(sorted_vals) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    frac = pos - lo
+    return float(sorted_vals[lo] * (1.0 - frac) + sorted_vals[hi] * frac)
+
+
+def _is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int = 1,
+    repeat: int | None = None,
+    min_repeat: int = 3,
+    max_repeat: int = 50,
+    target_s: float = 1.5,
+) -> Timing:
+    """Time ``fn()`` (see the module docstring for the method).
+
+    Args:
+        fn: zero-argument callable running the provider once (inputs already built).
+        device: where ``fn`` runs; CUDA uses events and synchronization.
+        warmup: untimed calls first (compilation, caches, thread pools).
+        repeat: timed calls; ``None`` = adaptive from the first timed call's duration.
+        min_repeat, max_repeat: bounds of the adaptive repeat count.
+        target_s: approximate total timed seconds of an adaptive case.
+
+    Returns:
+        :class:`Timing` with median and 20/80 % quantiles in ms and every sample.
+    """
+    cuda = _is_cuda(device)
+
+    def one() -> float:
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = [one()]
+    if repeat is None:
+        est_s = max(times[0], 1e-3) / 1e3
+        repeat = int(min(max_repeat, max(min_repeat, round(target_s / est_s))))
+    for _ in range(repeat - 1):
+        times.append(one())
+    if cuda:
+        torch.cuda.synchronize()
+    srt = sorted(times)
+    return Timing(
+        median_ms=float(statistics.median(srt)),
+        p20_ms=_quantile(srt, 0.2),
+        p80_ms=_quantile(srt, 0.8),
+        repeats=len(times),
+        warmup=warmup,
+        times_ms=times,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:  # non-glibc: nothing to trim
+        pass
+
+
+def _reset_hwm() -> bool:
+    """Reset the resident-set high-water mark (VmHWM) of this process; False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(module: str, factory: str, params_json: str, threads: int) -> None:
+    """Entry point of the memory child process: prints one JSON line with the result."""
+    torch.set_num_threads(threads)
+    try:
+        fn = getattr(importlib.import_module(module), factory)(**json.loads(params_json))
+        out = None
+        can_reset = _reset_hwm()
+        if can_reset:
+            out = fn()  # warm-up: one-time costs are not the provider's working memory
+            del out
+            gc.collect()
+            _malloc_trim()
+            _reset_hwm()
+            method = "child VmHWM-VmRSS after warm-up, clear_refs reset, mmap_threshold=64KiB"
+        else:
+            method = "child VmHWM-VmRSS, first call (clear_refs unavailable)"
+        base = _proc_status_kib("VmRSS")
+        out = fn()  # noqa: F841  (kept alive: outputs are part of the peak)
+        hwm = _proc_status_kib("VmHWM")
+        res = {"ok": True, "extra_mib": max(hwm - base, 0) / 1024.0, "mem_method": method}
+    except Skip as exc:
+        res = {"ok": False, "skip": True, "reason": str(exc)}
+    except Exception as exc:
+        res = {"ok": False, "skip": False, "reason": f"{type(exc).__name__}: {exc}"}
+    print("__MEMRESULT__" + json.dumps(res), flush=True)
+
+
+def measure_memory(
+    module: str,
+    factory: str,
+    params: dict[str, Any],
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Extra peak memory of one call of ``module.factory(**params)()``.
+
+    CPU: in a fresh child process (see the module docstring); CUDA: in this process with the
+    caching allocator's peak statistics.
+
+    Returns:
+        ``{"ok": True, "extra_mib": float, "mem_method": str}`` or
+        ``{"ok": False, "skip": bool, "reason": str}``.
+    """
+    threads = threads or torch.get_num_threads()
+    if _is_cuda(device):
+        try:
+            fn = getattr(importlib.import_module(module), factory)(**params)
+            out = fn()
+            del out
+            torch.cuda.synchronize()
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            del out, fn
+            return {
+                "ok": True,
+                "extra_mib": max(peak - base, 0) / MIB,
+                "mem_method": "torch.cuda.max_memory_allocated - memory_allocated (one call)",
+            }
+        except Skip as exc:
+            return {"ok": False, "skip": True, "reason": str(exc)}
+        except Exception as exc:
+            return {"ok": False, "skip": False, "reason": f"{type(exc).__name__}: {exc}"}
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    code = (
+        "import sys; from benchmarks.harness import _memory_child; "
+        "_memory_child(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))"
+    )
+    cmd = [sys.executable, "-c", code, module, factory, json.dumps(params), str(threads)]
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "skip": False, "reason": f"memory child timed out after {timeout_s}s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("__MEMRESULT__"):
+            return json.loads(line[len("__MEMRESULT__") :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {
+        "ok": False,
+        "skip": False,
+        "reason": f"memory child exited {proc.returncode}: {' | '.join(tail)}",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One case = one provider on one shape: time it, optionally measure memory, return a row.
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_case(
+    op: str,
+    provider: str,
+    module: str,
+    factory: str,
+    params: dict[str, Any],
+    *,
+    args: argparse.Namespace | None = None,
+    time_it: bool = True,
+    memory: bool = False,
+    extra: dict[str, Any] | None = None,
+    **time_kwargs: Any,
+) -> dict[str, Any]:
+    """Build ``module.factory(**params)``, time it, optionally measure its memory; one result row.
+
+    Row keys: ``op, provider, status ('ok'|'skipped'|'error'), reason, median_ms, p20_ms, p80_ms,
+    repeats, extra_mib, mem_method`` plus every key of ``params`` and ``extra``.  A factory that
+    raises :class:`Skip`, or fails, gives a row with the reason instead of aborting the run.
+    """
+    device = params.get("device", "cpu")
+    row: dict[str, Any] = {"op": op, "provider": provider, **params, **(extra or {})}
+    row.update(status="ok", reason="", median_ms=None, p20_ms=None, p80_ms=None, repeats=0)
+    row.update(extra_mib=None, mem_method="")
+    if args is not None and getattr(args, "quick", False):
+        time_kwargs.setdefault("target_s", 0.3)
+        time_kwargs.setdefault("max_repeat", 5)
+        time_kwargs.setdefault("min_repeat", 2)
+    if time_it:
+        fn = None
+        try:
+            fn = getattr(importlib.import_module(module), factory)(**params)
+            t = time_fn(fn, device=device, **time_kwargs)
+            row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats)
+        except Skip as exc:
+            row.update(status="skipped", reason=str(exc))
+        except Exception as exc:
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            if os.environ.get("VQKERNELS_BENCH_TRACEBACK"):
+                traceback.print_exc()
+        finally:
+            del fn
+            gc.collect()
+            if _is_cuda(device):
+                torch.cuda.empty_cache()
+    if memory and row["status"] == "ok":
+        threads = getattr(args, "threads", None) if args is not None else None
+        m = measure_memory(module, factory, params, device=device, threads=threads)
+        if m["ok"]:
+            row.update(extra_mib=m["extra_mib"], mem_method=m["mem_method"])
+        else:
+            row.update(
+                status="skipped" if m.get("skip") else "error", reason="memory: " + m["reason"]
+            )
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM peak (the FLOP floor yardstick)
+# ---------------------------------------------------------------------------------------------
+
+
+def gemm_peak_flops(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None
+) -> dict[str, Any]:
+    """Measured matmul throughput: the best of a few ``torch.mm`` of square ``size`` matrices.
+
+    Uses the *best* (not median) time: the peak is an upper bound on achievable throughput, and
+    the noisy shared machine can only make individual calls slower.
+
+    Returns:
+        ``{"flops": float (FLOP/s), "size": int, "dtype": str, "best_ms": float}``.
+    """
+    if size is None:
+        size = 8192 if _is_cuda(device) else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    t = time_fn(lambda: torch.mm(a, b), device=device, warmup=2, repeat=7)
+    best = min(t.times_ms)
+    return {
+        "flops": 2.0 * size**3 / (best / 1e3),
+        "size": size,
+        "dtype": str(dtype).replace("torch.", ""),
+        "best_ms": best,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _version(mod: str) -> str:
+    try:
+        m = importlib.import_module(mod)
+        return str(getattr(m, "__version__", "unknown"))
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def metadata(device: str = "cpu", **extra: Any) -> dict[str, Any]:
+    """Machine, library versions, git commit and run settings, recorded with every result."""
+    meta: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "faiss": _version("faiss"),
+        "vector_quantize_pytorch": _version("vector_quantize_pytorch"),
+        "device": device,
+    }
+    try:
+        import vqkernels
+
+        meta["vqkernels"] = vqkernels.__version__
+        meta["vqkernels_backends"] = {
+            b: (why or "available") for b, why in vqkernels.available_backends().items()
+        }
+    except Exception as exc:
+        meta["vqkernels"] = f"unavailable ({type(exc).__name__}: {exc})"
+    if _is_cuda(device) and torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+        meta["cuda"] = torch.version.cuda
+    meta.update(extra)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """Parser with the flags every benchmark shares: --device, --quick, --out, --threads,
+    --providers, --no-memory."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke test)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results directory (default {RESULTS_DIR.relative_to(REPO_ROOT)}; --quick: none)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated subset of providers to run (default: all)",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None):
+    """Parse, apply ``--threads``, check ``--device cuda`` is usable, resolve ``--out``."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.out is None and not args.quick:
+        args.out = RESULTS_DIR
+    args.provider_set = set(args.providers.split(",")) if args.providers else None
+    return args
+
+
+def wanted(args: argparse.Namespace, provider: str) -> bool:
+    """Whether ``--providers`` selects ``provider``."""
+    return args.provider_set is None or provider in args.provider_set
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: files, table, plot
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.dtype):
+        return str(o).replace("torch.", "")
+    return str(o)
+
+
+def write_results(
+    name: str, rows: list[dict[str, Any]], meta: dict[str, Any], out: Path | None, **extra: Any
+) -> list[Path]:
+    """Write ``<out>/<name>.json`` (meta + rows + extra sections) and ``<out>/<name>.csv``.
+
+    Returns the written paths (none when ``out`` is None).
+    """
+    if out is None:
+        return []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, cpath = out / f"{name}.json", out / f"{name}.csv"
+    with open(jpath, "w") as f:
+        json.dump({"meta": meta, **extra, "rows": rows}, f, indent=1, default=_json_default)
+        f.write("\n")
+    keys: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    meta_cols = {"commit": meta.get("commit", ""), "torch": meta.get("torch", "")}
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys + list(meta_cols))
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: _fmt_csv(r.get(k)) for k in keys}, **meta_cols})
+    return [jpath, cpath]
+
+
+def _fmt_csv(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, default=_json_default)
+    return v
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        if abs(v) >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def format_table(
+    rows: Iterable[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None
+) -> str:
+    """Fixed-width text table of ``columns`` of ``rows`` (None shown as '-')."""
+    rows = list(rows)
+    headers = list(headers or columns)
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for c in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    return "\n".join(lines)
+
+
+def plot_rows(
+    rows: list[dict[str, Any]],
+    path: Path | None,
+    *,
+    case_key: str = "case",
+    value_key: str = "median_ms",
+    lo_key: str | None = "p20_ms",
+    hi_key: str | None = "p80_ms",
+    title: str = "",
+    ylabel: str = "time per call (ms, median; bars 20-80 %)",
+    log: bool = True,
+) -> Path | None:
+    """Grouped bar chart: one group per ``case_key`` value, one bar per provider (rows with a
+    value only), error bars from ``lo_key``/``hi_key``; saved as PNG with the Agg backend."""
+    if path is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get(value_key) is not None]
+    cases = list(dict.fromkeys(r[case_key] for r in ok))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    if not cases:
+        return None
+    width = 0.8 / max(len(providers), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(cases) + 2), 4.8))
+    for j, p in enumerate(providers):
+        xs, ys, err_lo, err_hi = [], [], [], []
+        for i, c in enumerate(cases):
+            r = next((r for r in ok if r[case_key] == c and r["provider"] == p), None)
+            if r is None:
+                continue
+            v = float(r[value_key])
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(v)
+            lo = r.get(lo_key) if lo_key else None
+            hi = r.get(hi_key) if hi_key else None
+            err_lo.append(max(v - float(lo), 0.0) if lo is not None else 0.0)
+            err_hi.append(max(float(hi) - v, 0.0) if hi is not None else 0.0)
+        ax.bar(xs, ys, width=width, label=p, yerr=[err_lo, err_hi], capsize=2)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, rotation=15, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: `python -m benchmarks.harness` checks the memory method on known allocations.
+# ---------------------------------------------------------------------------------------------
+
+
+def calibration_factory(mib: float, device: str = "cpu") -> Callable[[], Any]:
+    """A provider whose extra peak memory is known: it fills a ``mib`` MiB fp32 tensor and a
+    temporary of the same size (peak 2·mib while both live), and returns the first one."""
+    n = int(mib * MIB) // 4
+
+    def fn() -> torch.Tensor:
+        a = torch.ones(n, device=device)
+        b = a * 2.0  # temporary: both live at the peak
+        a.add_(b)
+        del b
+        return a
+
+    return fn
+
+
+def _calibrate(device: str = "cpu") -> int:
+    failures = 0
+    for mib in (16.0, 64.0, 256.0):
+        m = measure_memory(
+            "benchmarks.harness",
+            "calibration_factory",
+            {"mib": mib, "device": device},
+            device=device,
+        )
+        expected = 2 * mib
+        ok = m["ok"] and abs(m["extra_mib"] - expected) <= 0.05 * expected + 2.0
+        failures += not ok
+        print(
+            f"calibration {mib:6.0f} MiB x2: expected {expected:.0f} MiB, got {m}  "
+            f"{'OK' if ok else 'FAIL'}"
+        )
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if _calibrate("cuda" if "--cuda" in sys.argv else "cpu") else 0)
