@@ -1,0 +1,405 @@
+"""Triton nearest-code search (K-streaming, fused running argmin).
+
+┌─ contract ────────────────────────────────────────────────────────────────────────────────────┐
+│ nearest_code(x [N, D], codebook [K, D], metric, precision) -> (indices [N] int64,            │
+│                                                               distance [N] float32)          │
+│   x, codebook: float32 / bfloat16 / float16, same dtype, any strides, same device.           │
+│   l2:     argmin_k ‖c_k‖² − 2·x·c_k        distance = max(best + ‖x‖², 0)                     │
+│   cosine: argmin_k −x·c_k / max(‖c_k‖, ε)  distance = 1 + best / max(‖x‖, ε),  ε = 1e-12      │
+│   ties -> lowest index; extra memory: one fp32 vector [K] (‖c‖² or 1/‖c‖); never N×K.         │
+│   precision "exact": fp32 products (fp32 inputs: tl.dot input_precision="ieee"; bf16/fp16:   │
+│   products of two half values are exact in fp32, so the tensor-core dot with fp32            │
+│   accumulation already is fp32 arithmetic); "fast": fp32 inputs use tf32 tensor cores.       │
+└──────────────────────────────────────────────────────────────────────────────────────────────┘
+
+Algorithm: one program owns ``BLOCK_N`` rows of x and streams the codebook in ``BLOCK_K`` blocks.
+For each block it forms the ``[BLOCK_N, BLOCK_K]`` products with ``tl.dot`` (fp32 accumulator,
+``BLOCK_D`` columns at a time), turns them into scores and folds the block's row minimum into a
+running ``(best, best_idx)`` pair.  Ties: within a block ``tl.min(..., return_indices=True,
+return_indices_tie_break_left=True)`` returns the lowest column among equal minima; across blocks
+the running pair is replaced only on a strict ``<`` and blocks arrive in ascending ``k``, so an
+equal score in a later block never displaces an earlier (lower) index.  Together: the lowest
+index among exact ties, as ``torch.argmin``.  NaN scores (a NaN code) are mapped to ``+inf`` so a
+NaN code is never chosen; a NaN row keeps index 0 and gets a NaN distance.
+
+When ``D`` fits one tile (``D <= 256`` half / ``128`` fp32) the x tile is loaded once, kept on
+chip and the K loop is the innermost loop (software-pipelined codebook loads); otherwise the
+products loop over D tiles inside each K block (x tiles come back from L1/L2).
+
+Determinism: ``BLOCK_D`` (the split of the reduction dimension) is fixed by the launcher from D and
+the dtype, never autotuned, so every autotuned config accumulates each dot product in the same
+order: the indices do not depend on which config the autotuner picked.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["nearest_code", "code_aux", "search_meta", "SEARCH_CONFIGS"]
+
+COSINE_EPS = 1e-12
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------------ autotuning
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages).  H100/H200: 228 KB of shared memory per SM, wgmma
+# tiles of 64 rows per warpgroup; 128x128 and 128x256 accumulators with 8 warps are the usual
+# sweet spot for bf16 GEMM-like loops, 64-wide tiles serve small K/N and the fp32 "ieee" path
+# (FMA units, no tensor cores: smaller tiles keep register pressure down).
+_HOPPER_SHAPES = [
+    (128, 128, 8, 3),
+    (128, 128, 4, 4),
+    (128, 256, 8, 3),
+    (256, 128, 8, 3),
+    (128, 64, 4, 4),
+    (64, 128, 4, 4),
+    (64, 64, 4, 3),
+    (64, 256, 8, 3),
+    (32, 64, 4, 2),
+]
+# Under the interpreter every program runs in numpy: one small config, no benchmarking.
+_INTERPRET_SHAPES = [(16, 16, 1, 1)]
+
+
+def _configs() -> list[triton.Config]:
+    shapes = _INTERPRET_SHAPES if interpreting() else _HOPPER_SHAPES
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in shapes
+    ]
+
+
+SEARCH_CONFIGS = _configs()
+
+_SMEM_BUDGET = 200 * 1024  # of 228 KB on Hopper; leaves room for the reduction scratch
+
+
+def prune_search_configs(configs, named_args, **kwargs):
+    """Drop configs that are too big for the problem or for shared memory (fewer to benchmark).
+
+    Keeps at least the smallest config so something always runs."""
+    k = named_args["K"]
+    elsize = named_args["x_ptr"].element_size()
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    single = kwargs.get("IS_SINGLE_D_TILE", named_args.get("IS_SINGLE_D_TILE"))
+    k_cap = max(16, triton.next_power_of_2(k))
+    n_cap = max(16, named_args["N_BUCKET"])
+    kept = []
+    for c in configs:
+        bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if bk > k_cap or bn > n_cap:
+            continue
+        x_tile = bn * block_d * elsize * (1 if single else c.num_stages)
+        smem = c.num_stages * bk * block_d * elsize + x_tile
+        if smem > _SMEM_BUDGET:
+            continue
+        # a register-resident x tile of more than 64 KB per program spills
+        if single and bn * block_d * elsize > 64 * 1024:
+            continue
+        kept.append(c)
+    if not kept:
+        kept = [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return kept
+
+
+def search_meta(x: torch.Tensor, d: int, precision: str) -> dict:
+    """Launch constants shared by the search kernels (nearest_code, quantize forward).
+
+    ``BLOCK_D`` is chosen here (not autotuned: it fixes the accumulation order, see module doc):
+    the whole row when it fits one tile, else 128-byte column tiles (64 half / 32 fp32 values,
+    one 128 B swizzled shared-memory row on Hopper)."""
+    elsize = x.element_size()
+    d_pow2 = max(16, triton.next_power_of_2(d))
+    single_cap = 256 if elsize == 2 else 128
+    if interpreting():
+        single_cap = 64  # keep the numpy tiles small
+    if d_pow2 <= single_cap:
+        block_d, single = d_pow2, True
+    else:
+        block_d, single = (64 if elsize == 2 else 32), False
+    return {
+        "BLOCK_D": block_d,
+        "IS_SINGLE_D_TILE": single,
+        "USE_TF32": precision == "fast" and x.dtype == torch.float32,
+        # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 bit patterns; upcast there
+        # (bf16 x bf16 products are exact in fp32, so this is the same arithmetic).
+        "IS_UPCAST_DOT": interpreting() and x.dtype == torch.bfloat16,
+    }
+
+
+def n_bucket(n: int) -> int:
+    """Autotuning key for N: its power-of-two bucket (occupancy depends on N, not its exact value)."""
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 20)
+
+
+# --------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _code_aux_kernel(
+    cb_ptr, stride_ck, stride_cd,
+    aux_ptr,
+    K, D,
+    EPS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr,
+):  # fmt: skip
+    """aux[k] = ‖c_k‖² (l2) or 1 / max(‖c_k‖, EPS) (cosine), in fp32 from the stored codebook
+    values (the same rounded values the products use)."""
+    pid = tl.program_id(0)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    row = offs_k.to(tl.int64) * stride_ck
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        c = tl.load(
+            cb_ptr + row[:, None] + offs_d[None, :] * stride_cd,
+            mask=mask_k[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        acc += c * c
+    sq = tl.sum(acc, axis=1)
+    if IS_COSINE:
+        # IEEE sqrt and division (not the approximate PTX forms): the reference's F.normalize
+        # divides by max(‖c‖, eps) in fp32.
+        aux = tl.div_rn(tl.full([BLOCK_K], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(sq), EPS))
+    else:
+        aux = sq
+    tl.store(aux_ptr + offs_k, aux, mask=mask_k)
+
+
+@triton.jit
+def _fold_block(
+    acc, aux_ptr, k0, K, best, best_idx,
+    BLOCK_K: tl.constexpr,
+    IS_COSINE: tl.constexpr,
+):  # fmt: skip
+    """Scores of one codebook block from its products ``acc [BLOCK_N, BLOCK_K]`` and the fold
+    into the running (best, best_idx)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    aux = tl.load(aux_ptr + offs_k, mask=mask_k, other=0.0)
+    if IS_COSINE:
+        score = -(acc * aux[None, :])
+    else:
+        # -2·acc is exact (power of two), so this rounds once, like the reference's c_sq − 2·(x@cᵀ)
+        score = aux[None, :] - 2.0 * acc
+    # Padding columns and NaN scores (score != score) can never win.
+    score = tl.where(mask_k[None, :] & (score == score), score, float("inf"))
+    blk_min, blk_arg = tl.min(
+        score, axis=1, return_indices=True, return_indices_tie_break_left=True
+    )
+    better = blk_min < best  # strict: an equal score in a later block keeps the lower index
+    best = tl.where(better, blk_min, best)
+    best_idx = tl.where(better, k0 + blk_arg.to(tl.int32), best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def search_rows(
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    aux_ptr,
+    row_off, mask_n,
+    K, D,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Running (best score, best index) over the whole codebook for a tile of rows.
+
+    ``row_off [BLOCK_N] int64`` are the rows' element offsets (``n * stride_xn``)."""
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    if IS_SINGLE_D_TILE:
+        # The x tile stays on chip for the whole K sweep; the K loop is the innermost loop, so
+        # the compiler pipelines the codebook tile loads over num_stages buffers.
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(
+            x_ptr + row_off[:, None] + offs_d[None, :] * stride_xd,
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        if IS_UPCAST_DOT:
+            a = a.to(tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            b = tl.load(
+                cb_ptr + offs_k[None, :].to(tl.int64) * stride_ck + offs_d[:, None] * stride_cd,
+                mask=(offs_k[None, :] < K) & mask_d[:, None],
+                other=0.0,
+            )
+            if IS_UPCAST_DOT:
+                b = b.to(tl.float32)
+            if USE_TF32:
+                acc = tl.dot(a, b, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, input_precision="ieee")
+            best, best_idx = _fold_block(acc, aux_ptr, k0, K, best, best_idx, BLOCK_K, IS_COSINE)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            col_off = offs_k.to(tl.int64) * stride_ck
+            mask_k = offs_k < K
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                a = tl.load(
+                    x_ptr + row_off[:, None] + offs_d[None, :] * stride_xd,
+                    mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    cb_ptr + col_off[None, :] + offs_d[:, None] * stride_cd,
+                    mask=mask_k[None, :] & mask_d[:, None],
+                    other=0.0,
+                )
+                if IS_UPCAST_DOT:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                if USE_TF32:
+                    acc = tl.dot(a, b, acc, input_precision="tf32")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+            best, best_idx = _fold_block(acc, aux_ptr, k0, K, best, best_idx, BLOCK_K, IS_COSINE)
+    return best, best_idx
+
+
+@triton.autotune(
+    configs=SEARCH_CONFIGS,
+    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32"],
+    prune_configs_by={"early_config_prune": prune_search_configs},
+)
+@triton.jit
+def _nearest_code_kernel(
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    aux_ptr,
+    idx_ptr,
+    dist_ptr,
+    N, K, D, N_BUCKET,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_xn
+    best, best_idx = search_rows(
+        x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
+        K, D, BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
+    )  # fmt: skip
+    # ‖x‖² in fp32 from the stored x values (one more pass over the row tile; it is in L1/L2).
+    xsq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        xv = tl.load(
+            x_ptr + row_off[:, None] + offs_d[None, :] * stride_xd,
+            mask=mask_n[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        xsq += tl.sum(xv * xv, axis=1)
+    if IS_COSINE:
+        dist = 1.0 + tl.div_rn(best, tl.maximum(tl.sqrt_rn(xsq), EPS))
+    else:
+        # ‖x‖² − 2x·c + ‖c‖² cancels: clamp the tiny negative results at 0 (NaN stays NaN)
+        dist = tl.maximum(best + xsq, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(idx_ptr + offs_n, best_idx.to(tl.int64), mask=mask_n)
+    tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+
+
+# -------------------------------------------------------------------------------- launchers
+
+
+def code_aux(codebook: torch.Tensor, metric: str) -> torch.Tensor:
+    """``[K] float32``: ``‖c_k‖²`` (l2) or ``1/max(‖c_k‖, 1e-12)`` (cosine).  Call inside a
+    triton_op (the kernel goes through ``wrap_triton``)."""
+    k, d = codebook.shape
+    aux = torch.empty(k, dtype=torch.float32, device=codebook.device)
+    block_k = 16 if interpreting() else 64
+    block_d = min(max(16, triton.next_power_of_2(d)), 64 if interpreting() else 128)
+    wrap_triton(_code_aux_kernel)[(triton.cdiv(k, block_k),)](
+        codebook, codebook.stride(0), codebook.stride(1),
+        aux,
+        k, d,
+        EPS=COSINE_EPS,
+        BLOCK_K=block_k, BLOCK_D=block_d,
+        IS_COSINE=metric == "cosine",
+        num_warps=4,
+    )  # fmt: skip
+    return aux
+
+
+def check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str) -> None:
+    """Cheap structural checks of the raw op (the public API validates more, with context)."""
+    if metric not in ("l2", "cosine"):
+        raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
+    if precision not in ("exact", "fast"):
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
+    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"x must be [N, D] and codebook [K, D], got {tuple(x.shape)} and {tuple(codebook.shape)}"
+        )
+    if x.dtype != codebook.dtype:
+        raise TypeError(f"x ({x.dtype}) and codebook ({codebook.dtype}) must share a dtype")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+@triton_op("vqkernels::nearest_code_triton", mutates_args=())
+def _nearest_code_op(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    k = codebook.shape[0]
+    indices = torch.empty(n, dtype=torch.int64, device=x.device)
+    distance = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return indices, distance
+    aux = code_aux(codebook, metric)
+    meta = search_meta(x, d, precision)
+    wrap_triton(_nearest_code_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](
+        x, x.stride(0), x.stride(1),
+        codebook, codebook.stride(0), codebook.stride(1),
+        aux,
+        indices,
+        distance,
+        n, k, d, n_bucket(n),
+        EPS=COSINE_EPS,
+        IS_COSINE=metric == "cosine",
+        **meta,
+    )  # fmt: skip
+    return indices, distance
+
+
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook entry per row (Triton backend).
+
+    Args:
+        x: ``[N, D]`` float32/bfloat16/float16, any strides.
+        codebook: ``[K, D]``, same dtype and device.
+        metric: ``"l2"`` or ``"cosine"``.
+        precision: ``"exact"`` or ``"fast"`` (see the contract box above).
+
+    Returns:
+        ``indices [N] int64`` (ties -> lowest index), ``distance [N] float32``.
+    """
+    check_args(x, codebook, metric, precision)
+    return torch.ops.vqkernels.nearest_code_triton(x, codebook, metric, precision)

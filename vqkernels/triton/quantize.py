@@ -1,0 +1,302 @@
+"""Triton straight-through quantize: fused search + gather + error forward, fused backward.
+
+┌─ contract ────────────────────────────────────────────────────────────────────────────────────┐
+│ quantize(x [N, D], codebook [K, D], beta, metric, codebook_loss, precision)                  │
+│     -> quantized [N, D] (dtype of x; the chosen codes' values), indices [N] int64,          │
+│        loss [] float32 = beta·S/numel (+ S/numel with codebook_loss), S = Σ (x − q)² in fp32 │
+│        (numel = max(N·D, 1); loss = 0 when N = 0)                                            │
+│ backward (grad_q [N, D], grad_loss []):                                                      │
+│     grad_x        = grad_q + (2·beta/numel)·grad_loss·(x − q)        (fp32, cast to x dtype) │
+│     grad_codebook = Σ_{i: idx_i = k} (−2/numel)·grad_loss·(x_i − q_i)  (codebook_loss only) │
+│ Deterministic: the loss and the codebook gradient are reduced in a fixed order.              │
+└──────────────────────────────────────────────────────────────────────────────────────────────┘
+
+Forward: the search of ``nearest_code.py`` (same tiles, same tie rule) followed, in the same
+program, by the gather of the chosen rows, the store of ``quantized`` and the per-row squared
+error (fp32); one single-program kernel then sums the per-row errors in order into the loss.
+Backward: one elementwise kernel for ``grad_x`` (gathers ``q`` again instead of saving an
+``[N, D]`` tensor) and, for the codebook, the deterministic sort + segmented reduction of
+``ema_update.py`` over ``x_i − c_{idx_i}``, scaled once per code.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .ema_update import segment_sums
+from .nearest_code import (
+    SEARCH_CONFIGS,
+    check_args,
+    code_aux,
+    interpreting,
+    n_bucket,
+    prune_search_configs,
+    search_meta,
+    search_rows,
+)
+
+__all__ = ["quantize", "quantize_backward"]
+
+
+@triton.autotune(
+    configs=SEARCH_CONFIGS,
+    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32"],
+    prune_configs_by={"early_config_prune": prune_search_configs},
+)
+@triton.jit
+def _quantize_fwd_kernel(
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    aux_ptr,
+    q_ptr, stride_qn,
+    idx_ptr,
+    err_ptr,
+    N, K, D, N_BUCKET,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Search, then q = codebook[idx] (stored in the codebook dtype = x dtype) and
+    err[n] = Σ_d (x − q)² in fp32."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_xn
+    _, best_idx = search_rows(
+        x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
+        K, D, BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
+    )  # fmt: skip
+    code_off = best_idx.to(tl.int64) * stride_ck
+    q_off = offs_n.to(tl.int64) * stride_qn
+    err = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < D)
+        q = tl.load(cb_ptr + code_off[:, None] + offs_d[None, :] * stride_cd, mask=mask, other=0.0)
+        xv = tl.load(x_ptr + row_off[:, None] + offs_d[None, :] * stride_xd, mask=mask, other=0.0)
+        tl.store(q_ptr + q_off[:, None] + offs_d[None, :], q, mask=mask)
+        diff = xv.to(tl.float32) - q.to(tl.float32)
+        err += tl.sum(diff * diff, axis=1)
+    tl.store(idx_ptr + offs_n, best_idx.to(tl.int64), mask=mask_n)
+    tl.store(err_ptr + offs_n, err, mask=mask_n)
+
+
+@triton.jit
+def _loss_kernel(
+    err_ptr,
+    loss_ptr,
+    N,
+    beta, numel,
+    BLOCK: tl.constexpr,
+    HAS_CODEBOOK_LOSS: tl.constexpr,
+):  # fmt: skip
+    """loss = beta·(S/numel) [+ S/numel], S = Σ err in a fixed order (one program)."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK):
+        offs = n0 + tl.arange(0, BLOCK)
+        acc += tl.load(err_ptr + offs, mask=offs < N, other=0.0)
+    mean = tl.div_rn(tl.sum(acc, axis=0), numel)
+    loss = beta * mean
+    if HAS_CODEBOOK_LOSS:
+        loss = loss + mean
+    tl.store(loss_ptr, loss)
+
+
+@triton.jit
+def _quantize_bwd_x_kernel(
+    gq_ptr, stride_gn, stride_gd,
+    gl_ptr,
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    idx_ptr,
+    gx_ptr, stride_on,
+    coef,
+    N, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """grad_x = grad_q + (coef·grad_loss)·(x − codebook[idx]), fp32, stored in the x dtype;
+    coef = 2·beta/numel (the reference multiplies the two scalars first)."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask = mask_n[:, None] & (offs_d[None, :] < D)
+    rows = offs_n.to(tl.int64)
+    idx = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
+    g = coef * tl.load(gl_ptr).to(tl.float32)
+    xv = tl.load(
+        x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask, other=0.0
+    )
+    q = tl.load(
+        cb_ptr + idx[:, None] * stride_ck + offs_d[None, :] * stride_cd, mask=mask, other=0.0
+    )
+    gq = tl.load(
+        gq_ptr + rows[:, None] * stride_gn + offs_d[None, :] * stride_gd, mask=mask, other=0.0
+    )
+    gx = gq.to(tl.float32) + g * (xv.to(tl.float32) - q.to(tl.float32))
+    tl.store(gx_ptr + rows[:, None] * stride_on + offs_d[None, :], gx, mask=mask)
+
+
+# ------------------------------------------------------------------------------- launchers
+
+
+@triton_op("vqkernels::quantize_triton", mutates_args=())
+def _quantize_op(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float,
+    metric: str,
+    codebook_loss: bool,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    k = codebook.shape[0]
+    quantized = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, dtype=torch.int64, device=x.device)
+    loss = torch.empty((), dtype=torch.float32, device=x.device)
+    err = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n > 0:
+        aux = code_aux(codebook, metric)
+        meta = search_meta(x, d, precision)
+        wrap_triton(_quantize_fwd_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](
+            x, x.stride(0), x.stride(1),
+            codebook, codebook.stride(0), codebook.stride(1),
+            aux,
+            quantized, quantized.stride(0),
+            indices,
+            err,
+            n, k, d, n_bucket(n),
+            IS_COSINE=metric == "cosine",
+            **meta,
+        )  # fmt: skip
+    # N = 0 runs too: the sum of nothing is 0, so loss = 0 as in the reference.
+    wrap_triton(_loss_kernel)[(1,)](
+        err,
+        loss,
+        n,
+        float(beta), float(max(n * d, 1)),
+        BLOCK=64 if interpreting() else 1024,
+        HAS_CODEBOOK_LOSS=codebook_loss,
+    )  # fmt: skip
+    return quantized, indices, loss
+
+
+@triton_op("vqkernels::quantize_backward_triton", mutates_args=())
+def _quantize_backward_op(
+    grad_quantized: torch.Tensor,
+    grad_loss: torch.Tensor,
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    beta: float,
+    codebook_loss: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d = x.shape
+    k = codebook.shape[0]
+    numel = max(n * d, 1)
+    grad_x = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    g = grad_loss.to(torch.float32).reshape(())
+    if n > 0:
+        block_n = 16 if interpreting() else 32
+        block_d = min(max(16, triton.next_power_of_2(d)), 32 if interpreting() else 128)
+        wrap_triton(_quantize_bwd_x_kernel)[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
+            grad_quantized, grad_quantized.stride(0), grad_quantized.stride(1),
+            g,
+            x, x.stride(0), x.stride(1),
+            codebook, codebook.stride(0), codebook.stride(1),
+            indices,
+            grad_x, grad_x.stride(0),
+            2.0 * beta / numel,
+            n, d,
+            BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
+    if codebook_loss:
+        grad_cb = torch.empty((k, d), dtype=codebook.dtype, device=codebook.device)
+        counts = torch.empty(k, dtype=torch.float32, device=codebook.device)  # unused by-product
+        segment_sums(
+            x, indices, k, grad_cb, counts, codebook=codebook, scale=-2.0 / numel, scale_tensor=g
+        )
+    else:
+        grad_cb = codebook.new_empty((0,))
+    return grad_x, grad_cb
+
+
+def _setup_context(ctx, inputs, output):
+    x, codebook, beta, metric, codebook_loss, precision = inputs
+    _, indices, _ = output
+    ctx.save_for_backward(x, codebook, indices)
+    ctx.beta = beta
+    ctx.codebook_loss = codebook_loss
+    ctx.mark_non_differentiable(indices)
+
+
+def _backward(ctx, grad_quantized, grad_indices, grad_loss):
+    x, codebook, indices = ctx.saved_tensors
+    if grad_quantized is None:
+        grad_quantized = torch.zeros_like(x)
+    if grad_loss is None:
+        grad_loss = x.new_zeros((), dtype=torch.float32)
+    grad_x, grad_cb = torch.ops.vqkernels.quantize_backward_triton(
+        grad_quantized, grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss
+    )
+    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None, None
+
+
+_quantize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def quantize_backward(
+    grad_quantized: torch.Tensor,
+    grad_loss: torch.Tensor,
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    indices: torch.Tensor,
+    beta: float,
+    codebook_loss: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused backward on its own (for tests and benchmarks).
+
+    Args:
+        grad_quantized: ``[N, D]`` (dtype of x), any strides.  grad_loss: ``[]`` float.
+        x: ``[N, D]``; codebook: ``[K, D]``; indices: ``[N] int64`` in ``[0, K)``.
+
+    Returns:
+        ``grad_x [N, D]`` (dtype of x) and ``grad_codebook [K, D]`` (dtype of codebook) or None.
+    """
+    gx, gc = torch.ops.vqkernels.quantize_backward_triton(
+        grad_quantized, grad_loss, x, codebook, indices, float(beta), bool(codebook_loss)
+    )
+    return gx, (gc if codebook_loss else None)
+
+
+def quantize(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    beta: float = 0.25,
+    metric: str = "l2",
+    codebook_loss: bool | None = None,
+    precision: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Straight-through quantization with the VQ-VAE losses (Triton backend, differentiable).
+
+    Args:
+        x: ``[N, D]`` float32/bfloat16/float16, any strides.
+        codebook: ``[K, D]``, same dtype and device.
+        beta: commitment weight.  metric: ``"l2"`` or ``"cosine"`` (search only; the loss is the
+            squared error).  codebook_loss: add ``mean((sg(x) − q)²)`` (defaults to
+            ``codebook.requires_grad``).  precision: ``"exact"`` or ``"fast"`` search products.
+
+    Returns:
+        ``quantized [N, D]`` (dtype of x), ``indices [N] int64``, ``loss [] float32``.
+    """
+    check_args(x, codebook, metric, precision)
+    if codebook_loss is None:
+        codebook_loss = codebook.requires_grad
+    return torch.ops.vqkernels.quantize_triton(
+        x, codebook, float(beta), metric, bool(codebook_loss), precision
+    )
