@@ -336,6 +336,7 @@ def bench_case(
     time_it: bool = True,
     memory: bool = False,
     extra: dict[str, Any] | None = None,
+    check: Callable[[Any], dict[str, Any]] | None = None,
     **time_kwargs: Any,
 ) -> dict[str, Any]:
     """Build ``module.factory(**params)``, time it, optionally measure its memory; one result row.
@@ -343,11 +344,18 @@ def bench_case(
     Row keys: ``op, provider, status ('ok'|'skipped'|'error'), reason, median_ms, p20_ms, p80_ms,
     repeats, extra_mib, mem_method`` plus every key of ``params`` and ``extra``.  A factory that
     raises :class:`Skip`, or fails, gives a row with the reason instead of aborting the run.
+
+    ``check(output) -> dict`` (optional) receives the output of the first call (which then also
+    serves as the warm-up call) and its dict is merged into the row, e.g. agreement with the
+    reference: a benchmark of a wrong answer is worthless.
     """
     device = params.get("device", "cpu")
     row: dict[str, Any] = {"op": op, "provider": provider, **params, **(extra or {})}
     row.update(status="ok", reason="", median_ms=None, p20_ms=None, p80_ms=None, repeats=0)
     row.update(extra_mib=None, mem_method="")
+    # The 1-minute load average when the case starts: on a shared machine a load above the
+    # thread count means timings include waiting for a core (OpenMP barriers suffer most).
+    row["loadavg"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args is not None and getattr(args, "quick", False):
         time_kwargs.setdefault("target_s", 0.3)
         time_kwargs.setdefault("max_repeat", 5)
@@ -356,6 +364,13 @@ def bench_case(
         fn = None
         try:
             fn = getattr(importlib.import_module(module), factory)(**params)
+            if check is not None:
+                out = fn()
+                if _is_cuda(device):
+                    torch.cuda.synchronize()
+                row.update(check(out))
+                del out
+                time_kwargs.setdefault("warmup", 0)  # the checked call was the warm-up
             t = time_fn(fn, device=device, **time_kwargs)
             row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats)
         except Skip as exc:
@@ -700,6 +715,19 @@ def _calibrate(device: str = "cpu") -> int:
             f"{'OK' if ok else 'FAIL'}"
         )
     return failures
+
+
+def progress(row: dict[str, Any]) -> None:
+    """One progress line for a finished row (so long runs show where they are)."""
+    if row.get("extra_mib") is not None:
+        val_s = f"{_cell(row['extra_mib']):>9s} MiB"
+    else:
+        val_s = f"{_cell(row.get('median_ms')):>9s} ms"
+    print(
+        f"  {str(row.get('case', '')):22s} {row['provider']:28s} {val_s}  {row['status']} "
+        f"{row.get('reason', '')[:100]}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
