@@ -1,1 +1,720 @@
-"""Drop-in vector-quantization layers (see VectorQuantizer)."""
+"""Drop-in vector-quantization layers built on the fused ops.
+
+``VectorQuantizer``          one codebook: EMA (default) or learned by gradient, k-means init, dead-code
+                             restart, low-dimensional lookup, masks, perplexity / usage statistics.
+``ResidualVectorQuantizer``  stages of ``VectorQuantizer`` that quantize the residual of the previous ones.
+
+Everything runs on :mod:`vqkernels.functional` (``quantize``, ``nearest_code``, ``cluster_stats``,
+``ema_update_``, ``ema_blend_``); no N x K matrix is built by this module (the ``reference``
+backend builds one inside the op, the fused backends do not).
+
+Numerics and precision
+----------------------
+* The search, the losses and every EMA statistic are computed in **fp32**, whatever the input
+  dtype, also under ``torch.autocast`` (the layer disables autocast around the ops).  A half
+  precision input is upcast once (an ``[N, D]`` copy, small next to the search): this rules out
+  overflow of ``‖x‖²`` or of ``x·c`` for large-norm fp16 inputs (``65504`` is reached by a 64-dim
+  vector of norm ~256), so no NaN/Inf appears.  ``quantized`` is returned in the input dtype.
+* The codebook, ``cluster_size`` and ``embed_sum`` are fp32 buffers (or an fp32 ``Parameter``).
+* ``l2_normalize=True`` normalizes the (projected) inputs and the codes before the lookup; with an
+  EMA codebook the codes are re-normalized in place after every update (as in
+  vector-quantize-pytorch's cosine codebook), with a learnable one they are normalized in forward.
+
+torch.compile
+-------------
+A training step (forward, loss, backward, EMA update) with the plain EMA layer compiles with
+``fullgraph=True`` when the ops dispatch to a registered kernel (``cpu``/``cuda`` backends): the EMA
+update is a custom op that mutates the module's buffers.  Under ``torch.compiler.is_compiling()``:
+input value checks are skipped (shape/dtype checks are static and stay), usage/perplexity tracking
+and dead-code restarts run as tensor-only code (no host sync, no data-dependent Python branch),
+k-means init does *not* run (it is eager-only: run one eager training step first or call
+:meth:`VectorQuantizer.init_codebook_`; a compiled forward on an un-initialized k-means layer
+raises).  Distributed synchronisation is exercised eagerly only.
+
+Distributed
+-----------
+Whether to synchronize is decided at *call* time: with ``sync_distributed=None`` the layer syncs
+when ``torch.distributed`` is available, initialized and has more than one rank.  EMA: per-rank
+``cluster_stats`` -> ``all_reduce(SUM)`` of counts and sums -> ``ema_blend_`` (identical on every
+rank).  k-means: rank 0 seeds, broadcasts the seeds; Lloyd steps all-reduce the cluster
+statistics.  Dead-code restarts: rank 0 picks the replacement vectors and broadcasts them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dispatch
+from . import functional as vqf
+
+__all__ = ["VectorQuantizer", "ResidualVectorQuantizer"]
+
+_METRICS = ("l2", "cosine")
+_SEEDINGS = ("kmeans++", "random")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------ small helpers
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _dist_ready() -> bool:
+    d = torch.distributed
+    return d.is_available() and d.is_initialized()
+
+
+def _require_int(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _require_float(name: str, value, lo: float | None = None, hi: float | None = None,
+                   lo_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
+    return v
+
+
+def _smoothed_counts(cluster_size: torch.Tensor, eps: float) -> torch.Tensor:
+    """Laplace-smoothed cluster sizes ``(cs_k + eps)/(n + K·eps)·n`` (same formula as ema_update_)."""
+    k = cluster_size.shape[0]
+    n = cluster_size.sum()
+    return (cluster_size + eps) / (n + k * eps) * n
+
+
+def _counts_from_indices(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """``[K] float32`` assignment counts of ``indices: [N] int64`` (``-1`` rows ignored).
+
+    ``index_add_`` with a 0/1 weight instead of ``bincount``/boolean indexing: the output shape
+    is static, so this also traces under torch.compile.  O(N)."""
+    valid = indices >= 0
+    counts = torch.zeros(num_codes, dtype=torch.float32, device=indices.device)
+    counts.index_add_(0, indices.clamp_min(0), valid.to(torch.float32))
+    return counts
+
+
+# ---------------------------------------------------------------------------- the layer
+
+
+class VectorQuantizer(nn.Module):
+    """Vector quantizer with an EMA (default) or learnable codebook, on fused kernels.
+
+    Args:
+        dim: feature size D of the input (the channel dim).
+        codebook_size: number of codes K (>= 1).
+        codebook_dim: size of the codes; when it differs from ``dim``, ``nn.Linear`` projections
+            ``project_in: dim -> codebook_dim`` and ``project_out: codebook_dim -> dim`` wrap the
+            lookup (low-dimensional lookup; with ``l2_normalize`` the ViT-VQGAN recipe).
+        metric: ``"l2"`` or ``"cosine"`` (search metric of the op; the loss is always the squared
+            error to the chosen code).
+        l2_normalize: L2-normalize the (projected) inputs and the codes before the lookup.
+        learnable_codebook: ``False`` -> EMA codebook (buffer); ``True`` -> ``nn.Parameter`` learned
+            by the codebook loss ``mean((sg(x) − q)²)`` (added to ``loss``).
+        decay, eps: EMA decay and Laplace smoothing (see :func:`vqkernels.ema_update_`).  With a
+            learnable codebook, ``decay`` still drives the ``cluster_size`` usage EMA (for restarts).
+        commitment_weight: weight β of the commitment loss ``β·mean((x − sg(q))²)``.
+        kmeans_init, kmeans_iters, kmeans_seeding: initialize the codebook with k-means on the first
+            training batch (``"kmeans++"`` or ``"random"`` seeding; Lloyd steps on the fused search).
+        threshold_ema_dead_code: codes whose EMA ``cluster_size`` falls below it are re-seeded from
+            the current batch; their ``cluster_size`` is reset to the threshold and their
+            ``embed_sum`` to ``threshold·code`` (0 disables restarts).
+        channel_dim: the channel dim of ``x`` (``-1`` for ``[B, ..., D]``, ``1`` for ``[B, D, H, W]``).
+        usage_window: number of training batches in the ``codebook_usage`` window.
+        sync_distributed: ``None`` -> sync when torch.distributed is initialized (decided per call).
+        backend: op backend (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``).
+        check_inputs: validate values (NaN/Inf) in eager mode.
+
+    Forward: ``quantized, indices, loss = vq(x, mask=None)``
+
+    * ``x``: ``[B, ..., D]`` (or channel-first with ``channel_dim=1``) float32/bfloat16/float16.
+    * ``mask``: optional bool, ``x``'s shape without the channel dim; ``False`` = padding, excluded
+      from the EMA, k-means, restarts and the loss (indices are still computed there).
+    * ``quantized``: same shape and dtype as ``x``, the chosen codes (after ``project_out``) with the
+      straight-through gradient of ``x``.
+    * ``indices``: ``x``'s shape without the channel dim, int64.
+    * ``loss``: ``[] float32`` = ``commitment_weight·commit`` (+ codebook loss when learnable), over
+      the unmasked positions (0 when there are none).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        codebook_dim: int | None = None,
+        metric: str = "l2",
+        l2_normalize: bool = False,
+        learnable_codebook: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.25,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        kmeans_seeding: str = "kmeans++",
+        threshold_ema_dead_code: float = 0.0,
+        channel_dim: int = -1,
+        usage_window: int = 8,
+        sync_distributed: bool | None = None,
+        backend: str = "auto",
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = _require_int("dim", dim, 1)
+        self.codebook_size = _require_int("codebook_size", codebook_size, 1)
+        self.codebook_dim = self.dim if codebook_dim is None else _require_int(
+            "codebook_dim", codebook_dim, 1
+        )
+        if metric not in _METRICS:
+            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+        if kmeans_seeding not in _SEEDINGS:
+            raise ValueError(f"kmeans_seeding must be one of {_SEEDINGS}, got {kmeans_seeding!r}")
+        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+        if sync_distributed not in (None, True, False):
+            raise TypeError(f"sync_distributed must be None or a bool, got {sync_distributed!r}")
+        self.metric = metric
+        self.l2_normalize = bool(l2_normalize)
+        self.learnable_codebook = bool(learnable_codebook)
+        self.decay = _require_float("decay", decay, 0.0, 1.0)
+        self.eps = _require_float("eps", eps, 0.0, lo_open=True)
+        self.commitment_weight = _require_float("commitment_weight", commitment_weight, 0.0)
+        self.kmeans_init = bool(kmeans_init)
+        self.kmeans_iters = _require_int("kmeans_iters", kmeans_iters, 0)
+        self.kmeans_seeding = kmeans_seeding
+        self.threshold_ema_dead_code = _require_float(
+            "threshold_ema_dead_code", threshold_ema_dead_code, 0.0
+        )
+        self.channel_dim = channel_dim
+        self.usage_window = _require_int("usage_window", usage_window, 1)
+        self.sync_distributed = sync_distributed
+        self.backend = dispatch.validate_backend(backend)
+        self.check_inputs = bool(check_inputs)
+
+        k, cd = self.codebook_size, self.codebook_dim
+        if cd != self.dim:
+            self.project_in = nn.Linear(self.dim, cd)
+            self.project_out = nn.Linear(cd, self.dim)
+        else:
+            self.project_in = None
+            self.project_out = None
+
+        if self.kmeans_init:
+            embed = torch.zeros(k, cd)
+        else:
+            embed = torch.empty(k, cd)
+            nn.init.kaiming_uniform_(embed)
+            if self.l2_normalize:
+                embed = F.normalize(embed, dim=-1)
+        if self.learnable_codebook:
+            self.codebook = nn.Parameter(embed)
+        else:
+            self.register_buffer("codebook", embed)
+        # EMA state.  cluster_size starts at 1 with embed_sum = codebook, so that
+        # codebook == embed_sum / smoothed(cluster_size) holds from the start (up to smoothing).
+        self.register_buffer("cluster_size", torch.ones(k))
+        if not self.learnable_codebook:
+            self.register_buffer("embed_sum", embed.clone())
+        else:
+            self.embed_sum = None
+        self.register_buffer("initted", torch.tensor(not self.kmeans_init))
+        # Python mirror of `initted` so a compiled forward can check it without a graph break.
+        self._initted_py = not self.kmeans_init
+        # Statistics (not part of the checkpoint).
+        self.register_buffer("_perplexity", torch.zeros(()), persistent=False)
+        self.register_buffer(
+            "_usage", torch.zeros(self.usage_window, k, dtype=torch.bool), persistent=False
+        )
+        self.register_buffer("_usage_step", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    # ------------------------------------------------------------------------- public state
+
+    @property
+    def perplexity(self) -> torch.Tensor:
+        """``[] float32``: ``exp(entropy)`` of the last training batch's code assignments."""
+        return self._perplexity
+
+    @property
+    def codebook_usage(self) -> float:
+        """Fraction of codes (in ``[0, 1]``) assigned at least once over the last
+        ``usage_window`` training batches (0.0 before the first training batch)."""
+        steps = int(self._usage_step)
+        if steps == 0:
+            return 0.0
+        rows = self._usage if steps >= self.usage_window else self._usage[:steps]
+        return float(rows.any(dim=0).float().mean())
+
+    def extra_repr(self) -> str:
+        try:
+            resolved = dispatch.resolve(self.backend, self.codebook.device)
+        except Exception as exc:  # report, never fail a repr
+            resolved = f"unavailable ({exc})"
+        kind = "learnable" if self.learnable_codebook else f"ema(decay={self.decay}, eps={self.eps})"
+        parts = [
+            f"dim={self.dim}",
+            f"codebook_size={self.codebook_size}",
+            f"codebook_dim={self.codebook_dim}",
+            f"metric={self.metric!r}",
+            f"l2_normalize={self.l2_normalize}",
+            f"codebook={kind}",
+            f"commitment_weight={self.commitment_weight}",
+        ]
+        if self.kmeans_init:
+            parts.append(f"kmeans_init={self.kmeans_seeding}x{self.kmeans_iters}")
+        if self.threshold_ema_dead_code > 0:
+            parts.append(f"threshold_ema_dead_code={self.threshold_ema_dead_code}")
+        if self.channel_dim != -1:
+            parts.append(f"channel_dim={self.channel_dim}")
+        parts.append(f"backend={self.backend!r} -> {resolved}")
+        return ", ".join(parts)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initted_py = bool(self.initted)
+
+    # ------------------------------------------------------------------------- helpers
+
+    def _lookup_codebook(self) -> torch.Tensor:
+        """``[K, codebook_dim] float32`` codes used for the lookup (normalized if asked)."""
+        cb = self.codebook
+        if self.learnable_codebook and self.l2_normalize:
+            cb = F.normalize(cb, dim=-1)  # differentiable: the Parameter itself stays unconstrained
+        return cb
+
+    def _should_sync(self) -> bool:
+        if self.sync_distributed is False:
+            return False
+        ready = _dist_ready()
+        if self.sync_distributed is True:
+            if not ready:
+                raise RuntimeError(
+                    "sync_distributed=True but torch.distributed is not initialized; call "
+                    "init_process_group first or pass sync_distributed=None"
+                )
+            return True
+        return ready and torch.distributed.get_world_size() > 1
+
+    def _to_channel_last(self, x: torch.Tensor) -> torch.Tensor:
+        return _ChannelView(self.dim, self.channel_dim).to_channel_last(x)
+
+    def _from_channel_last(self, y: torch.Tensor) -> torch.Tensor:
+        return _ChannelView(self.dim, self.channel_dim).from_channel_last(y)
+
+    def _check_mask(self, mask, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(
+                f"mask must have x's shape without the channel dim {list(shape)}, "
+                f"got {list(mask.shape)}"
+            )
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but x is on {device}")
+        return mask.reshape(-1)
+
+    def _project_in(self, x_cl: torch.Tensor) -> torch.Tensor:
+        return self.project_in(x_cl) if self.project_in is not None else x_cl
+
+    def _prepare(self, h: torch.Tensor) -> torch.Tensor:
+        """Flattened fp32 lookup input ``[N, codebook_dim]`` (normalized if asked)."""
+        flat = h.reshape(-1, self.codebook_dim).float()
+        if self.l2_normalize:
+            flat = F.normalize(flat, dim=-1)
+        return flat
+
+    # ------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        x_cl = self._to_channel_last(x)
+        valid = self._check_mask(mask, x_cl.shape[:-1], x_cl.device)
+        h = self._project_in(x_cl)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = self._prepare(h)
+            q, idx, loss = self._quantize_flat(flat, valid)
+        q = q.reshape(h.shape).to(h.dtype)
+        if self.project_out is not None:
+            q = self.project_out(q)
+        q = self._from_channel_last(q.to(x.dtype))
+        return q, idx.reshape(x_cl.shape[:-1]), loss
+
+    def _maybe_kmeans_init(self, flat: torch.Tensor, valid: torch.Tensor | None) -> None:
+        if not self.training or self._initted_py:
+            return
+        if _is_compiling():
+            raise RuntimeError(
+                "VectorQuantizer(kmeans_init=True) is not initialized: k-means runs eagerly; run "
+                "one eager training step (or call init_codebook_(x)) before compiling"
+            )
+        self._kmeans_init_flat(flat.detach(), valid)
+
+    def _quantize_flat(self, flat: torch.Tensor, valid: torch.Tensor | None):
+        """``flat: [N, cd] float32`` -> (quantized ``[N, cd]`` fp32 straight-through, indices
+        ``[N]`` int64, loss ``[]`` fp32); updates the EMA/statistics in training."""
+        self._maybe_kmeans_init(flat, valid)
+        training = self.training
+        cb = self._lookup_codebook()
+        if not self.learnable_codebook and training:
+            # The EMA update below rewrites the codebook in place, but the quantize op saves the
+            # codebook for its backward (it recomputes q = codebook[idx]): give it a snapshot.
+            cb = cb.clone()
+        check = self.check_inputs and not _is_compiling()
+        if valid is None:
+            q, idx, loss = vqf.quantize(
+                flat, cb, self.commitment_weight, self.metric,
+                codebook_loss=self.learnable_codebook, backend=self.backend, check_inputs=check,
+            )
+        else:
+            q, idx, _ = vqf.quantize(
+                flat, cb.detach(), 0.0, self.metric,
+                codebook_loss=False, backend=self.backend, check_inputs=check,
+            )
+            loss = self._masked_loss(flat, cb, idx, valid)
+        if training:
+            with torch.no_grad():
+                self._update_state(flat.detach(), idx, valid)
+        return q, idx, loss
+
+    def _masked_loss(self, flat, cb, idx, valid) -> torch.Tensor:
+        """Losses over the unmasked rows only: O(N·D) elementwise, no search."""
+        w = valid.to(torch.float32).unsqueeze(1)
+        denom = (valid.sum() * self.codebook_dim).clamp_min(1).to(torch.float32)
+        q_sel = cb[idx]  # gradient reaches the codebook through this gather when learnable
+        commit = (((flat - q_sel.detach()) ** 2) * w).sum() / denom
+        loss = self.commitment_weight * commit
+        if self.learnable_codebook:
+            loss = loss + (((flat.detach() - q_sel) ** 2) * w).sum() / denom
+        return loss
+
+    # ------------------------------------------------------------------------- state updates
+
+    def _update_state(self, flat: torch.Tensor, idx: torch.Tensor, valid) -> None:
+        idx_e = idx if valid is None else torch.where(valid, idx, torch.full_like(idx, -1))
+        sync = self._should_sync()
+        k = self.codebook_size
+        check = self.check_inputs and not _is_compiling()
+        if not self.learnable_codebook:
+            if sync:
+                counts, sums = vqf.cluster_stats(
+                    flat, idx_e, k, backend=self.backend, check_inputs=check
+                )
+                torch.distributed.all_reduce(counts)
+                torch.distributed.all_reduce(sums)
+                vqf.ema_blend_(
+                    self.codebook, self.cluster_size, self.embed_sum, counts, sums,
+                    self.decay, self.eps,
+                )
+            else:
+                vqf.ema_update_(
+                    self.codebook, self.cluster_size, self.embed_sum, flat, idx_e,
+                    self.decay, self.eps, backend=self.backend, check_inputs=check,
+                )
+                counts = _counts_from_indices(idx_e, k)
+            if self.l2_normalize:
+                self.codebook.copy_(F.normalize(self.codebook, dim=-1))
+        else:
+            counts = _counts_from_indices(idx_e, k)
+            if sync:
+                torch.distributed.all_reduce(counts)
+            self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
+        self._track(counts)
+        if self.threshold_ema_dead_code > 0:
+            self._restart_dead_codes(flat, valid, sync)
+
+    def _track(self, counts: torch.Tensor) -> None:
+        """Perplexity and the usage window, tensor-only (no host sync)."""
+        total = counts.sum().clamp_min(1.0)
+        p = counts / total
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        self._perplexity.copy_(torch.exp(entropy))
+        row = torch.remainder(self._usage_step, self.usage_window).reshape(1)
+        self._usage.index_copy_(0, row, (counts > 0).unsqueeze(0))
+        self._usage_step.add_(1)
+
+    def _restart_dead_codes(self, flat: torch.Tensor, valid, sync: bool) -> None:
+        """Re-seed codes whose EMA cluster size fell below the threshold from the current batch.
+
+        Tensor-only (fixed shapes) so it also runs under torch.compile: the valid rows are put in a
+        random order, dead code number r (in index order) takes valid row number r; when there are
+        more dead codes than valid rows the rest wait for a later batch (no duplicated codes)."""
+        thr = self.threshold_ema_dead_code
+        expired = self.cluster_size < thr
+        # Eager fast path (cluster_size is identical on every rank, so all ranks take it together).
+        if not _is_compiling() and not bool(expired.any()):
+            return
+        n = flat.shape[0]
+        if n == 0:
+            return
+        v = valid if valid is not None else torch.ones(n, dtype=torch.bool, device=flat.device)
+        keys = torch.rand(n, device=flat.device) + (~v).to(torch.float32) * 2.0
+        order = torch.argsort(keys)  # valid rows first, in random order
+        n_valid = v.sum()
+        rank = torch.cumsum(expired.to(torch.int64), 0) - 1
+        take = expired & (rank < n_valid)
+        samples = flat[order[rank.clamp(0, n - 1)]]  # [K, cd]
+        if sync:
+            # Rank 0 decides: broadcast its choice (fixed-size tensors: no size exchange needed).
+            take_f = take.to(torch.float32)
+            torch.distributed.broadcast(take_f, 0)
+            torch.distributed.broadcast(samples, 0)
+            take = take_f > 0.5
+        take2 = take.unsqueeze(1)
+        self.codebook.copy_(torch.where(take2, samples, self.codebook))
+        self.cluster_size.copy_(
+            torch.where(take, torch.full_like(self.cluster_size, thr), self.cluster_size)
+        )
+        if self.embed_sum is not None:
+            self.embed_sum.copy_(torch.where(take2, samples * thr, self.embed_sum))
+
+    # ------------------------------------------------------------------------- k-means
+
+    @torch.no_grad()
+    def init_codebook_(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Run the k-means initialization now on ``x`` (same layout as forward's ``x``) and mark
+        the codebook initialized.  Eager only; synchronized across ranks when distributed."""
+        x_cl = self._to_channel_last(x)
+        valid = self._check_mask(mask, x_cl.shape[:-1], x_cl.device)
+        flat = self._prepare(self._project_in(x_cl))
+        self._kmeans_init_flat(flat, valid)
+
+    def _seed(self, data: torch.Tensor) -> torch.Tensor:
+        """``[K, cd]`` initial centers from ``data: [n, cd]`` (n >= 1)."""
+        n, k = data.shape[0], self.codebook_size
+        if n < k:
+            warnings.warn(
+                f"k-means init got {n} vectors for {k} codes: some codes start as duplicates",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if self.kmeans_seeding == "random":
+            if n >= k:
+                pick = torch.randperm(n, device=data.device)[:k]
+            else:
+                pick = torch.randint(0, n, (k,), device=data.device)
+            return data[pick].clone()
+        # k-means++: each new center is drawn with probability ∝ squared distance to the nearest
+        # center chosen so far.  O(K·n·D) total, one [n] distance update per center.
+        pts = F.normalize(data, dim=-1) if self.metric == "cosine" else data
+        centers = torch.empty(k, data.shape[1], dtype=data.dtype, device=data.device)
+        first = int(torch.randint(0, n, (1,)))
+        centers[0] = data[first]
+        d2 = ((pts - pts[first]) ** 2).sum(dim=1)
+        for j in range(1, k):
+            total = d2.sum()
+            if float(total) > 0.0:
+                pick = int(torch.multinomial(d2, 1))
+            else:  # every point is already a center (n < K or duplicates): uniform draw
+                pick = int(torch.randint(0, n, (1,)))
+            centers[j] = data[pick]
+            d2 = torch.minimum(d2, ((pts - pts[pick]) ** 2).sum(dim=1))
+        return centers
+
+    def _kmeans_init_flat(self, flat: torch.Tensor, valid: torch.Tensor | None) -> None:
+        k = self.codebook_size
+        data = flat if valid is None else flat[valid]
+        sync = self._should_sync()
+        is_root = (not sync) or torch.distributed.get_rank() == 0
+        if data.shape[0] == 0 and not sync:
+            raise ValueError("k-means init needs at least one unmasked vector in the batch")
+        if is_root:
+            centers = self._seed(data) if data.shape[0] else self.codebook.detach().float().clone()
+        else:
+            centers = torch.empty(k, self.codebook_dim, dtype=torch.float32, device=flat.device)
+        if sync:
+            torch.distributed.broadcast(centers, 0)
+        counts = None
+        for it in range(self.kmeans_iters + 1):
+            idx = vqf.nearest_code(
+                data, centers, self.metric, backend=self.backend, check_inputs=self.check_inputs
+            )
+            counts, sums = vqf.cluster_stats(data, idx, k, backend=self.backend)
+            if sync:
+                torch.distributed.all_reduce(counts)
+                torch.distributed.all_reduce(sums)
+            if it == self.kmeans_iters:
+                break  # last pass only measures the final cluster sizes
+            means = sums / counts.clamp_min(1.0).unsqueeze(1)
+            if self.l2_normalize:
+                means = F.normalize(means, dim=-1)
+            # empty clusters keep their previous center
+            centers = torch.where((counts > 0).unsqueeze(1), means, centers)
+        self._set_kmeans_state(centers, counts)
+        self.initted.fill_(True)
+        self._initted_py = True
+
+    def _set_kmeans_state(self, centers: torch.Tensor, counts: torch.Tensor) -> None:
+        """Store k-means centers as the codebook and the final cluster sizes as the EMA state,
+        with ``embed_sum = centers·smoothed(counts)`` so codebook == embed_sum/smoothed holds."""
+        self.codebook.data.copy_(centers)
+        self.cluster_size.copy_(counts)
+        if self.embed_sum is not None:
+            self.embed_sum.copy_(centers * _smoothed_counts(counts, self.eps).unsqueeze(1))
+
+    # ------------------------------------------------------------------------- codes
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices: [...] int64`` in ``[0, K)`` -> ``[..., dim]`` codes in the output space
+        (after ``project_out``), channel-last, float32 (or the projection's dtype)."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if indices.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}")
+        if not _is_compiling() and indices.numel():
+            lo, hi = int(indices.min()), int(indices.max())
+            if lo < 0 or hi >= self.codebook_size:
+                raise ValueError(
+                    f"indices must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]"
+                )
+        codes = F.embedding(indices.long(), self._lookup_codebook())
+        if self.project_out is not None:
+            codes = self.project_out(codes)
+        return codes
+
+
+# ---------------------------------------------------------------------------- residual VQ
+
+
+class ResidualVectorQuantizer(nn.Module):
+    """Residual VQ: stage ``i`` quantizes what stages ``< i`` left over.
+
+    Args:
+        num_quantizers: number of stages (>= 1).
+        dim, codebook_size: as for :class:`VectorQuantizer`.
+        codebook_dim: when it differs from ``dim``, one ``project_in``/``project_out`` pair wraps the
+            whole residual stack (the stages work in ``codebook_dim``).
+        channel_dim: channel dim of ``x`` (handled once, the stages are channel-last).
+        **kwargs: every other :class:`VectorQuantizer` keyword, given to each stage.
+
+    Forward: ``quantized, indices, loss = rvq(x, mask=None)``: ``quantized`` like ``x`` (sum of
+    the stages' codes, straight-through gradient of ``x``), ``indices: [..., num_quantizers] int64``
+    (``x``'s shape without the channel dim, plus the stage dim last), ``loss: [] float32`` the
+    sum of the stages' losses.  Each stage's residual is ``r_{i+1} = r_i − q_i`` with ``q_i`` the
+    straight-through output, so the gradient of the sum reaches ``x`` exactly once.
+    """
+
+    def __init__(
+        self,
+        num_quantizers: int,
+        dim: int,
+        codebook_size: int,
+        *,
+        codebook_dim: int | None = None,
+        channel_dim: int = -1,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        self.num_quantizers = _require_int("num_quantizers", num_quantizers, 1)
+        self.dim = _require_int("dim", dim, 1)
+        cd = self.dim if codebook_dim is None else _require_int("codebook_dim", codebook_dim, 1)
+        self.codebook_dim = cd
+        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
+            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
+        self.channel_dim = channel_dim
+        self.layers = nn.ModuleList(
+            VectorQuantizer(cd, codebook_size, **kwargs) for _ in range(self.num_quantizers)
+        )
+        if cd != self.dim:
+            self.project_in = nn.Linear(self.dim, cd)
+            self.project_out = nn.Linear(cd, self.dim)
+        else:
+            self.project_in = None
+            self.project_out = None
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """``[num_quantizers, K, codebook_dim] float32`` (a stacked copy)."""
+        return torch.stack([layer.codebook.detach() for layer in self.layers])
+
+    @property
+    def perplexity(self) -> torch.Tensor:
+        """``[num_quantizers] float32``: each stage's perplexity on the last training batch."""
+        return torch.stack([layer.perplexity for layer in self.layers])
+
+    @property
+    def codebook_usage(self) -> list[float]:
+        return [layer.codebook_usage for layer in self.layers]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        view = _ChannelView(self.dim, self.channel_dim)
+        x_cl = view.to_channel_last(x)
+        h = self.project_in(x_cl) if self.project_in is not None else x_cl
+        residual = h
+        out = torch.zeros_like(h)
+        all_idx = []
+        total = h.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            q, idx, loss = layer(residual, mask)
+            # residual - q (not detached): q's straight-through gradient w.r.t. residual is the
+            # identity, so d r_{i+1}/d r_i = 0 and the summed output passes the gradient to x once.
+            residual = residual - q
+            out = out + q
+            all_idx.append(idx)
+            total = total + loss
+        if self.project_out is not None:
+            out = self.project_out(out)
+        out = view.from_channel_last(out.to(x.dtype))
+        return out, torch.stack(all_idx, dim=-1), total
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``indices: [..., num_quantizers] int64`` -> ``[..., dim]`` reconstruction (sum of the
+        stages' codes, after ``project_out``), channel-last."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+        if indices.dim() < 1 or indices.shape[-1] != self.num_quantizers:
+            raise ValueError(
+                f"indices must have shape [..., {self.num_quantizers}], got {tuple(indices.shape)}"
+            )
+        codes = None
+        for i, layer in enumerate(self.layers):
+            c = layer.get_codes_from_indices(indices[..., i])
+            codes = c if codes is None else codes + c
+        if self.project_out is not None:
+            codes = self.project_out(codes)
+        return codes
+
+
+class _ChannelView:
+    """Moves a channel dim to the end and back, with the layer's error messages."""
+
+    def __init__(self, dim: int, channel_dim: int) -> None:
+        self.dim = dim
+        self.channel_dim = channel_dim
+
+    def to_channel_last(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+        cdim = self.channel_dim
+        if x.dim() < 1 or not -x.dim() <= cdim < x.dim():
+            raise ValueError(f"channel_dim={cdim} is out of range for x with shape {tuple(x.shape)}")
+        if x.shape[cdim] != self.dim:
+            raise ValueError(
+                f"x must have dim={self.dim} features along channel_dim={cdim}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x if cdim % x.dim() == x.dim() - 1 else x.movedim(cdim, -1)
+
+    def from_channel_last(self, y: torch.Tensor) -> torch.Tensor:
+        cdim = self.channel_dim % y.dim()
+        return y if cdim == y.dim() - 1 else y.movedim(-1, cdim)
