@@ -1,0 +1,254 @@
+"""Benchmark of ``quantize`` forward + backward (fp32, L2, learnable codebook).
+
+Providers, measured in the same run:
+
+``vqkernels-cpu``     ``vqkernels.quantize(..., backend="cpu")`` (fused search + gather + error,
+                      fused closed-form backward)
+``vqkernels-triton`` / ``vqkernels-cuda``   on ``--device cuda``
+``reference``         ``backend="reference"`` (vqkernels.reference.quantize, autograd)
+``plain-torch``       what a user writes by hand: ``torch.cdist`` + ``argmin``, ``F.embedding``,
+                      ``beta·mse(x, sg(q)) + mse(sg(x), q)`` and ``x + (q − x).detach()``
+
+One timed call = forward, then ``torch.autograd.backward`` of ``(quantized, loss)`` with a fixed
+upstream gradient for ``quantized`` and 1 for the loss, producing ``x.grad`` and
+``codebook.grad``.  The first call of each provider is checked against the reference: index
+agreement, relative loss error and the largest gradient errors.
+
+Usage: ``python -m benchmarks.bench_quantize [--device cpu|cuda] [--quick] [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+from benchmarks.harness import Skip
+
+OP = "quantize"
+MODULE = "benchmarks.bench_quantize"
+BETA = 0.25
+
+SHAPES = [(32768, 64, 512), (4096, 256, 1024), (65536, 16, 256), (16384, 64, 4096)]
+QUICK_SHAPES = [(4096, 64, 512), (1000, 33, 100)]
+MEMORY_SHAPES = [(16384, 64, 4096)]
+QUICK_MEMORY_SHAPES = [(4096, 64, 512)]
+
+CPU_PROVIDERS = ["vqkernels-cpu", "reference", "plain-torch"]
+CUDA_PROVIDERS = ["vqkernels-triton", "vqkernels-cuda", "reference", "plain-torch"]
+OURS = {"vqkernels-cpu", "vqkernels-triton", "vqkernels-cuda"}
+
+
+def plain_quantize(x: torch.Tensor, codebook: torch.Tensor, beta: float):
+    """Hand-written straight-through VQ (the user's alternative): same loss as vqkernels."""
+    with torch.no_grad():
+        idx = torch.cdist(x, codebook).argmin(dim=1)
+    q = F.embedding(idx, codebook)
+    loss = beta * F.mse_loss(x, q.detach()) + F.mse_loss(q, x.detach())
+    return x + (q - x).detach(), idx, loss
+
+
+def _need_backend(backend: str, device: str) -> None:
+    import vqkernels
+
+    why = vqkernels.available_backends(device)[backend]
+    if why:
+        raise Skip(f"vqkernels backend {backend!r} unavailable: {why}")
+
+
+def make_provider(provider: str, n: int, d: int, k: int, device: str = "cpu", seed: int = 0):
+    """Inputs (``x [n,d]`` and ``codebook [k,d]``, fp32, both requiring grad) and a callable
+    running forward + backward once; it returns ``(indices, loss, x.grad, codebook.grad)``."""
+    import vqkernels
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(device).requires_grad_()
+    codebook = torch.randn(k, d, generator=g).to(device).requires_grad_()
+    grad_q = (torch.randn(n, d, generator=g) / (n * d)).to(device)
+    one = torch.ones((), device=device)
+    if provider == "plain-torch":
+
+        def fwd():
+            return plain_quantize(x, codebook, BETA)
+    else:
+        backend = {
+            "vqkernels-cpu": "cpu",
+            "vqkernels-triton": "triton",
+            "vqkernels-cuda": "cuda",
+            "reference": "reference",
+        }[provider]
+        if backend != "reference":
+            _need_backend(backend, device)
+
+        def fwd():
+            return vqkernels.quantize(x, codebook, BETA, backend=backend, check_inputs=False)
+
+    def run():
+        x.grad = None
+        codebook.grad = None
+        q, idx, loss = fwd()
+        torch.autograd.backward([q, loss], [grad_q, one])
+        return idx, loss.detach(), x.grad, codebook.grad
+
+    return run
+
+
+_gold: dict[tuple, tuple] = {}
+
+
+def make_check(n: int, d: int, k: int, device: str):
+    def check(out) -> dict[str, Any]:
+        key = (n, d, k, device)
+        if key not in _gold:
+            _gold.clear()
+            _gold[key] = tuple(
+                t.detach().clone() for t in make_provider("reference", n, d, k, device)()
+            )
+        idx, loss, gx, gc = out
+        ridx, rloss, rgx, rgc = _gold[key]
+        return {
+            "agree": float((idx == ridx).float().mean()),
+            "loss_rel_err": float((loss - rloss).abs() / rloss.abs().clamp_min(1e-30)),
+            "grad_x_max_err": float((gx - rgx).abs().max()),
+            "grad_cb_max_err": float((gc - rgc).abs().max()),
+        }
+
+    return check
+
+
+def label(n: int, d: int, k: int) -> str:
+    return f"N{n}-D{d}-K{k}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
+    device = args.device
+    providers = [
+        p
+        for p in (CUDA_PROVIDERS if device == "cuda" else CPU_PROVIDERS)
+        if harness.wanted(args, p)
+    ]
+    t_start = time.time()
+    rows: list[dict[str, Any]] = []
+    for n, d, k in QUICK_SHAPES if args.quick else SHAPES:
+        for p in providers:
+            row = harness.bench_case(
+                OP,
+                p,
+                MODULE,
+                "make_provider",
+                dict(provider=p, n=n, d=d, k=k, device=device),
+                args=args,
+                extra={"case": label(n, d, k)},
+                check=make_check(n, d, k, device),
+            )
+            rows.append(row)
+            harness.progress(row)
+        _gold.clear()
+
+    mem_rows: list[dict[str, Any]] = []
+    if not args.no_memory:
+        print("peak extra memory, forward + backward (child process per provider) ...", flush=True)
+        for n, d, k in QUICK_MEMORY_SHAPES if args.quick else MEMORY_SHAPES:
+            for p in providers:
+                row = harness.bench_case(
+                    OP,
+                    p,
+                    MODULE,
+                    "make_provider",
+                    dict(provider=p, n=n, d=d, k=k, device=device),
+                    args=args,
+                    time_it=False,
+                    memory=True,
+                    extra={"case": label(n, d, k)},
+                )
+                row["measure"] = "memory"
+                mem_rows.append(row)
+                harness.progress(row)
+
+    summary = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = {r["provider"]: r for r in rows if r["case"] == case and r["median_ms"] is not None}
+        for p, r in rs.items():
+            if p in OURS:
+                ref, pt = rs.get("reference"), rs.get("plain-torch")
+                summary.append(
+                    {
+                        "case": case,
+                        "ours": p,
+                        "ours_ms": r["median_ms"],
+                        "reference_ms": ref["median_ms"] if ref else None,
+                        "plain_torch_ms": pt["median_ms"] if pt else None,
+                        "vs_reference": ref["median_ms"] / r["median_ms"] if ref else None,
+                        "vs_plain_torch": pt["median_ms"] / r["median_ms"] if pt else None,
+                    }
+                )
+    print()
+    print(
+        harness.format_table(
+            rows,
+            [
+                "case",
+                "provider",
+                "median_ms",
+                "p20_ms",
+                "p80_ms",
+                "repeats",
+                "agree",
+                "loss_rel_err",
+                "grad_x_max_err",
+                "grad_cb_max_err",
+                "loadavg",
+                "status",
+            ],
+        )
+    )
+    print("\nvqkernels speedup, forward + backward (same run):")
+    print(
+        harness.format_table(
+            summary,
+            [
+                "case",
+                "ours",
+                "ours_ms",
+                "reference_ms",
+                "plain_torch_ms",
+                "vs_reference",
+                "vs_plain_torch",
+            ],
+        )
+    )
+    if mem_rows:
+        print()
+        print(harness.format_table(mem_rows, ["case", "provider", "extra_mib", "status", "reason"]))
+
+    meta = harness.metadata(
+        device,
+        elapsed_s=round(time.time() - t_start, 1),
+        quick=args.quick,
+        beta=BETA,
+        codebook_requires_grad=True,
+    )
+    name = "quantize" if device == "cpu" else "gpu_quantize"
+    written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
+    if args.out is not None:
+        written.append(
+            harness.plot_rows(
+                rows,
+                args.out / f"{name}.png",
+                title=f"quantize fwd+bwd fp32 L2, learnable codebook, "
+                f"{meta['cpu'] if device == 'cpu' else meta.get('gpu')}, {args.threads} threads "
+                f"(commit {meta['commit'][:8]})",
+            )
+        )
+    for pth in written:
+        print(f"wrote {pth}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
