@@ -1,0 +1,663 @@
+"""VQ-VAE vs VQGAN, measured side by side on the same data, latent grid, codebook and budget.
+
+    python -m models.compare --out DIR [--minutes M] [--tiny]
+    python -m models.compare --out DIR --vqvae C1 --vqgan C2      # compare trained checkpoints
+
+Without checkpoints, trains a VQ-VAE and a VQGAN (``models.train.train``) for the same wall-clock
+budget with the same dataset, crop size, codebook size and seed; then trains one code-index prior
+(:mod:`models.prior`) per model for the same budget; then evaluates both on the held-out tiles and
+writes into DIR:
+
+* ``report.md``: the table and the observed differences in plain words, generated from the
+  measured numbers (nothing in the text is fixed in advance except the definitions);
+* ``reconstructions.png``: originals / VQ-VAE / VQGAN rows on the same held-out tiles;
+* ``samples_vqvae.png``, ``samples_vqgan.png``: decoded samples of each model's prior;
+* ``metrics.json``: every number in the report.
+
+Training runs go to ``DIR/runs/`` (ignored by git; ``--resume`` reuses finished stages).
+
+Measures (held-out tiles, images in [0, 1]): PSNR, SSIM, perceptual distance (the models'
+offline perceptual metric: ST-LPIPS / LPIPS when their weight files are present, else
+``1 − SSIM + gradient L1``), sharpness as the gradient-magnitude error
+``mean |‖∇y‖ − ‖∇x‖|`` and the gradient-energy ratio ``mean ‖∇y‖ / mean ‖∇x‖`` (1 = as much edge
+contrast as the original, < 1 = blurrier), codebook usage and perplexity, bits per image at
+``⌈log2 K⌉`` bits per index and under the learned prior, training steps per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import prior as P
+
+__all__ = [
+    "gradient_magnitude",
+    "sharpness",
+    "evaluate_reconstructions",
+    "describe_differences",
+    "run_comparison",
+    "main",
+]
+
+NAMES = {"vqvae": "VQ-VAE", "vqgan": "VQGAN"}
+
+# Budgets when --minutes / --prior-minutes are not given.
+DEFAULT_MINUTES = {"tiny": 0.25, "base": 4.0}
+DEFAULT_PRIOR_MINUTES = {"tiny": 0.1, "base": 1.5}
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in [0, 1] -> [B, H, W] luma (ITU-R BT.601 weights for RGB, identity for grey)."""
+    if images.shape[1] == 3:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float32, device=images.device)
+        return torch.einsum("bchw,c->bhw", images.float(), w)
+    return images.float().mean(1)
+
+
+def gradient_magnitude(images: torch.Tensor) -> torch.Tensor:
+    """``images: [B, C, H, W]`` float in [0, 1] -> ``[B, H-1, W-1]`` float32 ``‖∇ luma‖``.
+
+    Forward differences taken at the same pixel for both directions (no smoothing filter: blur is
+    exactly what we want to detect, so we must not add any).
+    """
+    y = _luma(images)
+    gx = y[:, :-1, 1:] - y[:, :-1, :-1]
+    gy = y[:, 1:, :-1] - y[:, :-1, :-1]
+    return torch.sqrt(gx * gx + gy * gy)
+
+
+def sharpness(recon: torch.Tensor, original: torch.Tensor) -> dict:
+    """Gradient-magnitude error and energy ratio of ``recon`` against ``original`` (both
+    ``[B, C, H, W]`` in [0, 1]): ``{"grad_error": float, "grad_ratio": float}``."""
+    gr, go = gradient_magnitude(recon), gradient_magnitude(original)
+    return {
+        "grad_error": float((gr - go).abs().mean()),
+        "grad_ratio": float(gr.mean() / go.mean().clamp_min(1e-12)),
+    }
+
+
+@torch.no_grad()
+def evaluate_reconstructions(
+    model, images: torch.Tensor, perceptual: torch.nn.Module | None = None, batch_size: int = 64
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Encode + decode held-out ``images: [N, C, H, W]`` in [0, 1] with a VQ model.
+
+    Returns ``(metrics, recon [N, C, H, W] float32 in [0, 1], indices [N, h, w] int64)``; metrics
+    hold psnr, ssim, perceptual (batch-size-weighted mean), grad_error, grad_ratio,
+    codebook_usage, perplexity, bits_per_image.
+    """
+    from .metrics import bits_per_image, codebook_usage, perplexity, psnr, ssim
+
+    recon, idx = [], []
+    for i in range(0, images.shape[0], batch_size):
+        ind = model.encode(images[i : i + batch_size])
+        recon.append(model.decode_indices(ind).float().clamp(0, 1))
+        idx.append(ind)
+    recon_t, idx_t = torch.cat(recon), torch.cat(idx)
+    k = model.codebook_size
+    m = {
+        "psnr": psnr(recon_t, images),
+        "ssim": ssim(recon_t, images),
+        **sharpness(recon_t, images),
+        "codebook_usage": codebook_usage(idx_t, k),
+        "perplexity": perplexity(idx_t, k),
+        "bits_per_image": bits_per_image(idx_t, k),
+    }
+    if perceptual is not None:
+        total = 0.0
+        for i in range(0, images.shape[0], batch_size):
+            a, b = recon_t[i : i + batch_size], images[i : i + batch_size]
+            total += float(perceptual(a, b)) * a.shape[0]
+        m["perceptual"] = total / images.shape[0]
+    return m, recon_t, idx_t
+
+
+# ------------------------------------------------------------------------------ plain words
+
+# key -> (label, unit, better, how to state the difference, decimals)
+#   better: "higher" | "lower" | None (no preferred direction)
+#   mode:   "abs" (difference in the unit), "rel" (percent of the VQ-VAE value), "pp"
+#           (percentage points, for fractions)
+_SPEC: dict[str, tuple[str, str, str | None, str, int]] = {
+    "psnr": ("held-out PSNR", " dB", "higher", "abs", 2),
+    "ssim": ("held-out SSIM", "", "higher", "abs", 4),
+    "perceptual": ("perceptual distance", "", "lower", "rel", 4),
+    "grad_error": ("gradient-magnitude error", "", "lower", "rel", 4),
+    "grad_ratio": ("gradient-energy ratio (reconstruction / original)", "", None, "abs", 3),
+    "codebook_usage": ("held-out codebook usage", "", "higher", "pp", 3),
+    "perplexity": ("held-out code perplexity", "", "higher", "rel", 1),
+    "train_perplexity": ("training-crop code perplexity", "", "higher", "rel", 1),
+    "prior_bits_per_index": ("prior's held-out NLL", " bits/index", "lower", "abs", 3),
+    "prior_bits_per_image": ("held-out bits per image under the prior", " bits", "lower", "rel", 0),
+    "steps_per_second": ("training speed", " steps/s", "higher", "rel", 2),
+}
+# Below these differences two numbers are called "about the same" (measurement noise of a
+# single short CPU run is larger than this; the raw numbers are always printed too).
+_SAME = {
+    "abs": {"psnr": 0.05, "ssim": 0.002, "grad_ratio": 0.005, "prior_bits_per_index": 0.01},
+    "rel": 0.01,
+    "pp": 0.005,
+}
+# Quality of the reconstructions, the axis on which the two models are usually contrasted.
+QUALITY_KEYS = ("psnr", "ssim", "perceptual", "grad_error")
+
+
+def _fmt(v: float, decimals: int, unit: str) -> str:
+    return f"{v:,.{decimals}f}{unit}"
+
+
+def _sentence(key: str, a: float, b: float, name_a: str, name_b: str) -> tuple[str, str | None]:
+    """One sentence comparing ``b`` (model B) with ``a`` (model A) for metric ``key``; also
+    returns which model is better on it (None for a tie or no preferred direction)."""
+    label, unit, better, mode, dec = _SPEC[key]
+    both = f"{_fmt(b, dec, unit)} vs {_fmt(a, dec, unit)}"
+    if mode == "pp":
+        both = f"{100 * b:.1f}% vs {100 * a:.1f}%"
+    diff = b - a
+    if mode == "abs":
+        same = abs(diff) < _SAME["abs"].get(key, 10.0**-dec)
+        amount = _fmt(abs(diff), dec, unit)
+    elif mode == "pp":
+        same = abs(diff) < _SAME["pp"]
+        amount = f"{100 * abs(diff):.1f} percentage points"
+    else:
+        rel = diff / abs(a) if a else (math.inf if diff else 0.0)
+        same = abs(rel) < _SAME["rel"]
+        amount = f"{100 * abs(rel):.0f}%" if math.isfinite(rel) else "infinitely"
+    if key == "steps_per_second" and a > 0 and b > 0 and not same:
+        # Speeds read better as a factor: "2.3x slower".
+        f = max(a, b) / min(a, b)
+        amount = f"{f:.1f}x"
+        word = "faster" if diff > 0 else "slower"
+        return f"{name_b} trains {amount} {word} than {name_a} ({both}).", (
+            name_b if diff > 0 else name_a
+        )
+    if same:
+        return f"{name_b}'s {label} is about the same as {name_a}'s ({both}).", None
+    direction = "higher" if diff > 0 else "lower"
+    text = f"{name_b}'s {label} is {amount} {direction} than {name_a}'s ({both})"
+    winner = None
+    if better is not None:
+        winner = name_b if (diff > 0) == (better == "higher") else name_a
+        text += f"; {better} is better"
+    return text + ".", winner
+
+
+def describe_differences(a: dict, b: dict, name_a: str = "VQ-VAE", name_b: str = "VQGAN") -> dict:
+    """Plain-word statements of how metrics ``b`` differ from ``a`` (dicts keyed as ``_SPEC``).
+
+    Returns ``{"sentences": [str], "winners": {key: name | None}, "summary": str}``; keys missing
+    from either dict are skipped. Every word is derived from the two numbers.
+    """
+    sentences, winners = [], {}
+    for key in _SPEC:
+        if key in a and key in b and a[key] is not None and b[key] is not None:
+            s, w = _sentence(key, float(a[key]), float(b[key]), name_a, name_b)
+            sentences.append(s)
+            winners[key] = w
+    if "grad_ratio" in a and "grad_ratio" in b:
+        ra, rb = float(a["grad_ratio"]), float(b["grad_ratio"])
+        closer = name_a if abs(ra - 1) < abs(rb - 1) else name_b
+        if abs(abs(ra - 1) - abs(rb - 1)) < _SAME["abs"]["grad_ratio"]:
+            closer = None
+        sentences.append(
+            f"{name_a}'s reconstructions carry {100 * ra:.0f}% of the originals' gradient energy, "
+            f"{name_b}'s {100 * rb:.0f}% (100% = as much edge contrast as the original"
+            + (f"; {closer} is closer)." if closer else "; equally close).")
+        )
+    q = [k for k in QUALITY_KEYS if k in winners]
+    wins_a = [k for k in q if winners[k] == name_a]
+    wins_b = [k for k in q if winners[k] == name_b]
+    ties = [k for k in q if winners[k] is None]
+
+    def names(keys):
+        return ", ".join(_SPEC[k][0] for k in keys) or "none"
+
+    summary = (
+        f"On the {len(q)} reconstruction-quality measures, {name_a} is better on {len(wins_a)} "
+        f"({names(wins_a)}), {name_b} on {len(wins_b)} ({names(wins_b)})"
+        + (f", and they are about the same on {len(ties)} ({names(ties)})." if ties else ".")
+    )
+    return {"sentences": sentences, "winners": winners, "summary": summary}
+
+
+# --------------------------------------------------------------------------------- pipeline
+
+
+def _read_json(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _train_model(kind: str, out: Path, args: argparse.Namespace, size: str) -> dict:
+    """Train one VQ model with the models' training entry point (same settings for both)."""
+    from .train import train
+
+    argv = [
+        "--model", kind,
+        "--dataset", args.dataset,
+        "--config", size,
+        "--steps", str(args.steps),
+        "--minutes", str(args.minutes),
+        "--out", str(out),
+        "--seed", str(args.seed),
+        "--backend", args.backend,
+        "--codebook-size", str(args.codebook_size),
+    ]  # fmt: skip
+    if args.image_size:
+        argv += ["--image-size", str(args.image_size)]
+    if args.batch_size:
+        argv += ["--batch-size", str(args.batch_size)]
+    argv += _extra_train_args(kind, args, size)
+    print(f"[compare] training {NAMES[kind]}: {' '.join(argv)}", file=sys.stderr)
+    return train(argv)
+
+
+def _extra_train_args(kind: str, args: argparse.Namespace, size: str) -> list[str]:
+    """Model-specific flags that keep the two runs comparable (see models.train --help)."""
+    extra: list[str] = []
+    if kind == "vqgan" and args.disc_start is not None:
+        extra += ["--disc-start", str(args.disc_start)]
+    if args.downsample is not None:
+        extra += ["--downsample", str(args.downsample)]
+    return extra
+
+
+def _train_prior(kind: str, ckpt: Path, out: Path, args: argparse.Namespace, size: str) -> dict:
+    argv = [
+        "train",
+        "--checkpoint", str(ckpt),
+        "--steps", str(args.prior_steps),
+        "--minutes", str(args.prior_minutes),
+        "--out", str(out),
+        "--config", "tiny" if size == "tiny" else args.prior_config,
+        "--seed", str(args.seed),
+        "--dataset", args.dataset,
+        "--train-crops", str(args.train_crops),
+    ]  # fmt: skip
+    if args.image_size:
+        argv += ["--image-size", str(args.image_size)]
+    if not sys.stderr.isatty():
+        argv.append("--no-progress")
+    print(f"[compare] training the prior of {NAMES[kind]}", file=sys.stderr)
+    return P.main(argv)
+
+
+def _steps_per_second(run_metrics: dict) -> float | None:
+    if run_metrics.get("steps_per_second"):
+        return float(run_metrics["steps_per_second"])
+    steps, seconds = run_metrics.get("steps"), run_metrics.get("seconds")
+    if steps and seconds:
+        return float(steps) / float(seconds)
+    return None
+
+
+def _pick_tiles(groups: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    """Indices (into the concatenated groups) of ``n`` tiles spread evenly over each held-out
+    source image: deterministic, and every source image is shown."""
+    per = [max(1, n // len(groups))] * len(groups)
+    per[-1] = max(1, n - sum(per[:-1]))
+    out, offset = [], 0
+    for t, m in zip(groups.values(), per):
+        idx = torch.linspace(0, t.shape[0] - 1, min(m, t.shape[0])).round().long()
+        out.append(idx + offset)
+        offset += t.shape[0]
+    return torch.cat(out)
+
+
+def run_comparison(argv: list[str] | None = None) -> dict:
+    """Programmatic entry point (same flags as the CLI); returns the metrics dict."""
+    args = build_parser().parse_args(argv)
+    size = "tiny" if args.tiny else args.config
+    if args.dataset is None:
+        args.dataset = "digits" if args.tiny else "photos"
+    if args.minutes is None:
+        args.minutes = DEFAULT_MINUTES[size]
+    if args.prior_minutes is None:
+        args.prior_minutes = DEFAULT_PRIOR_MINUTES[size]
+    if args.codebook_size is None:
+        args.codebook_size = 32 if size == "tiny" else 512
+    if (args.vqvae is None) != (args.vqgan is None):
+        raise SystemExit("give both --vqvae and --vqgan checkpoints, or neither")
+    out = Path(args.out)
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.perceptual_weights:
+        os.environ["VQKERNELS_STLPIPS_PATH"] = args.perceptual_weights
+
+    from . import load as load_model
+    from .data import eval_groups
+    from .metrics import perplexity, psnr
+    from .perceptual import build_perceptual
+
+    t_start = time.perf_counter()
+    ckpts, run_metrics = {}, {}
+    for kind in ("vqvae", "vqgan"):
+        given = getattr(args, kind)
+        if given:
+            ckpts[kind] = Path(given)
+            mj = Path(given).parent / "metrics.json"
+            run_metrics[kind] = _read_json(mj) if mj.is_file() else {}
+            continue
+        d = runs / kind
+        if args.resume and (d / "metrics.json").is_file() and (d / "checkpoint.pt").is_file():
+            run_metrics[kind] = _read_json(d / "metrics.json")
+        else:
+            run_metrics[kind] = _train_model(kind, d, args, size)
+        ckpts[kind] = d / "checkpoint.pt"
+
+    loaded = {k: load_model(c).eval() for k, c in ckpts.items()}
+    for m in loaded.values():
+        if hasattr(m, "set_backend"):
+            m.set_backend(args.backend)
+    ka, kb = loaded["vqvae"].codebook_size, loaded["vqgan"].codebook_size
+    if ka != kb:
+        raise ValueError(f"the models have different codebook sizes ({ka} vs {kb}): not comparable")
+
+    groups = eval_groups(args.dataset, args.image_size)
+    images = torch.cat(list(groups.values()))
+    grids = {k: tuple(m.encode(images[:1]).shape[1:]) for k, m in loaded.items()}
+    if grids["vqvae"] != grids["vqgan"]:
+        raise ValueError(
+            f"the models have different latent grids on {tuple(images.shape[-2:])} images "
+            f"(VQ-VAE {grids['vqvae']}, VQGAN {grids['vqgan']}): use the same downsampling factor"
+        )
+
+    perceptual, pkind = build_perceptual(args.perceptual)
+    perceptual.eval()
+
+    results: dict[str, dict] = {}
+    recons = {}
+    for kind, model in loaded.items():
+        t = time.perf_counter()
+        m, recon, idx = evaluate_reconstructions(model, images, perceptual)
+        m["psnr_per_image"] = {}
+        start = 0
+        for name, g in groups.items():
+            n = g.shape[0]
+            m["psnr_per_image"][name] = psnr(recon[start : start + n], images[start : start + n])
+            start += n
+        m["steps"] = run_metrics[kind].get("steps")
+        m["train_seconds"] = run_metrics[kind].get("seconds")
+        m["steps_per_second"] = _steps_per_second(run_metrics[kind])
+        m["parameters"] = sum(p.numel() for p in model.parameters())
+        m["eval_seconds"] = round(time.perf_counter() - t, 2)
+        results[kind] = m
+        recons[kind] = recon
+
+    # Priors (one per model, same budget) and their samples.
+    sample_gen_seed = args.seed
+    for kind in ("vqvae", "vqgan"):
+        d = runs / f"prior_{kind}"
+        if args.resume and (d / "metrics.json").is_file() and (d / "prior.pt").is_file():
+            pm = _read_json(d / "metrics.json")
+        else:
+            pm = _train_prior(kind, ckpts[kind], d, args, size)
+        r = results[kind]
+        r["prior_bits_per_index"] = pm.get("eval_bits_per_index")
+        r["prior_bits_per_image"] = pm.get("eval_bits_per_image")
+        r["prior_unigram_bits_per_index"] = pm.get("eval_unigram_bits_per_index")
+        r["prior_steps"] = pm.get("steps")
+        pool = torch.load(d / "indices.pt", map_location="cpu", weights_only=True)
+        r["train_perplexity"] = perplexity(pool["train"].long(), loaded[kind].codebook_size)
+        prior = P.load_prior(d / "prior.pt")
+        samples, _ = P.generate_images(
+            prior, loaded[kind], args.samples, args.temperature, args.top_k, sample_gen_seed
+        )
+        P.save_grid(samples, out / f"samples_{kind}.png", nrow=8, scale=_scale(samples))
+
+    # Originals / VQ-VAE / VQGAN on the same tiles.
+    sel = _pick_tiles(groups, args.show)
+    rows = torch.cat([images[sel], recons["vqvae"][sel], recons["vqgan"][sel]])
+    P.save_grid(rows, out / "reconstructions.png", nrow=len(sel), scale=_scale(rows))
+
+    words = describe_differences(results["vqvae"], results["vqgan"])
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "commit": _git_commit(),
+    }
+    setup = {
+        "dataset": args.dataset,
+        "image_size": int(images.shape[-1]),
+        "eval_tiles": {k: int(v.shape[0]) for k, v in groups.items()},
+        "codebook_size": ka,
+        "latent_grid": list(grids["vqvae"]),
+        "config": size,
+        "minutes_per_model": args.minutes if not args.vqvae else None,
+        "prior_minutes": args.prior_minutes,
+        "prior_config": "tiny" if size == "tiny" else args.prior_config,
+        "perceptual": pkind,
+        "backend": args.backend,
+        "seed": args.seed,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "checkpoints": {k: str(v) for k, v in ckpts.items()},
+        "command": "python -m models.compare "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    report = {"setup": setup, "env": env, "models": results, "differences": words}
+    P._write_json(report, out / "metrics.json")
+    (out / "report.md").write_text(render_report(report))
+    print(f"[compare] wrote {out / 'report.md'}", file=sys.stderr)
+    return report
+
+
+def _scale(images: torch.Tensor) -> int:
+    # Small tiles are magnified (nearest neighbour) so that 8x8 digits stay visible; capped so a
+    # row of 32x32 tiles stays a few hundred KB as PNG.
+    return max(1, min(4, 96 // int(images.shape[-1])))
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------- report
+
+_ROWS = [
+    # key, label, format, note
+    ("psnr", "PSNR (dB) ↑", "{:.2f}"),
+    ("ssim", "SSIM ↑", "{:.4f}"),
+    ("perceptual", "perceptual distance ↓", "{:.4f}"),
+    ("grad_error", "gradient-magnitude error ↓", "{:.4f}"),
+    ("grad_ratio", "gradient-energy ratio (1 = original)", "{:.3f}"),
+    ("codebook_usage", "codebook usage, held-out ↑", "{:.1%}"),
+    ("perplexity", "code perplexity, held-out", "{:.1f}"),
+    ("train_perplexity", "code perplexity, training crops", "{:.1f}"),
+    ("bits_per_image", "bits per image, ⌈log2 K⌉·h·w", "{:,.0f}"),
+    ("prior_bits_per_index", "prior NLL, held-out (bits/index) ↓", "{:.3f}"),
+    ("prior_unigram_bits_per_index", "unigram baseline (bits/index)", "{:.3f}"),
+    ("prior_bits_per_image", "bits per image under the prior ↓", "{:,.0f}"),
+    ("steps", "training steps", "{:,}"),
+    ("steps_per_second", "training steps/s ↑", "{:.2f}"),
+    ("parameters", "autoencoder parameters", "{:,}"),
+]
+
+
+def _cell(fmt: str, v) -> str:
+    if v is None:
+        return "–"
+    try:
+        return fmt.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def render_report(report: dict) -> str:
+    s, env, res, words = report["setup"], report["env"], report["models"], report["differences"]
+    a, b = res["vqvae"], res["vqgan"]
+    h, w = s["latent_grid"]
+    budget = (
+        f"{s['minutes_per_model']:g} minutes of wall-clock training each"
+        if s["minutes_per_model"] is not None
+        else "given checkpoints"
+    )
+    lines = [
+        "# VQ-VAE vs VQGAN",
+        "",
+        f"Generated by `{s['command']}` on {env['date_utc']} UTC (commit {env['commit']}, "
+        f"torch {env['torch']}, {env['cpu_count']} CPU cores, {env['threads']} threads). "
+        "Every number below is measured in that run; the sentences are generated from the "
+        "numbers.",
+        "",
+        f"**Setup.** Dataset `{s['dataset']}`, {s['image_size']}×{s['image_size']} crops; both "
+        f"models have K = {s['codebook_size']} codes and a {h}×{w} latent grid; {budget} "
+        f"(`{s['config']}` configs, backend `{s['backend']}`, seed {s['seed']}). Each model then "
+        f"gets a `{s['prior_config']}` code-index prior trained for {s['prior_minutes']:g} "
+        "minutes. Held-out tiles (never trained on): "
+        + ", ".join(f"{k} ({n})" for k, n in s["eval_tiles"].items())
+        + f". Perceptual distance: `{s['perceptual']}`.",
+        "",
+        "| measure (held-out unless noted) | VQ-VAE | VQGAN |",
+        "|---|---:|---:|",
+    ]
+    for key, label, fmt in _ROWS:
+        if key in a or key in b:
+            lines.append(f"| {label} | {_cell(fmt, a.get(key))} | {_cell(fmt, b.get(key))} |")
+    for name in a.get("psnr_per_image", {}):
+        lines.append(
+            f"| PSNR on `{name}` tiles (dB) | {a['psnr_per_image'][name]:.2f} | "
+            f"{b['psnr_per_image'].get(name, float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        "## Observed differences",
+        "",
+        *[f"- {t}" for t in words["sentences"]],
+        "",
+        words["summary"],
+        "",
+        "These are single runs (one seed, a few CPU minutes each); differences of the size of "
+        "run-to-run noise should not be read as properties of the architectures.",
+        "",
+        "## Reconstructions",
+        "",
+        "Rows: held-out originals, VQ-VAE, VQGAN (same tiles).",
+        "",
+        "![reconstructions](reconstructions.png)",
+        "",
+        "## Samples from each model's prior",
+        "",
+        f"Temperature {s['temperature']:g}, top-k {s['top_k'] if s['top_k'] else 'off'}.",
+        "",
+        "| VQ-VAE | VQGAN |",
+        "|---|---|",
+        "| ![VQ-VAE samples](samples_vqvae.png) | ![VQGAN samples](samples_vqgan.png) |",
+        "",
+        "## Definitions",
+        "",
+        "- PSNR = mean over tiles of 10·log10(1/MSE); SSIM with an 11×11 Gaussian window.",
+        "- Perceptual distance: `models.perceptual` (`stlpips` = shift-tolerant LPIPS-VGG, "
+        "`lpips` = LPIPS-VGG, `ssim` = 1 − SSIM + gradient L1); lower is closer.",
+        "- Gradient magnitude ‖∇y‖ of the luma by forward differences; error = mean "
+        "|‖∇recon‖ − ‖∇orig‖|; ratio = mean ‖∇recon‖ / mean ‖∇orig‖ (below 1: blurrier than "
+        "the original, above 1: more edge contrast than the original, e.g. hallucinated texture).",
+        "- Codebook usage = fraction of the K codes used at least once; perplexity = exp(entropy) "
+        "of the code histogram (the effective number of codes).",
+        "- Bits per image: ⌈log2 K⌉ bits per index × h·w; under the prior: its held-out "
+        "negative log-likelihood × h·w (what an entropy coder driven by the prior would need).",
+        "- Training steps/s from each run's own metrics (steps / seconds, same machine, same "
+        "budget).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def _top_k(s: str) -> int | None:
+    return P._top_k(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m models.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="report folder (report.md, PNGs, metrics.json)")
+    p.add_argument(
+        "--minutes",
+        type=P._positive_float,
+        default=None,
+        help="training budget per model (default 4; 0.25 with --tiny)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1_000_000,
+        help="step cap per model (the minutes budget usually stops first)",
+    )
+    p.add_argument("--tiny", action="store_true", help="tiny configs on digits: a smoke test")
+    p.add_argument("--config", default="base", choices=["tiny", "base"])
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="digits | photos | PATH (default photos; digits with --tiny)",
+    )
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--codebook-size", type=int, default=None, help="default 512 (32 with --tiny)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--downsample",
+        type=int,
+        default=None,
+        help="latent grid factor for both models (default: the configs' own)",
+    )
+    p.add_argument(
+        "--disc-start",
+        type=int,
+        default=None,
+        help="VQGAN step at which the discriminator starts (default: the config's)",
+    )
+    p.add_argument("--vqvae", default=None, help="use this VQ-VAE checkpoint instead of training")
+    p.add_argument("--vqgan", default=None, help="use this VQGAN checkpoint instead of training")
+    p.add_argument("--prior-minutes", type=P._positive_float, default=None)
+    p.add_argument("--prior-steps", type=int, default=100_000)
+    p.add_argument("--prior-config", default="small", choices=sorted(P.PRIOR_CONFIGS))
+    p.add_argument("--train-crops", type=int, default=8192)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--temperature", type=P._positive_float, default=1.0)
+    p.add_argument("--top-k", type=_top_k, default=None)
+    p.add_argument("--show", type=int, default=8, help="tiles in the reconstruction grid")
+    p.add_argument("--perceptual", default="auto", choices=["auto", "stlpips", "lpips", "ssim"])
+    p.add_argument(
+        "--perceptual-weights",
+        default=None,
+        help="path of vgg_shift_tolerant.pth (sets VQKERNELS_STLPIPS_PATH)",
+    )
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="reuse finished runs under DIR/runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_comparison(argv)
+
+
+if __name__ == "__main__":
+    main()
