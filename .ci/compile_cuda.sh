@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Compile every csrc/cuda/*.cu for sm_80 and sm_90 with nvcc (object files into a temp dir,
+# warnings as errors), so CI catches CUDA build breaks on machines without a GPU or a CUDA torch.
+# The .cu files include no torch headers, so no CUDA torch is needed.  The torch binding
+# (csrc/cuda/bindings.cpp) needs a CUDA torch and is built by setup.py on a GPU machine.
+#
+# Exit status: 0 when every file compiled (or nvcc is absent: a skip message is printed),
+# non-zero when any file failed.  Env: NVCC (compiler, default: nvcc on PATH, then
+# $CUDA_HOME/bin/nvcc), VQKERNELS_NVCC_JOBS (parallel jobs, default 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NVCC=${NVCC:-}
+if [[ -z "$NVCC" ]]; then
+    if command -v nvcc >/dev/null 2>&1; then
+        NVCC=$(command -v nvcc)
+    elif [[ -n "${CUDA_HOME:-}" && -x "$CUDA_HOME/bin/nvcc" ]]; then
+        NVCC="$CUDA_HOME/bin/nvcc"
+    fi
+fi
+if [[ -z "$NVCC" ]] || ! command -v "$NVCC" >/dev/null 2>&1; then
+    echo "[compile_cuda] SKIP: nvcc not found (set NVCC or CUDA_HOME); CUDA kernels not compiled"
+    exit 0
+fi
+
+shopt -s nullglob
+SOURCES=(csrc/cuda/*.cu)
+if [[ ${#SOURCES[@]} -eq 0 ]]; then
+    echo "[compile_cuda] no csrc/cuda/*.cu files"
+    exit 0
+fi
+
+JOBS=${VQKERNELS_NVCC_JOBS:-2}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+
+# The flags setup.py uses for the extension, plus warnings as errors for host and device code.
+FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo -Icsrc
+       -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+       -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Xptxas -warn-spills)
+
+echo "[compile_cuda] $("$NVCC" --version | tail -n 1)"
+echo "[compile_cuda] compiling ${#SOURCES[@]} file(s) for sm_80 + sm_90 with $JOBS job(s)"
+start=$SECONDS
+export NVCC TMP
+# One nvcc per file, $JOBS at a time; each writes its own log, printed on failure.
+printf '%s\n' "${SOURCES[@]}" | xargs -P "$JOBS" -I{} bash -c '
+    src="{}"; name=$(basename "$src" .cu)
+    if "$NVCC" "$@" -c "$src" -o "$TMP/$name.o" >"$TMP/$name.log" 2>&1; then
+        echo "[compile_cuda] ok   $src"
+    else
+        echo "[compile_cuda] FAIL $src"; cat "$TMP/$name.log"; touch "$TMP/$name.failed"
+    fi' _ "${FLAGS[@]}"
+
+failed=("$TMP"/*.failed)
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "[compile_cuda] ${#failed[@]} file(s) failed ($((SECONDS - start)) s)"
+    exit 1
+fi
+echo "[compile_cuda] all ${#SOURCES[@]} file(s) compiled ($((SECONDS - start)) s)"
