@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
+from . import distributed as vqdist
 from . import functional as vqf
 
 __all__ = ["VectorQuantizer", "ResidualVectorQuantizer"]
@@ -64,11 +65,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _dist_ready() -> bool:
-    d = torch.distributed
-    return d.is_available() and d.is_initialized()
 
 
 def _require_int(name: str, value, minimum: int) -> int:
@@ -299,17 +295,7 @@ class VectorQuantizer(nn.Module):
         return cb
 
     def _should_sync(self) -> bool:
-        if self.sync_distributed is False:
-            return False
-        ready = _dist_ready()
-        if self.sync_distributed is True:
-            if not ready:
-                raise RuntimeError(
-                    "sync_distributed=True but torch.distributed is not initialized; call "
-                    "init_process_group first or pass sync_distributed=None"
-                )
-            return True
-        return ready and torch.distributed.get_world_size() > 1
+        return vqdist.should_sync(self.sync_distributed)
 
     def _to_channel_last(self, x: torch.Tensor) -> torch.Tensor:
         return _ChannelView(self.dim, self.channel_dim).to_channel_last(x)
@@ -418,8 +404,7 @@ class VectorQuantizer(nn.Module):
                 counts, sums = vqf.cluster_stats(
                     flat, idx_e, k, backend=self.backend, check_inputs=check
                 )
-                torch.distributed.all_reduce(counts)
-                torch.distributed.all_reduce(sums)
+                vqdist.all_reduce_sum_(counts, sums)
                 vqf.ema_blend_(
                     self.codebook, self.cluster_size, self.embed_sum, counts, sums,
                     self.decay, self.eps,
@@ -435,7 +420,7 @@ class VectorQuantizer(nn.Module):
         else:
             counts = _counts_from_indices(idx_e, k)
             if sync:
-                torch.distributed.all_reduce(counts)
+                vqdist.all_reduce_sum_(counts)
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
         self._track(counts)
         if self.threshold_ema_dead_code > 0:
@@ -475,8 +460,7 @@ class VectorQuantizer(nn.Module):
         if sync:
             # Rank 0 decides: broadcast its choice (fixed-size tensors: no size exchange needed).
             take_f = take.to(torch.float32)
-            torch.distributed.broadcast(take_f, 0)
-            torch.distributed.broadcast(samples, 0)
+            vqdist.broadcast_from_root_(take_f, samples)
             take = take_f > 0.5
         take2 = take.unsqueeze(1)
         self.codebook.copy_(torch.where(take2, samples, self.codebook))
@@ -533,7 +517,7 @@ class VectorQuantizer(nn.Module):
         k = self.codebook_size
         data = flat if valid is None else flat[valid]
         sync = self._should_sync()
-        is_root = (not sync) or torch.distributed.get_rank() == 0
+        is_root = (not sync) or vqdist.rank() == 0
         if data.shape[0] == 0 and not sync:
             raise ValueError("k-means init needs at least one unmasked vector in the batch")
         if is_root:
@@ -541,7 +525,7 @@ class VectorQuantizer(nn.Module):
         else:
             centers = torch.empty(k, self.codebook_dim, dtype=torch.float32, device=flat.device)
         if sync:
-            torch.distributed.broadcast(centers, 0)
+            vqdist.broadcast_from_root_(centers)
         counts = None
         for it in range(self.kmeans_iters + 1):
             idx = vqf.nearest_code(
@@ -549,8 +533,7 @@ class VectorQuantizer(nn.Module):
             )
             counts, sums = vqf.cluster_stats(data, idx, k, backend=self.backend)
             if sync:
-                torch.distributed.all_reduce(counts)
-                torch.distributed.all_reduce(sums)
+                vqdist.all_reduce_sum_(counts, sums)
             if it == self.kmeans_iters:
                 break  # last pass only measures the final cluster sizes
             means = sums / counts.clamp_min(1.0).unsqueeze(1)
@@ -682,7 +665,8 @@ class ResidualVectorQuantizer(nn.Module):
             raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
         if indices.dim() < 1 or indices.shape[-1] != self.num_quantizers:
             raise ValueError(
-                f"indices must have shape [..., {self.num_quantizers}], got {tuple(indices.shape)}"
+                f"indices must have shape [..., num_quantizers={self.num_quantizers}], "
+                f"got {tuple(indices.shape)}"
             )
         codes = None
         for i, layer in enumerate(self.layers):
