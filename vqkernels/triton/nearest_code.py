@@ -112,16 +112,17 @@ def prune_search_configs(configs, named_args, **kwargs):
     return kept
 
 
-def search_meta(x: torch.Tensor, d: int, precision: str) -> dict:
+def search_meta(x: torch.Tensor, d: int, precision: str, interpret: bool | None = None) -> dict:
     """Launch constants shared by the search kernels (nearest_code, quantize forward).
 
     ``BLOCK_D`` is chosen here (not autotuned: it fixes the accumulation order, see module doc):
     the whole row when it fits one tile, else 128-byte column tiles (64 half / 32 fp32 values,
     one 128 B swizzled shared-memory row on Hopper)."""
+    interpret = interpreting() if interpret is None else interpret
     elsize = x.element_size()
     d_pow2 = max(16, triton.next_power_of_2(d))
     single_cap = 256 if elsize == 2 else 128
-    if interpreting():
+    if interpret:
         single_cap = 64  # keep the numpy tiles small
     if d_pow2 <= single_cap:
         block_d, single = d_pow2, True
@@ -133,7 +134,7 @@ def search_meta(x: torch.Tensor, d: int, precision: str) -> dict:
         "USE_TF32": precision == "fast" and x.dtype == torch.float32,
         # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 bit patterns; upcast there
         # (bf16 x bf16 products are exact in fp32, so this is the same arithmetic).
-        "IS_UPCAST_DOT": interpreting() and x.dtype == torch.bfloat16,
+        "IS_UPCAST_DOT": interpret and x.dtype == torch.bfloat16,
     }
 
 
@@ -315,7 +316,9 @@ def _nearest_code_kernel(
         ).to(tl.float32)
         xsq += tl.sum(xv * xv, axis=1)
     if IS_COSINE:
-        dist = 1.0 + tl.div_rn(best, tl.maximum(tl.sqrt_rn(xsq), EPS))
+        # (a NaN row keeps its NaN norm: maximum() would otherwise return EPS)
+        x_norm = tl.maximum(tl.sqrt_rn(xsq), EPS, propagate_nan=tl.PropagateNan.ALL)
+        dist = 1.0 + tl.div_rn(best, x_norm)
     else:
         # ‖x‖² − 2x·c + ‖c‖² cancels: clamp the tiny negative results at 0 (NaN stays NaN)
         dist = tl.maximum(best + xsq, 0.0, propagate_nan=tl.PropagateNan.ALL)

@@ -1,0 +1,580 @@
+"""Triton backend specifics: both precisions, block edges, tie rule across blocks, autotune
+configs, deterministic reductions, fused quantize forward/backward (DESIGN.md §3, §5).
+
+Without a GPU these run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set by
+conftest before triton is imported; marker ``interpret``) on small shapes.  Under the interpreter
+the blocks are 16 rows x 16 codes, a row fits one D tile up to D = 64, segments are cut into
+pieces of 16 rows: the shapes below straddle those edges.  Checks that need a GPU
+(``torch.compile`` and ``opcheck`` of the triton_ops, which fail under the interpreter in
+fake-tensor tracing, the tf32 "fast" path at scale) carry the ``cuda`` marker.
+
+The public-API tables over every backend live in test_<op>.py; this file calls the Triton module
+directly so that ``precision=`` and the raw op contracts are exercised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import reference
+from vqkernels.testing import (
+    EmaTolerance,
+    assert_bitwise_equal,
+    case_id,
+    check_cluster_stats,
+    check_distances,
+    check_indices,
+    check_low_precision,
+    make_inputs,
+    noncontiguous,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+ON_DEVICE = pytest.mark.cuda if HAS_CUDA else pytest.mark.interpret
+
+_why = vqkernels.available_backends(DEVICE)["triton"]
+pytestmark = [ON_DEVICE, pytest.mark.skipif(bool(_why), reason=f"triton backend: {_why}")]
+
+if not _why:
+    T = importlib.import_module("vqkernels.triton")
+    TNC = importlib.import_module("vqkernels.triton.nearest_code")
+    TEMA = importlib.import_module("vqkernels.triton.ema_update")
+    TQ = importlib.import_module("vqkernels.triton.quantize")
+
+METRICS = ("l2", "cosine")
+HALF = (torch.bfloat16, torch.float16)
+
+# N around the 16-row block, K around the 16-code block, D around 16 (min dot width), 64 (one
+# tile under the interpreter) and non powers of two; K = 1, K > N, N = 0.
+EDGE_SHAPES = [
+    (0, 5, 3),
+    (1, 1, 1),
+    (15, 16, 16),
+    (16, 17, 17),
+    (17, 1, 5),
+    (33, 47, 64),
+    (31, 33, 65),
+    (5, 40, 100),
+]
+
+
+def make(n, k, d, dtype=torch.float32, **kw):
+    return make_inputs(n, k, d, dtype, device=DEVICE, **kw)
+
+
+# ------------------------------------------------------------------------------- nearest_code
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", [pytest.param(s, id=case_id(*s)) for s in EDGE_SHAPES])
+def test_nearest_code_fp32_both_precisions(shape, metric, precision):
+    n, k, d = shape
+    x, cb = make(n, k, d, seed=n * 7 + k + d)
+    idx, dist = T.nearest_code(x, cb, metric, precision)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert idx.shape == (n,) and dist.shape == (n,)
+    # "fast" is held to the same rule with the tf32 input rounding in the tolerance.
+    check_indices(x, cb, idx, metric, precision=precision)
+    check_distances(x, cb, idx, dist, metric, precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (33, 47, 20), (20, 18, 70)], ids=str)
+def test_nearest_code_half_rule(shape, dtype, metric, precision):
+    """bf16/fp16: error at most 2x the reference's own error at that precision (+ floor)."""
+    n, k, d = shape
+    x, cb = make(n, k, d, dtype, seed=d)
+    idx, dist = T.nearest_code(x, cb, metric, precision)
+    check_low_precision(x, cb, idx, dist, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_fp32_indices_equal_reference_on_clear_winners(metric):
+    """Clustered rows have one clear winner: "exact" must give the reference's indices."""
+    x, cb = make(45, 37, 23, kind="clustered", seed=3)
+    idx, _ = T.nearest_code(x, cb, metric, "exact")
+    ref, _ = reference.nearest_code(x, cb, metric)
+    assert torch.equal(idx.cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("positions", [(3, 5), (3, 20), (20, 40), (0, 47)], ids=str)
+def test_ties_go_to_lowest_index_within_and_across_blocks(positions):
+    """Duplicated codes give bit-identical scores (integer data: exact in fp32): the lowest index
+    wins whether the copies share a 16-code block or lie in different blocks."""
+    lo, hi = positions
+    x, cb = make(40, 48, 9, kind="integer", seed=11)
+    cb[hi] = cb[lo]
+    x[:20] = cb[lo]  # rows sitting exactly on the duplicated code
+    for metric in METRICS:
+        for precision in ("exact", "fast"):
+            idx, dist = T.nearest_code(x, cb, metric, precision)
+            ref, _ = reference.nearest_code(x, cb, metric)
+            assert torch.equal(idx.cpu(), ref.cpu()), (metric, precision)
+            assert bool((idx[:20] <= lo).all())
+
+
+def test_all_codes_equal_picks_index_zero():
+    x, cb = make(19, 1, 6)
+    cb = cb.expand(35, 6).contiguous()
+    for metric in METRICS:
+        idx, _ = T.nearest_code(x, cb, metric, "exact")
+        assert bool((idx == 0).all())
+
+
+@pytest.mark.parametrize("how", ["transposed", "row-strided", "col-strided"])
+def test_nearest_code_noncontiguous(how):
+    x, cb = make(21, 19, 10, kind="clustered", seed=5)
+    want, _ = T.nearest_code(x, cb, "l2", "exact")
+    for xx, cc in ((noncontiguous(x, how), cb), (x, noncontiguous(cb, how))):
+        idx, dist = T.nearest_code(xx, cc, "l2", "exact")
+        assert torch.equal(idx, want)
+        check_distances(x, cb, idx, dist, "l2")
+
+
+def test_nan_code_never_chosen_and_nan_row_documented():
+    x, cb = make(18, 20, 7, kind="clustered", seed=2)
+    cb[4, 2] = float("nan")
+    x[3, 1] = float("nan")
+    for metric in METRICS:
+        idx, dist = T.nearest_code(x, cb, metric, "exact")
+        assert bool((idx != 4).all())
+        assert 0 <= int(idx[3]) < 20 and math.isnan(float(dist[3]))
+        others = torch.ones(18, dtype=torch.bool, device=DEVICE)
+        others[3] = False
+        assert bool(torch.isfinite(dist[others]).all())
+
+
+def test_cosine_zero_vectors():
+    """Zero codes/rows: norms clamp at 1e-12 as in the reference (zero code scores 0, zero row
+    has distance 1)."""
+    x, cb = make(17, 18, 5, seed=4)
+    cb[2] = 0.0
+    x[0] = 0.0
+    idx, dist = T.nearest_code(x, cb, "cosine", "exact")
+    ref, rdist = reference.nearest_code(x, cb, "cosine")
+    assert torch.equal(idx.cpu(), ref.cpu())
+    torch.testing.assert_close(dist, rdist, atol=1e-6, rtol=0)
+    assert float(dist[0]) == 1.0
+
+
+def test_bad_arguments():
+    x, cb = make(4, 3, 5)
+    with pytest.raises(ValueError, match="metric"):
+        T.nearest_code(x, cb, "dot", "exact")
+    with pytest.raises(ValueError, match="precision"):
+        T.nearest_code(x, cb, "l2", "tf32")
+    with pytest.raises(TypeError, match="dtype"):
+        T.nearest_code(x, cb.half(), "l2", "exact")
+    with pytest.raises(ValueError, match="codebook"):
+        T.nearest_code(x, cb[:, :4], "l2", "exact")
+
+
+def test_public_api_routes_precision_to_triton():
+    x, cb = make(20, 17, 9, seed=8)
+    for precision in ("exact", "fast"):
+        idx, dist = vqkernels.nearest_code(
+            x, cb, "l2", return_distance=True, backend="triton", precision=precision
+        )
+        check_indices(x, cb, idx, "l2", precision=precision)
+        check_distances(x, cb, idx, dist, "l2", precision=precision)
+
+
+# ------------------------------------------------------------------------------ autotune setup
+
+
+def _hopper_configs():
+    import triton
+
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in TNC._HOPPER_SHAPES
+    ]
+
+
+def test_interpreter_uses_one_small_config():
+    if HAS_CUDA:
+        pytest.skip("GPU run: the Hopper configs are in use")
+    assert len(TNC.SEARCH_CONFIGS) == 1
+    c = TNC.SEARCH_CONFIGS[0]
+    assert c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 256
+
+
+def test_hopper_configs_are_sane():
+    """Power-of-two blocks >= 16 (tl.dot minimum), wgmma-friendly warps, distinct entries."""
+    shapes = TNC._HOPPER_SHAPES
+    assert len(set(shapes)) == len(shapes) >= 4
+    for bn, bk, w, s in shapes:
+        for b in (bn, bk):
+            assert b >= 16 and b & (b - 1) == 0
+        assert w in (4, 8) and 1 <= s <= 5
+
+
+class _FakeX:
+    def __init__(self, elsize):
+        self._e = elsize
+
+    def element_size(self):
+        return self._e
+
+
+@pytest.mark.parametrize("elsize", [2, 4])
+@pytest.mark.parametrize("k", [1, 100, 16384])
+@pytest.mark.parametrize("d", [8, 256, 1024])
+def test_config_pruning(k, d, elsize):
+    """Pruning (with the launch constants a GPU run uses) drops configs wider than K and those
+    over the shared-memory budget, and never leaves nothing to run."""
+    import triton
+
+    dtype = torch.float32 if elsize == 4 else torch.bfloat16
+    meta = TNC.search_meta(torch.empty(0, dtype=dtype), d, "fast", interpret=False)
+    assert meta["IS_SINGLE_D_TILE"] == (d <= (256 if elsize == 2 else 128))
+    named = {"K": k, "x_ptr": _FakeX(elsize), "N_BUCKET": 65536}
+    kept = TNC.prune_search_configs(_hopper_configs(), named, **meta)
+    assert kept
+    if len(kept) > 1:
+        for c in kept:
+            assert c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(k))
+            smem = c.num_stages * c.kwargs["BLOCK_K"] * meta["BLOCK_D"] * elsize
+            assert smem <= TNC._SMEM_BUDGET
+    if k >= 256:
+        assert len(kept) >= 3  # something left to tune
+
+
+def test_block_d_is_not_autotuned():
+    """BLOCK_D (the reduction split) comes from the launcher, so every autotuned config sums each
+    dot product in the same order: no config key may carry it."""
+    for c in TNC.SEARCH_CONFIGS + _hopper_configs():
+        assert "BLOCK_D" not in c.kwargs
+
+
+# --------------------------------------------------------------------- cluster_stats / EMA
+
+
+STATS_CASES = [
+    (0, 3, 4),  # N = 0
+    (1, 1, 1),
+    (37, 5, 7),  # pieces of 16 rows: several per code
+    (20, 50, 33),  # K > N: empty codes
+    (70, 9, 17),
+    (90, 3, 17),  # ~30 rows per code: every segment spans 2+ pieces
+]
+
+
+@pytest.mark.parametrize("shape", STATS_CASES, ids=lambda s: f"N{s[0]}-K{s[1]}-D{s[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cluster_stats_matches_reference(shape, dtype):
+    n, k, d = shape
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(n, d, generator=g).to(device=DEVICE, dtype=dtype)
+    idx = torch.randint(-1, k, (n,), generator=g).to(DEVICE)
+    counts, sums = T.cluster_stats(x, idx, k)
+    check_cluster_stats(x, idx, k, counts, sums)
+
+
+def test_cluster_stats_collapsed_codebook_spans_many_pieces():
+    """Every row on one code (codebook collapse): the segment is split into pieces and summed
+    in order; the result must still match and be reproducible."""
+    n, k, d = 83, 6, 5
+    x, _ = make(n, k, d, seed=9)
+    idx = torch.full((n,), 4, dtype=torch.int64, device=DEVICE)
+    idx[::7] = -1
+    counts, sums = T.cluster_stats(x, idx, k)
+    check_cluster_stats(x, idx, k, counts, sums)
+    assert float(counts[4]) == float((idx == 4).sum())
+    assert_bitwise_equal((counts, sums), T.cluster_stats(x, idx, k), "cluster_stats rerun")
+
+
+def test_cluster_stats_noncontiguous_x():
+    x, _ = make(30, 4, 9, seed=1)
+    idx = torch.arange(30, device=DEVICE) % 4
+    want = T.cluster_stats(x, idx, 4)
+    assert_bitwise_equal(T.cluster_stats(noncontiguous(x, "col-strided"), idx, 4), want)
+    assert_bitwise_equal(T.cluster_stats(noncontiguous(x, "transposed"), idx, 4), want)
+
+
+def test_segments_cover_every_row_once():
+    n, k, chunk = 50, 7, 16
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, k, (n,), generator=g)
+    idx[:30] = 2  # one long segment: 2+ pieces
+    perm, start, end, first, npieces, piece_code = TEMA._segments(idx, k, chunk)
+    assert piece_code.shape[0] == k + math.ceil(n / chunk)
+    seen = []
+    for code in range(k):
+        rows = perm[start[code] : end[code]].tolist()
+        assert all(int(idx[r]) == code for r in rows) and rows == sorted(rows)
+        assert int(npieces[code]) == max(1, math.ceil(len(rows) / chunk))
+        seen += rows
+        assert (piece_code[first[code] : first[code] + npieces[code]] == code).all()
+    assert sorted(seen) == sorted((idx >= 0).nonzero().squeeze(1).tolist())
+    assert (piece_code[int(npieces.sum()) :] == k).all()
+
+
+def _ema_state(k, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cs = (torch.rand(k, generator=g) * 3).to(DEVICE)
+    es = torch.randn(k, d, generator=g).to(DEVICE)
+    cb = torch.randn(k, d, generator=g).to(DEVICE)
+    return cb, cs, es
+
+
+@pytest.mark.parametrize(
+    "shape", [(37, 5, 7), (20, 50, 33), (1, 1, 1), (0, 4, 3), (90, 6, 5, "skewed")], ids=str
+)
+def test_ema_update_matches_reference_over_steps(shape):
+    n, k, d = shape[:3]
+    decay, eps = 0.9, 1e-5
+    got = _ema_state(k, d)
+    want = tuple(t.clone() for t in got)
+    tol = EmaTolerance(k, d, eps)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(n, d, generator=g).to(DEVICE)
+        idx = torch.randint(-1, k, (n,), generator=g).to(DEVICE)
+        if len(shape) > 3:  # half the rows on one code: a segment of several pieces
+            idx[: n // 2] = step % k
+        T.ema_update_(*got, x, idx, decay, eps)
+        reference.ema_update_(*want, x, idx, decay, eps)
+        tol.step(x, idx, decay, want[2])
+        tol.check(got, want)
+
+
+def test_ema_update_bitwise_reproducible():
+    n, k, d = 70, 6, 11
+    x, _ = make(n, k, d, seed=12)
+    idx = torch.randint(-1, k, (n,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    idx[:40] = 3  # a multi-piece segment
+    a = _ema_state(k, d, seed=2)
+    b = tuple(t.clone() for t in a)
+    T.ema_update_(*a, x, idx, 0.95, 1e-5)
+    T.ema_update_(*b, x, idx, 0.95, 1e-5)
+    assert_bitwise_equal(a, b, "EMA state")
+
+
+def test_ema_update_decay_edges():
+    """decay = 1 keeps the state (codebook refreshed from it); decay = 0 replaces it."""
+    n, k, d = 25, 4, 6
+    x, _ = make(n, k, d, seed=6)
+    idx = torch.arange(n, device=DEVICE) % k
+    for decay in (0.0, 1.0):
+        got = _ema_state(k, d, seed=4)
+        want = tuple(t.clone() for t in got)
+        T.ema_update_(*got, x, idx, decay, 1e-5)
+        reference.ema_update_(*want, x, idx, decay, 1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- quantize
+
+
+def _ref_quantize(x, cb, beta, metric, codebook_loss):
+    xr = x.detach().clone().requires_grad_(x.requires_grad)
+    cr = cb.detach().clone().requires_grad_(cb.requires_grad)
+    return xr, cr, reference.quantize(xr, cr, beta, metric, codebook_loss)
+
+
+@pytest.mark.parametrize("codebook_loss", [False, True])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 16, 17), (33, 21, 70)], ids=str)
+def test_quantize_forward_backward(shape, metric, codebook_loss):
+    n, k, d = shape
+    x, cb = make(n, k, d, kind="clustered", seed=k)
+    x.requires_grad_(True)
+    cb.requires_grad_(codebook_loss)
+    q, idx, loss = T.quantize(x, cb, 0.3, metric, codebook_loss, "exact")
+    xr, cr, (rq, ridx, rloss) = _ref_quantize(x, cb, 0.3, metric, codebook_loss)
+    assert torch.equal(idx, ridx)
+    # quantized holds the chosen codes' values exactly (the reference's x + (q − x) rounds)
+    assert torch.equal(q.detach(), cb.detach()[idx])
+    torch.testing.assert_close(q, rq, rtol=0, atol=1e-6)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, rloss, rtol=1e-5, atol=1e-7)
+    gq = torch.randn(n, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    (q * gq).sum().add(loss * 1.7).backward()
+    (rq * gq).sum().add(rloss * 1.7).backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-7)
+    if codebook_loss:
+        torch.testing.assert_close(cb.grad, cr.grad, rtol=1e-5, atol=1e-7)
+    else:
+        assert cb.grad is None
+
+
+def test_quantize_empty_input():
+    x = torch.empty(0, 6, device=DEVICE, requires_grad=True)
+    cb = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    q, idx, loss = T.quantize(x, cb, 0.25, "l2", True, "exact")
+    assert q.shape == (0, 6) and idx.shape == (0,) and float(loss.detach()) == 0.0
+    (q.sum() + loss).backward()
+    assert x.grad.shape == (0, 6)
+    assert torch.equal(cb.grad, torch.zeros_like(cb))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_quantize_half(dtype):
+    """Low precision: the search follows the bf16/fp16 rule; given the indices the gather is
+    exact and the loss/gradients are fp32 computations of the same values as the reference."""
+    x, cb = make(40, 19, 24, dtype, kind="clustered", seed=7)
+    x.requires_grad_(True)
+    cb.requires_grad_(True)
+    q, idx, loss = T.quantize(x, cb, 0.25, "l2", True, "fast")
+    assert q.dtype == dtype and loss.dtype == torch.float32
+    check_low_precision(x.detach(), cb.detach(), idx)
+    assert torch.equal(q.detach(), cb.detach()[idx])
+    xf, cf = x.detach().float(), cb.detach().float()
+    want = 1.25 * ((xf - cf[idx]) ** 2).sum() / x.numel()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    q.float().sum().add(loss).backward()
+    gx, gc = reference.quantize_backward(
+        torch.ones_like(x), torch.ones((), device=DEVICE), x.detach(), cb.detach(), idx, 0.25, True
+    )
+    torch.testing.assert_close(x.grad, gx, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(cb.grad.float(), gc.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_quantize_backward_matches_closed_form_and_is_deterministic():
+    n, k, d = 60, 5, 9
+    x, cb = make(n, k, d, seed=13)
+    idx, _ = reference.nearest_code(x, cb)
+    g = torch.Generator().manual_seed(2)
+    gq = torch.randn(n, d, generator=g).to(DEVICE)
+    gl = torch.tensor(0.7, device=DEVICE)
+    got = TQ.quantize_backward(gq, gl, x, cb, idx, 0.4, True)
+    want = reference.quantize_backward(gq, gl, x, cb, idx, 0.4, True)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    assert_bitwise_equal(got, TQ.quantize_backward(gq, gl, x, cb, idx, 0.4, True), "backward")
+    # non-contiguous grad_q and x give the same bits
+    alt = TQ.quantize_backward(
+        noncontiguous(gq, "transposed"), gl, noncontiguous(x, "row-strided"), cb, idx, 0.4, True
+    )
+    assert_bitwise_equal(got, alt, "backward (strided)")
+    gx, gc = TQ.quantize_backward(gq, gl, x, cb, idx, 0.4, False)
+    assert gc is None and torch.equal(gx, got[0])
+
+
+def test_quantize_only_one_output_used():
+    """Autograd with grad only through the loss, or only through quantized."""
+    x, cb = make(20, 7, 6, kind="clustered", seed=1)
+    for use in ("loss", "quantized"):
+        xx = x.clone().requires_grad_(True)
+        cc = cb.clone().requires_grad_(True)
+        q, _, loss = T.quantize(xx, cc, 0.25, "l2", True, "exact")
+        (loss if use == "loss" else q.sum()).backward()
+        xr, cr, (rq, _, rloss) = _ref_quantize(xx, cc, 0.25, "l2", True)
+        (rloss if use == "loss" else rq.sum()).backward()
+        torch.testing.assert_close(xx.grad, xr.grad, rtol=1e-5, atol=1e-8)
+        if cr.grad is None:  # no path from quantized to the codebook: None or zeros both fine
+            assert cc.grad is None or not bool(cc.grad.any())
+        else:
+            torch.testing.assert_close(cc.grad, cr.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_quantize_public_api_triton():
+    x, cb = make(3 * 7, 11, 5, kind="clustered", seed=21)
+    x3 = x.reshape(3, 7, 5).requires_grad_(True)
+    q, idx, loss = vqkernels.quantize(x3, cb, 0.25, backend="triton", precision="fast")
+    assert q.shape == (3, 7, 5) and idx.shape == (3, 7)
+    loss.backward()
+    assert x3.grad is not None and x3.grad.shape == x3.shape
+
+
+# ------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4099, 1031, 67), (2048, 4096, 256), (300, 16384, 8)], ids=str)
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_nearest_code_at_scale(shape, dtype, metric):
+    n, k, d = shape
+    x, cb = make(n, k, d, dtype, seed=1)
+    for precision in ("exact", "fast"):
+        idx, dist = T.nearest_code(x, cb, metric, precision)
+        if dtype == torch.float32:
+            check_indices(x, cb, idx, metric, precision=precision)
+            check_distances(x, cb, idx, dist, metric, precision=precision)
+        else:
+            check_low_precision(x, cb, idx, dist, metric)
+        # the same config is reused within the process: same bits
+        assert_bitwise_equal((idx, dist), T.nearest_code(x, cb, metric, precision))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_opcheck_triton_ops():
+    x, cb = make(300, 70, 33, seed=2)
+    idx, _ = reference.nearest_code(x, cb)
+    ops = torch.ops.vqkernels
+    torch.library.opcheck(ops.nearest_code_triton, (x, cb, "l2", "exact"))
+    torch.library.opcheck(ops.nearest_code_triton, (x.bfloat16(), cb.bfloat16(), "cosine", "fast"))
+    torch.library.opcheck(ops.cluster_stats_triton, (x, idx, 70))
+    state = _ema_state(70, 33)
+    torch.library.opcheck(ops.ema_update_triton_, (*state, x, idx, 0.99, 1e-5))
+    xg = x.clone().requires_grad_(True)
+    cg = cb.clone().requires_grad_(True)
+    torch.library.opcheck(ops.quantize_triton, (xg, cg, 0.25, "l2", True, "exact"))
+    torch.library.opcheck(
+        ops.quantize_backward_triton,
+        (torch.randn_like(x), torch.tensor(1.0, device=DEVICE), x, cb, idx, 0.25, True),
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_compile_fullgraph_matches_eager():
+    x, cb = make(1000, 256, 64, kind="clustered", seed=3)
+    idx_e, dist_e = T.nearest_code(x, cb, "l2", "exact")
+    f = torch.compile(lambda a, b: T.nearest_code(a, b, "l2", "exact"), fullgraph=True)
+    idx_c, dist_c = f(x, cb)
+    assert torch.equal(idx_c, idx_e)
+    torch.testing.assert_close(dist_c, dist_e)
+
+    def step(a, b, state):
+        q, i, loss = T.quantize(a, b, 0.25, "l2", False, "fast")
+        T.ema_update_(*state, a.detach(), i, 0.99, 1e-5)
+        return q, i, loss
+
+    xg = x.clone().requires_grad_(True)
+    s_e, s_c = _ema_state(256, 64), _ema_state(256, 64)
+    q_e, i_e, l_e = step(xg, cb, s_e)
+    cstep = torch.compile(step, fullgraph=True)
+    xc = x.clone().requires_grad_(True)
+    q_c, i_c, l_c = cstep(xc, cb, s_c)
+    assert torch.equal(i_c, i_e)
+    torch.testing.assert_close(q_c, q_e)
+    torch.testing.assert_close(l_c, l_e)
+    for a, b in zip(s_c, s_e):
+        torch.testing.assert_close(a, b)
+    (q_e.sum() + l_e).backward()
+    (q_c.sum() + l_c).backward()
+    torch.testing.assert_close(xc.grad, xg.grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_ema_update_large_k_reproducible():
+    n, k, d = 65536, 16384, 64
+    x, _ = make(n, 1, d, seed=5)
+    idx = torch.randint(-1, k, (n,), device=DEVICE)
+    idx[: n // 2] = 7  # a collapsed code next to a spread of small ones
+    a = _ema_state(k, d)
+    b = tuple(t.clone() for t in a)
+    want = tuple(t.clone() for t in a)
+    T.ema_update_(*a, x, idx, 0.99, 1e-5)
+    T.ema_update_(*b, x, idx, 0.99, 1e-5)
+    assert_bitwise_equal(a, b, "EMA state")
+    reference.ema_update_(*want, x, idx, 0.99, 1e-5)
+    tol = EmaTolerance(k, d, 1e-5)
+    tol.step(x, idx, 0.99, want[2])
+    tol.check(a, want)
