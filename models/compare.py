@@ -135,11 +135,10 @@ _SPEC: dict[str, tuple[str, str, str | None, str, int]] = {
     "ssim": ("held-out SSIM", "", "higher", "abs", 4),
     "perceptual": ("perceptual distance", "", "lower", "rel", 4),
     "grad_error": ("gradient-magnitude error", "", "lower", "rel", 4),
-    "grad_ratio": ("gradient-energy ratio (reconstruction / original)", "", None, "abs", 3),
     "codebook_usage": ("held-out codebook usage", "", "higher", "pp", 3),
     "perplexity": ("held-out code perplexity", "", "higher", "rel", 1),
     "train_perplexity": ("training-crop code perplexity", "", "higher", "rel", 1),
-    "prior_bits_per_index": ("prior's held-out NLL", " bits/index", "lower", "abs", 3),
+    "prior_bits_per_index": ("prior NLL on held-out codes", " bits/index", "lower", "abs", 3),
     "prior_bits_per_image": ("held-out bits per image under the prior", " bits", "lower", "rel", 0),
     "steps_per_second": ("training speed", " steps/s", "higher", "rel", 2),
 }
@@ -195,6 +194,22 @@ def _sentence(key: str, a: float, b: float, name_a: str, name_b: str) -> tuple[s
     return text + ".", winner
 
 
+def _ratio_sentence(ra: float, rb: float, name_a: str, name_b: str) -> str:
+    """Gradient-energy ratios: which reconstruction is closer to the originals' edge contrast."""
+    da, db = abs(ra - 1.0), abs(rb - 1.0)
+    closer = None if abs(da - db) < _SAME["abs"]["grad_ratio"] else (name_a if da < db else name_b)
+
+    def rel(r: float) -> str:
+        return "blurrier than" if r < 1 else ("more contrasted than" if r > 1 else "as sharp as")
+
+    blur = {name_a: rel(ra), name_b: rel(rb)}
+    return (
+        f"{name_a}'s reconstructions carry {100 * ra:.0f}% of the originals' gradient energy "
+        f"({blur[name_a]} the originals), {name_b}'s {100 * rb:.0f}% ({blur[name_b]} the "
+        "originals); " + (f"{closer} is closer to 100%." if closer else "both are equally close.")
+    )
+
+
 def describe_differences(a: dict, b: dict, name_a: str = "VQ-VAE", name_b: str = "VQGAN") -> dict:
     """Plain-word statements of how metrics ``b`` differ from ``a`` (dicts keyed as ``_SPEC``).
 
@@ -207,16 +222,9 @@ def describe_differences(a: dict, b: dict, name_a: str = "VQ-VAE", name_b: str =
             s, w = _sentence(key, float(a[key]), float(b[key]), name_a, name_b)
             sentences.append(s)
             winners[key] = w
-    if "grad_ratio" in a and "grad_ratio" in b:
-        ra, rb = float(a["grad_ratio"]), float(b["grad_ratio"])
-        closer = name_a if abs(ra - 1) < abs(rb - 1) else name_b
-        if abs(abs(ra - 1) - abs(rb - 1)) < _SAME["abs"]["grad_ratio"]:
-            closer = None
-        sentences.append(
-            f"{name_a}'s reconstructions carry {100 * ra:.0f}% of the originals' gradient energy, "
-            f"{name_b}'s {100 * rb:.0f}% (100% = as much edge contrast as the original"
-            + (f"; {closer} is closer)." if closer else "; equally close).")
-        )
+        if key == "grad_error" and "grad_ratio" in a and "grad_ratio" in b:
+            sentences.append(_ratio_sentence(float(a["grad_ratio"]), float(b["grad_ratio"]),
+                                             name_a, name_b))  # fmt: skip
     q = [k for k in QUALITY_KEYS if k in winners]
     wins_a = [k for k in q if winners[k] == name_a]
     wins_b = [k for k in q if winners[k] == name_b]
@@ -266,12 +274,31 @@ def _train_model(kind: str, out: Path, args: argparse.Namespace, size: str) -> d
 
 
 def _extra_train_args(kind: str, args: argparse.Namespace, size: str) -> list[str]:
-    """Model-specific flags that keep the two runs comparable (see models.train --help)."""
-    extra: list[str] = []
+    """Model-specific flags that keep the two runs comparable (see ``models.train --help``).
+
+    The wall-clock budget must measure training only, so periodic evaluation is off
+    (``--eval-every 0``: its cost differs between the models and would eat into the budget).
+    """
+    extra = ["--eval-every", "0"]
+    if kind == "vqgan":  # VQ-VAE keeps its own objective (MSE + VQ loss, no perceptual term)
+        extra += ["--perceptual", args.train_perceptual]
+    if not sys.stderr.isatty():
+        extra.append("--quiet")
     if kind == "vqgan" and args.disc_start is not None:
         extra += ["--disc-start", str(args.disc_start)]
     if args.downsample is not None:
-        extra += ["--downsample", str(args.downsample)]
+        n = int(round(math.log2(args.downsample)))
+        if args.downsample < 1 or 2**n != args.downsample:
+            raise ValueError(f"--downsample must be a power of two, got {args.downsample}")
+        if kind == "vqvae":
+            extra += ["--set", f"downsample={args.downsample}"]
+        else:
+            # VQGAN's factor is 2**(len(ch_mult) - 1): trim or extend the config's multipliers.
+            from .vqgan import vqgan_config
+
+            mult = list(vqgan_config(size)["ch_mult"])
+            mult = (mult + [mult[-1]] * n)[: n + 1]
+            extra += ["--set", "ch_mult=" + json.dumps(mult)]
     return extra
 
 
@@ -334,9 +361,6 @@ def run_comparison(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    if args.perceptual_weights:
-        os.environ["VQKERNELS_STLPIPS_PATH"] = args.perceptual_weights
-
     from . import load as load_model
     from .data import eval_groups
     from .metrics import perplexity, psnr
@@ -358,6 +382,9 @@ def run_comparison(argv: list[str] | None = None) -> dict:
             run_metrics[kind] = _train_model(kind, d, args, size)
         ckpts[kind] = d / "checkpoint.pt"
 
+    # Only now (after training) point the evaluation metric at its weight file.
+    if args.perceptual_weights:
+        os.environ["VQKERNELS_STLPIPS_PATH"] = args.perceptual_weights
     loaded = {k: load_model(c).eval() for k, c in ckpts.items()}
     for m in loaded.values():
         if hasattr(m, "set_backend"):
@@ -393,6 +420,9 @@ def run_comparison(argv: list[str] | None = None) -> dict:
         m["train_seconds"] = run_metrics[kind].get("seconds")
         m["steps_per_second"] = _steps_per_second(run_metrics[kind])
         m["parameters"] = sum(p.numel() for p in model.parameters())
+        if "disc_start" in model.config:
+            m["disc_start"] = int(model.config["disc_start"])
+        m["train_perceptual"] = run_metrics[kind].get("perceptual")
         m["eval_seconds"] = round(time.perf_counter() - t, 2)
         results[kind] = m
         recons[kind] = recon
@@ -498,6 +528,25 @@ _ROWS = [
     ("steps_per_second", "training steps/s ↑", "{:.2f}"),
     ("parameters", "autoencoder parameters", "{:,}"),
 ]
+
+
+def _gan_note(g: dict) -> str:
+    """What the VQGAN run actually optimized, from its config and step count."""
+    losses = f"VQGAN's training perceptual loss: `{g.get('train_perceptual')}`."
+    start, steps = g.get("disc_start"), g.get("steps")
+    if start is None or steps is None:
+        return losses
+    if steps <= start:
+        return (
+            f"{losses} Its discriminator starts at step {start:,} and the run reached {steps:,} "
+            "steps, so the adversarial loss never switched on: this VQGAN was trained with its "
+            "reconstruction, perceptual and VQ losses only."
+        )
+    return (
+        f"{losses} Its discriminator starts at step {start:,}; the run reached {steps:,} steps, "
+        f"so the adversarial loss was on for the last {steps - start:,} "
+        f"({100 * (steps - start) / steps:.0f}%) of them."
+    )
 
 
 def _cell(fmt: str, v) -> str:
@@ -643,7 +692,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=P._positive_float, default=1.0)
     p.add_argument("--top-k", type=_top_k, default=None)
     p.add_argument("--show", type=int, default=8, help="tiles in the reconstruction grid")
-    p.add_argument("--perceptual", default="auto", choices=["auto", "stlpips", "lpips", "ssim"])
+    p.add_argument(
+        "--perceptual",
+        default="auto",
+        choices=["auto", "stlpips", "lpips", "ssim"],
+        help="the perceptual DISTANCE of the report (evaluation only)",
+    )
+    p.add_argument(
+        "--train-perceptual",
+        default="auto",
+        help="VQGAN's perceptual LOSS (passed to models.train; resolved before "
+        "--perceptual-weights is applied, so the report's distance is not a training objective "
+        "unless such a weight file was already configured)",
+    )
     p.add_argument(
         "--perceptual-weights",
         default=None,

@@ -597,14 +597,19 @@ def _sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _data_settings(model, dataset: str | None, image_size: int | None) -> tuple[str, int | None]:
-    """The dataset and crop size a prior should use: the CLI's, else the VQ model's own."""
-    cfg = getattr(model, "config", {}) or {}
-    dataset = dataset or cfg.get("dataset")
+def _data_settings(
+    checkpoint: str | os.PathLike, dataset: str | None, image_size: int | None
+) -> tuple[str, int | None]:
+    """The dataset and crop size a prior should use: the CLI's, else those the VQ model was
+    trained with (recorded in its checkpoint's training arguments by ``models.train``)."""
+    if dataset is None or image_size is None:
+        from models.checkpoint import load_checkpoint
+
+        saved = (load_checkpoint(str(checkpoint)).get("train") or {}).get("args") or {}
+        dataset = dataset or saved.get("dataset")
+        image_size = image_size or saved.get("image_size")
     if dataset is None:
         raise ValueError("--dataset is required: the VQ checkpoint does not record its dataset")
-    if image_size is None:
-        image_size = cfg.get("image_size")
     return dataset, image_size
 
 
@@ -635,7 +640,7 @@ def _cmd_train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model = models.load(args.checkpoint)
     model.eval()
-    dataset, image_size = _data_settings(model, args.dataset, args.image_size)
+    dataset, image_size = _data_settings(args.checkpoint, args.dataset, args.image_size)
     pool_path = out / "indices.pt"
     if args.resume and pool_path.exists():
         pool = torch.load(pool_path, map_location="cpu", weights_only=True)

@@ -84,8 +84,10 @@ def test_differences_are_computed_from_the_numbers():
     assert "30.0 percentage points lower" in text
     assert "code perplexity is 50% lower" in text
     assert "VQGAN trains 2.5x slower than VQ-VAE (4.00 steps/s vs 10.00 steps/s)" in text
-    assert "carry 80% of the originals' gradient energy, VQGAN's 95%" in text
-    assert "VQGAN is closer" in text
+    assert (
+        "VQ-VAE's reconstructions carry 80% of the originals' gradient energy (blurrier than the "
+        "originals), VQGAN's 95% (blurrier than the originals); VQGAN is closer to 100%." in text
+    )
     assert d["winners"]["psnr"] == "VQ-VAE" and d["winners"]["perceptual"] == "VQGAN"
     assert d["winners"]["steps_per_second"] == "VQ-VAE"
     assert d["summary"].startswith(
@@ -108,6 +110,17 @@ def test_differences_call_tiny_gaps_a_tie_and_skip_missing():
     assert "about the same on 4" in d["summary"]
     d = C.describe_differences({"psnr": 20.0}, {"psnr": 21.0})
     assert len(d["sentences"]) == 1 and "On the 1 reconstruction-quality" in d["summary"]
+    r = C._ratio_sentence(1.3, 0.8, "A", "B")
+    assert "A's reconstructions carry 130%" in r and "(more contrasted than the originals)" in r
+    assert r.endswith("B is closer to 100%.")
+    assert C._ratio_sentence(1.1, 0.9, "A", "B").endswith("both are equally close.")
+
+
+def test_gan_note_says_whether_the_discriminator_ran():
+    never = C._gan_note({"disc_start": 2000, "steps": 900, "train_perceptual": "ssim"})
+    assert "never switched on" in never and "2,000" in never and "900" in never
+    on = C._gan_note({"disc_start": 100, "steps": 400, "train_perceptual": "ssim"})
+    assert "on for the last 300 (75%)" in on
 
 
 def test_pick_tiles_spreads_over_sources():
@@ -123,7 +136,8 @@ def test_tiny_comparison_end_to_end(tmp_path):
     from PIL import Image
 
     out = tmp_path / "cmp"
-    argv = ["--out", str(out), "--tiny", "--steps", "6", "--prior-steps", "8",
+    argv = ["--out", str(out), "--tiny", "--steps", "6", "--prior-steps", "8", "--minutes", "10",
+            "--prior-minutes", "10",
             "--train-crops", "256", "--samples", "8", "--perceptual", "ssim",
             "--backend", "reference"]  # fmt: skip
     report = C.main(argv)
@@ -139,6 +153,7 @@ def test_tiny_comparison_end_to_end(tmp_path):
         assert 0 < m["codebook_usage"] <= 1 and 1 <= m["perplexity"] <= s["codebook_size"]
         assert m["bits_per_image"] == 5 * s["latent_grid"][0] * s["latent_grid"][1]  # K = 32
         assert m["prior_bits_per_index"] > 0 and m["steps_per_second"] > 0
+        assert m["prior_steps"] == 8
     text = (out / "report.md").read_text()
     # The report quotes the measured numbers, not canned ones.
     assert f"{models['vqvae']['psnr']:.2f}" in text and f"{models['vqgan']['psnr']:.2f}" in text
