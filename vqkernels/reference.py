@@ -192,14 +192,21 @@ def quantize(
         codebook_loss = codebook.requires_grad
     with torch.no_grad():
         indices, _ = nearest_code(x.detach(), codebook.detach(), metric)
-    q = codebook[indices]
+    # index_select, not codebook[indices]: its backward is index_add_ (deterministic on CPU),
+    # whereas advanced indexing backward (index_put_ accumulate) adds with atomics in parallel
+    # on CPU and gives different codebook-gradient bits from run to run.
+    q = torch.index_select(codebook, 0, indices)
     numel = max(x.numel(), 1)
     # Squared error in fp32 whatever the input dtype.
     commit = ((x.float() - q.detach().float()) ** 2).sum() / numel
     loss = beta * commit
     if codebook_loss:
         loss = loss + ((x.detach().float() - q.float()) ** 2).sum() / numel
-    quantized = x + (q - x).detach()
+    # Straight-through estimator.  ``x + (q - x).detach()`` (the usual form) rounds: its value
+    # differs from q by up to an ulp of max(|x|, |q|).  ``x - x.detach()`` is exactly 0 with an
+    # identity gradient to x, so this value is exactly q (the contract, and what the fused
+    # kernels store) and q itself gets no gradient from it.
+    quantized = q.detach() + (x - x.detach())
     return quantized, indices, loss
 
 
