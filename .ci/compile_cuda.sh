@@ -2,7 +2,9 @@
 # Compile every csrc/cuda/*.cu for sm_80 and sm_90 with nvcc (object files into a temp dir,
 # warnings as errors), so CI catches CUDA build breaks on machines without a GPU or a CUDA torch.
 # The .cu files include no torch headers, so no CUDA torch is needed.  The torch binding
-# (csrc/cuda/bindings.cpp) needs a CUDA torch and is built by setup.py on a GPU machine.
+# (csrc/cuda/bindings.cpp) is linked by setup.py on a GPU machine; here it is syntax-checked
+# (g++ -fsyntax-only) against the installed torch's headers when they include c10/cuda (the CPU
+# wheel does, minus one generated header that a temp stub stands in for).
 #
 # Exit status: 0 when every file compiled (or nvcc is absent: a skip message is printed),
 # non-zero when any file failed.  Env: NVCC (compiler, default: nvcc on PATH, then
@@ -35,8 +37,11 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 # The flags setup.py uses for the extension, plus warnings as errors for host and device code.
+# The -D flags are the ones torch's CUDAExtension adds (no implicit half/bf16 conversions).
 FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo -Icsrc
        -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
        -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Xptxas -warn-spills)
 
 echo "[compile_cuda] $("$NVCC" --version | tail -n 1)"
@@ -51,6 +56,33 @@ printf '%s\n' "${SOURCES[@]}" | xargs -P "$JOBS" -I{} bash -c '
     else
         echo "[compile_cuda] FAIL $src"; cat "$TMP/$name.log"; touch "$TMP/$name.failed"
     fi' _ "${FLAGS[@]}"
+
+# Syntax-check the torch binding (it cannot be linked without a CUDA torch).
+PY=${PYTHON:-python3}
+CUDA_INC=""
+for dir in "${CUDA_HOME:-}" "$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")" \
+        /usr/local/cuda; do
+    if [[ -n "$dir" && -f "$dir/include/cuda_runtime.h" ]]; then CUDA_INC="$dir/include"; break; fi
+done
+if [[ -f csrc/cuda/bindings.cpp && -n "$CUDA_INC" ]] && command -v g++ >/dev/null 2>&1 \
+        && TORCH_INC=$("$PY" -c 'import torch.utils.cpp_extension as c; print(c.include_paths()[0])' 2>/dev/null) \
+        && [[ -f "$TORCH_INC/c10/cuda/CUDAStream.h" ]]; then
+    mkdir -p "$TMP/stub/c10/cuda/impl"
+    [[ -f "$TORCH_INC/c10/cuda/impl/cuda_cmake_macros.h" ]] \
+        || echo '#pragma once' > "$TMP/stub/c10/cuda/impl/cuda_cmake_macros.h"
+    PY_INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    if g++ -std=c++17 -fsyntax-only -Wall -Wextra -Werror -isystem "$TMP/stub" -isystem "$TORCH_INC" \
+            -isystem "$TORCH_INC/torch/csrc/api/include" -isystem "$PY_INC" -isystem "$CUDA_INC" \
+            -Icsrc -DTORCH_EXTENSION_NAME=_C_cuda -DTORCH_API_INCLUDE_EXTENSION_H \
+            csrc/cuda/bindings.cpp >"$TMP/bindings.log" 2>&1; then
+        echo "[compile_cuda] ok   csrc/cuda/bindings.cpp (syntax only, torch headers at $TORCH_INC)"
+    else
+        echo "[compile_cuda] FAIL csrc/cuda/bindings.cpp (syntax check)"; cat "$TMP/bindings.log"
+        touch "$TMP/bindings.failed"
+    fi
+else
+    echo "[compile_cuda] skip csrc/cuda/bindings.cpp syntax check (no g++, CUDA headers or torch c10/cuda headers)"
+fi
 
 failed=("$TMP"/*.failed)
 if [[ ${#failed[@]} -gt 0 ]]; then
