@@ -44,7 +44,16 @@ def _env_flag(name):
 
 # Flags for the CPU extension. -O3 for the kernels; OpenMP for row-block parallelism; no -march:
 # ISA-specific loops carry __attribute__((target(...))) and are dispatched at run time.
-CPU_CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+CPU_CXX_FLAGS = [
+    "-O3",
+    "-fopenmp",
+    "-std=c++17",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    # No contraction of a*b+c into FMA behind our back: the elementwise fp32 formulas then round
+    # exactly like the reference's separate ops; the SIMD kernels call FMA explicitly.
+    "-ffp-contract=off",
+]
 CPU_LINK_FLAGS = ["-fopenmp"]
 if os.environ.get("VQKERNELS_DEBUG") == "1":
     CPU_CXX_FLAGS = [f for f in CPU_CXX_FLAGS if f != "-O3"] + ["-O0", "-g"]

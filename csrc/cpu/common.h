@@ -1,0 +1,143 @@
+// ┌────────────────────────────────────────────────────────────────────────────────────────────┐
+// │ vqkernels C++ CPU backend: shared declarations.                                            │
+// │                                                                                            │
+// │ Ops (schemas live in vqkernels/_ops.py; semantics are those of vqkernels/reference.py):    │
+// │   nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] i64, distance[N] f32)         │
+// │   cluster_stats(x[N,D], indices[N] i64, K)    -> (counts[K] f32, sums[K,D] f32)            │
+// │   ema_update_(codebook![K,D] f32, cluster_size![K] f32, embed_sum![K,D] f32, x, indices,   │
+// │               decay, eps) -> ()                                                            │
+// │   quantize(x, codebook, beta, metric, codebook_loss) -> (q[N,D], indices[N] i64, loss[])   │
+// │   quantize_backward(grad_q[N,D], grad_loss[], x, codebook, indices, beta, codebook_loss)   │
+// │       -> (grad_x[N,D], grad_codebook[K,D] or [0])                                          │
+// │ x/codebook: float32, bfloat16 or float16 (same dtype), any strides; math in fp32 (sums of  │
+// │ many terms in fp64 where the reference does so).                                           │
+// └────────────────────────────────────────────────────────────────────────────────────────────┘
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace vqkernels {
+namespace cpu {
+
+// ------------------------------------------------------------------------------ ISA selection
+
+// Which hand-vectorized search kernel runs.  Chosen at run time with __builtin_cpu_supports (the
+// build uses no -march flag, so one binary runs on any x86-64 and on non-x86 through kScalar).
+// VQKERNELS_CPU_ISA=scalar|avx2|avx512 caps the choice (tests use it to exercise every path on
+// one machine); asking for an ISA the CPU lacks falls back to the best one it has below that.
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa();             // what this CPU supports
+Isa active_isa();           // best_isa() capped by VQKERNELS_CPU_ISA (read on every call)
+const char* isa_name(Isa isa);
+
+// ------------------------------------------------------------------------------ search kernels
+//
+// Layout shared by every ISA ("rows in lanes"):
+//   * x is packed per row tile of RT rows, transposed: xt[d * RT + r] (fp32, zero padded rows);
+//   * the codebook is packed per code tile of CT codes: cb[tile][d][j] = scale * codebook[k][d]
+//     (fp32) with scale = -2 for L2 and -1/max(‖c‖, 1e-12) for cosine, plus a bias per code:
+//     ‖c‖² for L2 and 0 for cosine, +inf for padding codes (never chosen: comparisons are
+//     strict and the running best starts at +inf).
+// so that score(row, k) = bias[k] + Σ_d xt[d][row] · cb[k][d] is ‖c‖² − 2·x·c (L2) or −x·ĉ
+// (cosine), lower is better, exactly the quantity the reference minimizes.
+//
+// A block kernel updates, for `ntiles` consecutive row tiles (xt = ntiles · D · RT floats), the
+// running (best score, best index) per row in bval/bidx ([ntiles · RT]) over the code tiles
+// [ct0, ct1).  Each lane sees codes in increasing index order and replaces its best only on a
+// strictly lower score, so ties keep the lowest index, as torch.argmin does.
+using BlockKernelFn = void (*)(const float* xt, int64_t ntiles, const float* cb, const float* bias,
+                               int64_t D, int64_t ct0, int64_t ct1, float* bval, int32_t* bidx);
+
+struct SearchKernel {
+  Isa isa;
+  int64_t rt;  // rows per tile (lanes · row groups)
+  int64_t ct;  // codes per tile
+  BlockKernelFn fn;
+};
+
+SearchKernel scalar_search_kernel();
+#if defined(__x86_64__) || defined(_M_X64)
+SearchKernel avx2_search_kernel();
+SearchKernel avx512_search_kernel();
+#endif
+SearchKernel search_kernel_for(Isa isa);
+
+// Core of nearest_code / quantize: for x [N, D] and codebook [K, D] (both contiguous, same
+// float dtype), writes indices [N] (int64) and best_score [N] (fp32, the minimized score above).
+// Never allocates anything of size N x K: extra memory is the packed codebook (K·D fp32), one
+// packed row block per thread and, when rows are too few to occupy the threads, per-split
+// partial results ([splits, N]).
+void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_t* indices,
+            float* best_score);
+
+// Per-row squared norm of x [N, D] (contiguous) in fp64, rounded to fp32: the ‖x‖² that turns a
+// best L2 score into a distance, and the ‖x‖ of the cosine distance.
+void row_sq_norms(const at::Tensor& x, float* out);
+
+// ------------------------------------------------------------------------------ the ops
+// (registered for the CPU dispatch key in module.cpp)
+
+std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook,
+                                                c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor> cluster_stats(const at::Tensor& x, const at::Tensor& indices,
+                                                 int64_t num_codes);
+void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
+                 const at::Tensor& embed_sum, const at::Tensor& x, const at::Tensor& indices,
+                 double decay, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x,
+                                                        const at::Tensor& codebook, double beta,
+                                                        c10::string_view metric,
+                                                        bool codebook_loss);
+std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_quantized,
+                                                     const at::Tensor& grad_loss,
+                                                     const at::Tensor& x,
+                                                     const at::Tensor& codebook,
+                                                     const at::Tensor& indices, double beta,
+                                                     bool codebook_loss);
+
+// ------------------------------------------------------------------------------ helpers
+
+// Checks shared by the ops; messages name the argument.
+void check_cpu_float_2d(const at::Tensor& t, const char* name);
+void check_same_dtype_and_dim(const at::Tensor& x, const at::Tensor& codebook);
+bool parse_metric(const std::string& metric);  // true for cosine
+// Checks every index lies in [lo, K) (lo = -1 where -1 means "ignored row").
+void check_indices(const at::Tensor& indices, int64_t n, int64_t k, int64_t lo, const char* op);
+
+// Counting sort of rows by index: order[offsets[k] .. offsets[k+1]) are the rows i with
+// indices[i] == k, in increasing i (stable), so per-code sums run in row order on every thread
+// count (determinism).  Rows with index -1 are skipped.  offsets has K + 1 entries.
+void bucket_rows(const int64_t* indices, int64_t n, int64_t k, std::vector<int64_t>& offsets,
+                 std::vector<int64_t>& order);
+
+template <typename T>
+inline float to_f32(T v) {
+  return static_cast<float>(v);
+}
+
+// Raw pointer + element conversion, dispatched once per call on the three float dtypes.
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    default:
+      TORCH_CHECK(false, "vqkernels (cpu backend): unsupported dtype ", st);
+  }
+}
+
+}  // namespace cpu
+}  // namespace vqkernels

@@ -1,0 +1,438 @@
+// ┌────────────────────────────────────────────────────────────────────────────────────────────┐
+// │ nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] int64, distance[N] float32)     │
+// │   x, codebook: float32 / bfloat16 / float16, same dtype, any strides; metric "l2"|"cosine" │
+// │   L2:     argmin_k ‖c_k‖² − 2·x·c_k,  distance = max(best + ‖x‖², 0)                        │
+// │   cosine: argmin_k −x·ĉ_k (ĉ = c / max(‖c‖, 1e-12)), distance = 1 + best / max(‖x‖, 1e-12) │
+// │   ties -> lowest index; fp32 accumulation whatever the input dtype; no N x K buffer.       │
+// └────────────────────────────────────────────────────────────────────────────────────────────┘
+//
+// Design: the codebook is packed once per call (fp32, pre-scaled so that a plain dot product
+// plus a per-code bias *is* the score, see common.h), rows are packed per thread in small
+// transposed tiles, and an ISA-specific register-blocked kernel (search_avx512.cpp,
+// search_avx2.cpp, or the scalar one below) computes a tile of scores in registers and folds it
+// into a running (min, argmin) per row without ever storing the scores.  Work is split over row
+// blocks (and over code ranges when there are too few rows to occupy the threads); all blocking
+// is sized so a row block and a codebook chunk stay in L2.
+#include "cpu/common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace vqkernels {
+namespace cpu {
+
+// ============================================================================== ISA selection
+
+Isa best_isa() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  // __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0).
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kScalar;
+  }();
+  return isa;
+#else
+  return Isa::kScalar;
+#endif
+}
+
+Isa active_isa() {
+  Isa isa = best_isa();
+  const char* env = std::getenv("VQKERNELS_CPU_ISA");
+  if (env == nullptr || env[0] == '\0') return isa;
+  std::string want(env);
+  Isa cap;
+  if (want == "scalar") {
+    cap = Isa::kScalar;
+  } else if (want == "avx2") {
+    cap = Isa::kAvx2;
+  } else if (want == "avx512" || want == "auto") {
+    cap = Isa::kAvx512;
+  } else {
+    TORCH_CHECK(false, "VQKERNELS_CPU_ISA must be one of auto, scalar, avx2, avx512; got '", want,
+                "'");
+  }
+  return static_cast<int>(cap) < static_cast<int>(isa) ? cap : isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+SearchKernel search_kernel_for(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == Isa::kAvx512) return avx512_search_kernel();
+  if (isa == Isa::kAvx2) return avx2_search_kernel();
+#endif
+  (void)isa;
+  return scalar_search_kernel();
+}
+
+// ============================================================================== checks
+
+void check_cpu_float_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "vqkernels (cpu backend): ", name,
+              " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2, "vqkernels (cpu backend): ", name, " must be 2-D, got shape ",
+              t.sizes());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "vqkernels (cpu backend): ", name, " must be float32, bfloat16 or float16, got ", st);
+}
+
+void check_same_dtype_and_dim(const at::Tensor& x, const at::Tensor& codebook) {
+  check_cpu_float_2d(x, "x");
+  check_cpu_float_2d(codebook, "codebook");
+  TORCH_CHECK(x.scalar_type() == codebook.scalar_type(), "vqkernels (cpu backend): x (",
+              x.scalar_type(), ") and codebook (", codebook.scalar_type(),
+              ") must have the same dtype");
+  TORCH_CHECK(x.size(1) == codebook.size(1), "vqkernels (cpu backend): x has D=", x.size(1),
+              " but codebook has D=", codebook.size(1));
+  TORCH_CHECK(codebook.size(0) >= 1, "vqkernels (cpu backend): codebook must have K >= 1 codes");
+  TORCH_CHECK(codebook.size(0) < (int64_t{1} << 30),
+              "vqkernels (cpu backend): codebook has too many codes (K=", codebook.size(0),
+              "; at most 2^30)");
+}
+
+bool parse_metric(const std::string& metric) {
+  if (metric == "l2") return false;
+  if (metric == "cosine") return true;
+  TORCH_CHECK(false, "vqkernels (cpu backend): metric must be 'l2' or 'cosine', got '", metric,
+              "'");
+}
+
+void check_indices(const at::Tensor& indices, int64_t n, int64_t k, int64_t lo, const char* op) {
+  TORCH_CHECK(indices.device().is_cpu(), "vqkernels.", op,
+              " (cpu backend): indices must be a CPU tensor, got device ", indices.device());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "vqkernels.", op,
+              " (cpu backend): indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK(indices.dim() == 1 && indices.size(0) == n, "vqkernels.", op,
+              " (cpu backend): indices must have shape [", n, "] (one per row of x), got ",
+              indices.sizes());
+  // Range check before any use as an address: an out-of-range index is an error, never UB.
+  const auto idx = indices.contiguous();
+  const int64_t* p = idx.data_ptr<int64_t>();
+  int64_t bad = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] < lo || p[i] >= k) {
+      bad = i;
+      break;
+    }
+  }
+  TORCH_CHECK(bad < 0, "vqkernels.", op, " (cpu backend): indices must lie in [", lo, ", ", k,
+              ")", (lo < 0 ? " (-1 = ignored row)" : ""), ", got indices[", bad,
+              "] = ", (bad >= 0 ? p[bad] : 0));
+}
+
+void bucket_rows(const int64_t* indices, int64_t n, int64_t k, std::vector<int64_t>& offsets,
+                 std::vector<int64_t>& order) {
+  offsets.assign(static_cast<size_t>(k + 1), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (indices[i] >= 0) ++offsets[static_cast<size_t>(indices[i] + 1)];
+  }
+  for (int64_t j = 0; j < k; ++j) offsets[j + 1] += offsets[j];
+  order.resize(static_cast<size_t>(offsets[k]));
+  std::vector<int64_t> cursor(offsets.begin(), offsets.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (indices[i] >= 0) order[static_cast<size_t>(cursor[indices[i]]++)] = i;
+  }
+}
+
+// ============================================================================== scalar kernel
+
+namespace {
+
+constexpr int64_t kScalarRT = 8;
+constexpr int64_t kScalarCT = 4;
+
+// Portable fallback with the same packed layout and the same lane-wise update rule as the SIMD
+// kernels (the inner loops are simple enough for the compiler to vectorize for the baseline ISA).
+void scalar_block(const float* xt, int64_t ntiles, const float* cb, const float* bias, int64_t D,
+                  int64_t ct0, int64_t ct1, float* bval, int32_t* bidx) {
+  constexpr int64_t RT = kScalarRT, CT = kScalarCT;
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* xtile = xt + t * D * RT;
+    float* bv = bval + t * RT;
+    int32_t* bi = bidx + t * RT;
+    for (int64_t c = ct0; c < ct1; ++c) {
+      const float* ctile = cb + c * D * CT;
+      float acc[CT][RT] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = 0; j < CT; ++j) {
+          const float b = ctile[d * CT + j];
+          for (int64_t r = 0; r < RT; ++r) acc[j][r] += xtile[d * RT + r] * b;
+        }
+      }
+      for (int64_t j = 0; j < CT; ++j) {
+        const float bj = bias[c * CT + j];
+        const int32_t kj = static_cast<int32_t>(c * CT + j);
+        for (int64_t r = 0; r < RT; ++r) {
+          const float s = acc[j][r] + bj;
+          if (s < bv[r]) {  // strict: an equal later code never replaces an earlier one
+            bv[r] = s;
+            bi[r] = kj;
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+SearchKernel scalar_search_kernel() { return {Isa::kScalar, kScalarRT, kScalarCT, &scalar_block}; }
+
+// ============================================================================== packing
+
+namespace {
+
+struct AlignedBuf {
+  // 64-byte aligned fp32 scratch from the torch CPU allocator (aligned loads in the kernels).
+  at::Tensor t;
+  float* p = nullptr;
+  explicit AlignedBuf(int64_t n) {
+    t = at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(at::kFloat));
+    p = t.data_ptr<float>();
+  }
+};
+
+// Packs codes [K, D] into the tile layout of common.h.  ‖c‖² and ‖c‖ are accumulated in fp64
+// from the fp32-rounded values (the same rounded codebook the product uses), then rounded once.
+template <typename T>
+void pack_codebook(const T* c, int64_t K, int64_t D, int64_t CT, bool cosine, float* cb,
+                   float* bias) {
+  const int64_t nct = (K + CT - 1) / CT;
+  at::parallel_for(0, nct, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> row(static_cast<size_t>(D));
+    for (int64_t t = t0; t < t1; ++t) {
+      float* tile = cb + t * D * CT;
+      for (int64_t j = 0; j < CT; ++j) {
+        const int64_t k = t * CT + j;
+        if (k >= K) {
+          // Padding code: zero vector and +inf bias, so its score is +inf (or NaN for a
+          // non-finite x), never strictly below the running best, hence never chosen.
+          for (int64_t d = 0; d < D; ++d) tile[d * CT + j] = 0.f;
+          bias[k] = std::numeric_limits<float>::infinity();
+          continue;
+        }
+        double sq = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          row[d] = to_f32(c[k * D + d]);
+          sq += static_cast<double>(row[d]) * row[d];
+        }
+        if (!cosine) {
+          // ×(−2) is exact in binary floating point: dot(x, −2c) == −2·dot(x, c) bit for bit
+          // (for a given summation order), so bias + dot is ‖c‖² − 2·x·c with one rounding
+          // for the final add, like the reference's c_sq − 2·(x @ cᵀ).
+          for (int64_t d = 0; d < D; ++d) tile[d * CT + j] = -2.f * row[d];
+          bias[k] = static_cast<float>(sq);
+        } else {
+          // F.normalize semantics: c / max(‖c‖, eps) (a division, as the reference does).
+          const float nrm = std::max(static_cast<float>(std::sqrt(sq)), 1e-12f);
+          for (int64_t d = 0; d < D; ++d) tile[d * CT + j] = -(row[d] / nrm);
+          bias[k] = 0.f;
+        }
+      }
+    }
+  });
+}
+
+// Packs rows [r0, r0 + nrows) of x [N, D] into ntiles transposed tiles xt[t][d][RT], fp32, with
+// zero padding rows (their results are discarded).
+template <typename T>
+void pack_rows(const T* x, int64_t r0, int64_t nrows, int64_t ntiles, int64_t D, int64_t RT,
+               float* xt) {
+  for (int64_t t = 0; t < ntiles; ++t) {
+    float* tile = xt + t * D * RT;
+    for (int64_t r = 0; r < RT; ++r) {
+      const int64_t i = t * RT + r;
+      if (i < nrows) {
+        const T* src = x + (r0 + i) * D;
+        for (int64_t d = 0; d < D; ++d) tile[d * RT + r] = to_f32(src[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) tile[d * RT + r] = 0.f;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// ============================================================================== driver
+
+void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_t* indices,
+            float* best_score) {
+  const int64_t N = x.size(0), D = x.size(1), K = codebook.size(0);
+  if (N == 0) return;
+  const SearchKernel ker = search_kernel_for(active_isa());
+  const int64_t RT = ker.rt, CT = ker.ct;
+  const int64_t nct = (K + CT - 1) / CT;
+  const int64_t nrt = (N + RT - 1) / RT;
+
+  AlignedBuf cb(nct * CT * D), bias(nct * CT);
+  dispatch_float(codebook.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    pack_codebook(reinterpret_cast<const T*>(codebook.data_ptr()), K, D, CT, cosine, cb.p, bias.p);
+  });
+
+  // Cache blocking: a packed row block of ~128 KiB and a codebook chunk of ~256 KiB stay in L2
+  // (the kernels stream code tiles through L1 against one row tile at a time).
+  const int64_t Dp = std::max<int64_t>(D, 1);
+  const int64_t block_rows = std::clamp<int64_t>(32768 / Dp, RT, 1024);
+  int64_t rb_tiles = std::max<int64_t>(block_rows / RT, 1);
+  const int64_t chunk_tiles = std::max<int64_t>((65536 / Dp) / CT, 1);
+
+  // Parallelism: row blocks first; shrink them, then split the code range, when rows are too
+  // few to give every thread a few work items.  Splits are merged in code order below.
+  const int64_t nthreads = std::max<int64_t>(at::get_num_threads(), 1);
+  const int64_t want_items = 4 * nthreads;
+  int64_t ngroups = (nrt + rb_tiles - 1) / rb_tiles;
+  if (ngroups < want_items) {
+    rb_tiles = std::max<int64_t>(nrt / want_items, 1);
+    ngroups = (nrt + rb_tiles - 1) / rb_tiles;
+  }
+  int64_t splits = 1;
+  if (ngroups < want_items && nthreads > 1) {
+    // Only split when each split keeps a reasonable run of code tiles (≥ 8).
+    splits = std::clamp<int64_t>((want_items + ngroups - 1) / ngroups, 1, std::max<int64_t>(nct / 8, 1));
+  }
+  std::vector<float> pval;
+  std::vector<int32_t> pidx;
+  if (splits > 1) {
+    pval.resize(static_cast<size_t>(splits * N));
+    pidx.resize(static_cast<size_t>(splits * N));
+  }
+
+  const auto st = x.scalar_type();
+  const void* xraw = x.data_ptr();
+  at::parallel_for(0, ngroups * splits, 1, [&](int64_t w0, int64_t w1) {
+    AlignedBuf xt(rb_tiles * RT * D);
+    std::vector<float> bval(static_cast<size_t>(rb_tiles * RT));
+    std::vector<int32_t> bidx(static_cast<size_t>(rb_tiles * RT));
+    int64_t packed_group = -1;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t g = w / splits, s = w % splits;
+      const int64_t t_begin = g * rb_tiles;
+      const int64_t ntiles = std::min(rb_tiles, nrt - t_begin);
+      const int64_t r0 = t_begin * RT;
+      const int64_t nrows = std::min(ntiles * RT, N - r0);
+      if (packed_group != g) {  // consecutive splits of one group reuse the packed rows
+        dispatch_float(st, [&](auto tag) {
+          using T = decltype(tag);
+          pack_rows(reinterpret_cast<const T*>(xraw), r0, nrows, ntiles, D, RT, xt.p);
+        });
+        packed_group = g;
+      }
+      // Running best starts at +inf with index 0: a row whose scores are all NaN (NaN in x)
+      // keeps index 0, a valid index (documented unchecked behaviour).
+      std::fill(bval.begin(), bval.end(), std::numeric_limits<float>::infinity());
+      std::fill(bidx.begin(), bidx.end(), 0);
+      const int64_t c_begin = s * nct / splits, c_end = (s + 1) * nct / splits;
+      for (int64_t c = c_begin; c < c_end; c += chunk_tiles) {
+        ker.fn(xt.p, ntiles, cb.p, bias.p, D, c, std::min(c + chunk_tiles, c_end), bval.data(),
+               bidx.data());
+      }
+      if (splits == 1) {
+        for (int64_t i = 0; i < nrows; ++i) {
+          best_score[r0 + i] = bval[i];
+          indices[r0 + i] = bidx[i];
+        }
+      } else {
+        for (int64_t i = 0; i < nrows; ++i) {
+          pval[s * N + r0 + i] = bval[i];
+          pidx[s * N + r0 + i] = bidx[i];
+        }
+      }
+    }
+  });
+
+  if (splits > 1) {
+    // Merge in code order with a strict comparison: on equal scores the earlier split (lower
+    // indices) wins, so the result is the lexicographic (score, index) minimum.
+    at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float v = pval[i];
+        int32_t k = pidx[i];
+        for (int64_t s = 1; s < splits; ++s) {
+          if (pval[s * N + i] < v) {
+            v = pval[s * N + i];
+            k = pidx[s * N + i];
+          }
+        }
+        best_score[i] = v;
+        indices[i] = k;
+      }
+    });
+  }
+}
+
+void row_sq_norms(const at::Tensor& x, float* out) {
+  const int64_t N = x.size(0), D = x.size(1);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = reinterpret_cast<const T*>(x.data_ptr());
+    at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        double s = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = to_f32(p[i * D + d]);
+          s += v * v;
+        }
+        out[i] = static_cast<float>(s);
+      }
+    });
+  });
+}
+
+// ============================================================================== the op
+
+std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x_in, const at::Tensor& cb_in,
+                                                c10::string_view metric) {
+  check_same_dtype_and_dim(x_in, cb_in);
+  const bool cosine = parse_metric(std::string(metric.data(), metric.size()));
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor codebook = cb_in.contiguous();
+  const int64_t N = x.size(0);
+  auto indices = at::empty({N}, x.options().dtype(at::kLong));
+  auto distance = at::empty({N}, x.options().dtype(at::kFloat));
+  if (N == 0) return {indices, distance};
+  float* dist = distance.data_ptr<float>();
+  search(x, codebook, cosine, indices.data_ptr<int64_t>(), dist);
+
+  // Best score -> distance.  ‖x‖² is added back only here (it does not change the argmin);
+  // cancellation can leave a tiny negative L2 value, clamped at 0 like the reference.
+  std::vector<float> xsq(static_cast<size_t>(N));
+  row_sq_norms(x, xsq.data());
+  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (!cosine) {
+        dist[i] = std::max(dist[i] + xsq[i], 0.f);
+      } else {
+        const float nrm = std::max(static_cast<float>(std::sqrt(static_cast<double>(xsq[i]))),
+                                   1e-12f);
+        dist[i] = 1.f + dist[i] / nrm;  // best = −x·ĉ, so 1 + best/‖x‖ = 1 − x̂·ĉ
+      }
+    }
+  });
+  return {indices, distance};
+}
+
+}  // namespace cpu
+}  // namespace vqkernels

@@ -1,0 +1,111 @@
+// ┌────────────────────────────────────────────────────────────────────────────────────────────┐
+// │ AVX-512 search block kernel (see common.h for the packed layout and the contract).         │
+// │   tile = 32 rows (two zmm of 16 row lanes) x 12 codes: 24 zmm accumulators;                │
+// │   score = bias[k] + Σ_d xt[d][row]·cb[k][d] (fp32 FMA), folded into a per-row running       │
+// │   (min, argmin) held in registers; ties keep the lowest index.                             │
+// └────────────────────────────────────────────────────────────────────────────────────────────┘
+// Compiled for AVX-512F with a function-level target (no -march in the build) and only called
+// after __builtin_cpu_supports("avx512f") said yes (nearest_code.cpp: best_isa()).
+#include "cpu/common.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+
+namespace vqkernels {
+namespace cpu {
+namespace {
+
+constexpr int64_t RT = 32;  // rows per tile: 2 x 16 lanes
+constexpr int CT = 12;      // codes per tile: 2 x 12 = 24 accumulators of the 32 zmm registers
+
+// One row tile x one code tile.  Rows live in lanes, so every lane sees the codes in increasing
+// index order: the strict '<' keeps the first of equal scores (torch.argmin's tie rule) without
+// any cross-lane merge.
+__attribute__((always_inline)) inline void tile(const float* __restrict xt,
+                                                const float* __restrict ct,
+                                                const float* __restrict bias, int64_t D,
+                                                int32_t kbase, __m512& bv0, __m512& bv1,
+                                                __m512i& bi0, __m512i& bi1) {
+  __m512 a0[CT], a1[CT];
+#pragma GCC unroll 12
+  for (int j = 0; j < CT; ++j) {
+    a0[j] = _mm512_setzero_ps();
+    a1[j] = _mm512_setzero_ps();
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 x0 = _mm512_load_ps(xt + d * RT);
+    const __m512 x1 = _mm512_load_ps(xt + d * RT + 16);
+    const float* c = ct + d * CT;
+#pragma GCC unroll 12
+    for (int j = 0; j < CT; ++j) {
+      const __m512 b = _mm512_set1_ps(c[j]);
+      a0[j] = _mm512_fmadd_ps(x0, b, a0[j]);
+      a1[j] = _mm512_fmadd_ps(x1, b, a1[j]);
+    }
+  }
+  // score = dot + bias: one rounding, like the reference's c_sq − 2·(x·c).
+#pragma GCC unroll 12
+  for (int j = 0; j < CT; ++j) {
+    const __m512 bj = _mm512_set1_ps(bias[j]);
+    a0[j] = _mm512_add_ps(a0[j], bj);
+    a1[j] = _mm512_add_ps(a1[j], bj);
+  }
+  // Fast reject: m = min(score_j, m) seeded with the running best.  vminps returns its second
+  // operand when either is NaN, so a NaN score (NaN/Inf in the data) can never poison m and
+  // hide a finite improvement; m < best exactly when some code in the tile strictly improves.
+  __m512 m0 = bv0, m1 = bv1;
+#pragma GCC unroll 12
+  for (int j = 0; j < CT; ++j) {
+    m0 = _mm512_min_ps(a0[j], m0);
+    m1 = _mm512_min_ps(a1[j], m1);
+  }
+  const __mmask16 u0 = _mm512_cmp_ps_mask(m0, bv0, _CMP_LT_OQ);
+  const __mmask16 u1 = _mm512_cmp_ps_mask(m1, bv1, _CMP_LT_OQ);
+  if (__builtin_expect((u0 | u1) != 0, 0)) {
+    // Rare after the first tiles (a row improves O(log K) times): update in code order.
+#pragma GCC unroll 12
+    for (int j = 0; j < CT; ++j) {
+      const __m512i kj = _mm512_set1_epi32(kbase + j);
+      const __mmask16 l0 = _mm512_cmp_ps_mask(a0[j], bv0, _CMP_LT_OQ);
+      const __mmask16 l1 = _mm512_cmp_ps_mask(a1[j], bv1, _CMP_LT_OQ);
+      bv0 = _mm512_mask_blend_ps(l0, bv0, a0[j]);
+      bv1 = _mm512_mask_blend_ps(l1, bv1, a1[j]);
+      bi0 = _mm512_mask_blend_epi32(l0, bi0, kj);
+      bi1 = _mm512_mask_blend_epi32(l1, bi1, kj);
+    }
+  }
+}
+
+void avx512_block(const float* xt, int64_t ntiles, const float* cb, const float* bias, int64_t D,
+                  int64_t ct0, int64_t ct1, float* bval, int32_t* bidx) {
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const float* xtile = xt + t * D * RT;
+    __m512 bv0 = _mm512_loadu_ps(bval + t * RT);
+    __m512 bv1 = _mm512_loadu_ps(bval + t * RT + 16);
+    __m512i bi0 = _mm512_loadu_si512(bidx + t * RT);
+    __m512i bi1 = _mm512_loadu_si512(bidx + t * RT + 16);
+    for (int64_t c = ct0; c < ct1; ++c) {
+      tile(xtile, cb + c * D * CT, bias + c * CT, D, static_cast<int32_t>(c * CT), bv0, bv1, bi0,
+           bi1);
+    }
+    _mm512_storeu_ps(bval + t * RT, bv0);
+    _mm512_storeu_ps(bval + t * RT + 16, bv1);
+    _mm512_storeu_si512(bidx + t * RT, bi0);
+    _mm512_storeu_si512(bidx + t * RT + 16, bi1);
+  }
+}
+
+}  // namespace
+
+SearchKernel avx512_search_kernel() { return {Isa::kAvx512, RT, CT, &avx512_block}; }
+
+}  // namespace cpu
+}  // namespace vqkernels
+
+#pragma GCC pop_options
+
+#endif  // x86-64
