@@ -122,6 +122,36 @@ def test_ties_go_to_lowest_index_within_and_across_blocks(positions):
             assert bool((idx[:20] <= lo).all())
 
 
+@pytest.mark.parametrize("splits", [2, 3, 16])
+def test_split_k_is_bit_identical(splits, monkeypatch):
+    """Searching code ranges in parallel (split-K, used on a GPU for small N) and folding the
+    partials gives the same bits as one sweep, ties included: 3 splits of 64 codes put the
+    duplicated codes 5 and 40 in different splits; 16 splits leave most splits empty."""
+    x, cb = make(21, 50, 9, kind="integer", seed=17)
+    cb[40] = cb[5]
+    x[:6] = cb[5]
+    want = {}
+    for metric in METRICS:
+        want[metric] = T.nearest_code(x, cb, metric, "exact")
+    want_q = T.quantize(x, cb, 0.25, "l2", True, "exact")
+    monkeypatch.setattr(TNC, "FORCE_SPLITS", splits)
+    assert TNC.num_splits(21, 50, DEVICE) == splits
+    for metric in METRICS:
+        got = T.nearest_code(x, cb, metric, "exact")
+        assert_bitwise_equal(got, want[metric], f"split {metric}")
+    assert bool((want["l2"][0][:6] == 5).all())
+    assert_bitwise_equal(T.quantize(x, cb, 0.25, "l2", True, "exact"), want_q, "split quantize")
+
+
+def test_split_heuristic():
+    assert TNC.num_splits(100, 16384, torch.device("cpu")) == 1  # CPU (interpreter): never
+    if HAS_CUDA and TNC.FORCE_SPLITS is None:
+        sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+        assert TNC.num_splits(1024, 16384, DEVICE) > 1
+        assert TNC.num_splits(128 * sms, 16384, DEVICE) == 1
+        assert TNC.num_splits(1024, 256, DEVICE) == 1  # too few codes to split
+
+
 def test_all_codes_equal_picks_index_zero():
     x, cb = make(19, 1, 6)
     cb = cb.expand(35, 6).contiguous()

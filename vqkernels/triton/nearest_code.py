@@ -26,6 +26,11 @@ When ``D`` fits one tile (``D <= 256`` half / ``128`` fp32) the x tile is loaded
 chip and the K loop is the innermost loop (software-pipelined codebook loads); otherwise the
 products loop over D tiles inside each K block (x tiles come back from L1/L2).
 
+Split-K: with few rows (fewer row tiles than multiprocessors) the grid gets a second axis of up
+to 16 code ranges; each program stores its range's (best, index) and a small combine kernel folds
+them in ascending range order with the same strict ``<`` (bit-identical to one sweep).  Extra
+memory stays O(N): ``8·splits·N`` bytes.
+
 Determinism: ``BLOCK_D`` (the split of the reduction dimension) is fixed by the launcher from D and
 the dtype, never autotuned, so every autotuned config accumulates each dot product in the same
 order: the indices do not depend on which config the autotuner picked.
@@ -40,7 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["nearest_code", "code_aux", "search_meta", "SEARCH_CONFIGS"]
+__all__ = ["nearest_code", "code_aux", "search_meta", "num_splits", "SEARCH_CONFIGS"]
 
 COSINE_EPS = 1e-12
 
@@ -213,14 +218,15 @@ def search_rows(
     cb_ptr, stride_ck, stride_cd,
     aux_ptr,
     row_off, mask_n,
-    K, D,
+    k_lo, k_hi, K, D,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
     USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Running (best score, best index) over the whole codebook for a tile of rows.
+    """Running (best score, best index) over codes ``[k_lo, k_hi)`` for a tile of rows.
 
-    ``row_off [BLOCK_N] int64`` are the rows' element offsets (``n * stride_xn``)."""
+    ``row_off [BLOCK_N] int64`` are the rows' element offsets (``n * stride_xn``); ``k_lo`` is a
+    multiple of BLOCK_K and ``k_hi`` one too or K, so blocks never straddle two splits."""
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
     if IS_SINGLE_D_TILE:
@@ -235,7 +241,7 @@ def search_rows(
         )
         if IS_UPCAST_DOT:
             a = a.to(tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             b = tl.load(
                 cb_ptr + offs_k[None, :].to(tl.int64) * stride_ck + offs_d[:, None] * stride_cd,
@@ -250,7 +256,7 @@ def search_rows(
                 acc = tl.dot(a, b, input_precision="ieee")
             best, best_idx = _fold_block(acc, aux_ptr, k0, K, best, best_idx, BLOCK_K, IS_COSINE)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             col_off = offs_k.to(tl.int64) * stride_ck
             mask_k = offs_k < K
@@ -279,33 +285,49 @@ def search_rows(
     return best, best_idx
 
 
-@triton.autotune(
-    configs=SEARCH_CONFIGS,
-    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32"],
-    prune_configs_by={"early_config_prune": prune_search_configs},
-)
 @triton.jit
-def _nearest_code_kernel(
-    x_ptr, stride_xn, stride_xd,
-    cb_ptr, stride_ck, stride_cd,
-    aux_ptr,
-    idx_ptr,
-    dist_ptr,
-    N, K, D, N_BUCKET,
-    EPS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
-    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+def split_range(K, BLOCK_K: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Codes ``[k_lo, k_hi)`` of this program's split (program_id(1)): whole BLOCK_K blocks,
+    consecutive ascending ranges (empty for trailing splits when K is small)."""
+    per = tl.cdiv(tl.cdiv(K, BLOCK_K), NUM_SPLITS) * BLOCK_K
+    k_lo = tl.program_id(1) * per
+    return k_lo, tl.minimum(k_lo + per, K)
+
+
+@triton.jit
+def fold_splits(
+    part_best_ptr, part_idx_ptr,
+    offs_n, mask_n,
+    N,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    row_off = offs_n.to(tl.int64) * stride_xn
-    best, best_idx = search_rows(
-        x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
-        K, D, BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
-    )  # fmt: skip
-    # ‖x‖² in fp32 from the stored x values (one more pass over the row tile; it is in L1/L2).
+    """Combine the per-split (best, index) partials ``[NUM_SPLITS, N]`` of a row tile.  Splits
+    cover ascending code ranges and replace the running pair only on a strict ``<``: the lowest
+    index among ties, exactly as one program sweeping all of K would choose."""
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for s in tl.static_range(NUM_SPLITS):
+        b = tl.load(part_best_ptr + s * N + offs_n, mask=mask_n, other=float("inf"))
+        i = tl.load(part_idx_ptr + s * N + offs_n, mask=mask_n, other=0)
+        better = b < best
+        best = tl.where(better, b, best)
+        best_idx = tl.where(better, i, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def _nearest_epilogue(
+    x_ptr, stride_xd,
+    row_off, offs_n, mask_n,
+    best, best_idx,
+    idx_ptr, dist_ptr,
+    D,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr,
+):  # fmt: skip
+    """Store the index and the distance: ‖x‖² in fp32 from the stored x values (one more pass
+    over the row tile, which is in L1/L2)."""
     xsq = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -324,6 +346,73 @@ def _nearest_code_kernel(
         dist = tl.maximum(best + xsq, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(idx_ptr + offs_n, best_idx.to(tl.int64), mask=mask_n)
     tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+
+
+@triton.autotune(
+    configs=SEARCH_CONFIGS,
+    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32", "NUM_SPLITS"],
+    prune_configs_by={"early_config_prune": prune_search_configs},
+)
+@triton.jit
+def _nearest_code_kernel(
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    aux_ptr,
+    idx_ptr,
+    dist_ptr,
+    part_best_ptr, part_idx_ptr,
+    N, K, D, N_BUCKET,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_N), NUM_SPLITS).  One split: search + epilogue.  Several: each
+    program searches its code range and stores (best, index) partials for
+    ``_nearest_combine_kernel``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_xn
+    k_lo, k_hi = split_range(K, BLOCK_K, NUM_SPLITS)
+    best, best_idx = search_rows(
+        x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
+        k_lo, k_hi, K, D,
+        BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
+    )  # fmt: skip
+    if NUM_SPLITS == 1:
+        _nearest_epilogue(
+            x_ptr, stride_xd, row_off, offs_n, mask_n, best, best_idx, idx_ptr, dist_ptr, D,
+            EPS, BLOCK_N, BLOCK_D, IS_COSINE,
+        )  # fmt: skip
+    else:
+        part = tl.program_id(1) * N + offs_n
+        tl.store(part_best_ptr + part, best, mask=mask_n)
+        tl.store(part_idx_ptr + part, best_idx, mask=mask_n)
+
+
+@triton.jit
+def _nearest_combine_kernel(
+    x_ptr, stride_xn, stride_xd,
+    part_best_ptr, part_idx_ptr,
+    idx_ptr,
+    dist_ptr,
+    N, D,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_xn
+    best, best_idx = fold_splits(
+        part_best_ptr, part_idx_ptr, offs_n, mask_n, N, BLOCK_N, NUM_SPLITS
+    )
+    _nearest_epilogue(
+        x_ptr, stride_xd, row_off, offs_n, mask_n, best, best_idx, idx_ptr, dist_ptr, D,
+        EPS, BLOCK_N, BLOCK_D, IS_COSINE,
+    )  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- launchers
@@ -346,6 +435,41 @@ def code_aux(codebook: torch.Tensor, metric: str) -> torch.Tensor:
         num_warps=4,
     )  # fmt: skip
     return aux
+
+
+#: Tests set this to force a number of K splits (the heuristic below only splits on a GPU).
+FORCE_SPLITS: int | None = None
+_MAX_SPLITS = 16
+
+
+def num_splits(n: int, k: int, device: torch.device) -> int:
+    """How many code ranges to search in parallel per row tile ("split-K" of the argmin).
+
+    With few rows (N / 128 row tiles under the multiprocessor count: small batches, inference)
+    one program per row tile leaves most of the GPU idle, so the codebook is cut into up to 16
+    ranges, each searched by its own program, and a small kernel folds the (best, index)
+    partials.  Each range keeps >= 512 codes so the per-program fixed cost stays amortized.
+    The result is bit-identical whatever the split: the scores of each (row, code) pair do not
+    change and the fold keeps the lowest index among ties.  Extra memory: 8·splits·N bytes."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(int(FORCE_SPLITS), _MAX_SPLITS))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(n, 128)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), k // 512, _MAX_SPLITS))
+
+
+def split_buffers(n: int, splits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials ``best [splits, N] f32`` and ``index [splits, N] i32`` (1-element dummies when
+    there is one split: the kernel does not touch them then)."""
+    rows = n if splits > 1 else 1
+    return (
+        torch.empty((splits, rows), dtype=torch.float32, device=device),
+        torch.empty((splits, rows), dtype=torch.int32, device=device),
+    )
 
 
 def check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str) -> None:
@@ -376,17 +500,35 @@ def _nearest_code_op(
         return indices, distance
     aux = code_aux(codebook, metric)
     meta = search_meta(x, d, precision)
-    wrap_triton(_nearest_code_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](
+    splits = num_splits(n, k, x.device)
+    part_best, part_idx = split_buffers(n, splits, x.device)
+    wrap_triton(_nearest_code_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits)](
         x, x.stride(0), x.stride(1),
         codebook, codebook.stride(0), codebook.stride(1),
         aux,
         indices,
         distance,
+        part_best, part_idx,
         n, k, d, n_bucket(n),
         EPS=COSINE_EPS,
         IS_COSINE=metric == "cosine",
+        NUM_SPLITS=splits,
         **meta,
     )  # fmt: skip
+    if splits > 1:
+        block_n = 16 if interpreting() else 64
+        wrap_triton(_nearest_combine_kernel)[(triton.cdiv(n, block_n),)](
+            x, x.stride(0), x.stride(1),
+            part_best, part_idx,
+            indices,
+            distance,
+            n, d,
+            EPS=COSINE_EPS,
+            BLOCK_N=block_n, BLOCK_D=meta["BLOCK_D"],
+            IS_COSINE=metric == "cosine",
+            NUM_SPLITS=splits,
+            num_warps=4,
+        )  # fmt: skip
     return indices, distance
 
 

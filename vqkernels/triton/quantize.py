@@ -31,44 +31,32 @@ from .nearest_code import (
     SEARCH_CONFIGS,
     check_args,
     code_aux,
+    fold_splits,
     interpreting,
     n_bucket,
+    num_splits,
     prune_search_configs,
     search_meta,
     search_rows,
+    split_buffers,
+    split_range,
 )
 
 __all__ = ["quantize", "quantize_backward"]
 
 
-@triton.autotune(
-    configs=SEARCH_CONFIGS,
-    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32"],
-    prune_configs_by={"early_config_prune": prune_search_configs},
-)
 @triton.jit
-def _quantize_fwd_kernel(
-    x_ptr, stride_xn, stride_xd,
+def _quantize_epilogue(
+    x_ptr, stride_xd,
     cb_ptr, stride_ck, stride_cd,
-    aux_ptr,
     q_ptr, stride_qn,
-    idx_ptr,
-    err_ptr,
-    N, K, D, N_BUCKET,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
-    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+    idx_ptr, err_ptr,
+    row_off, offs_n, mask_n, best_idx,
+    D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Search, then q = codebook[idx] (stored in the codebook dtype = x dtype) and
-    err[n] = Σ_d (x − q)² in fp32."""
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    row_off = offs_n.to(tl.int64) * stride_xn
-    _, best_idx = search_rows(
-        x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
-        K, D, BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
-    )  # fmt: skip
+    """q = codebook[idx] (stored in the codebook dtype = x dtype, bit-exact copies of the codes)
+    and err[n] = Σ_d (x − q)² in fp32."""
     code_off = best_idx.to(tl.int64) * stride_ck
     q_off = offs_n.to(tl.int64) * stride_qn
     err = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -82,6 +70,70 @@ def _quantize_fwd_kernel(
         err += tl.sum(diff * diff, axis=1)
     tl.store(idx_ptr + offs_n, best_idx.to(tl.int64), mask=mask_n)
     tl.store(err_ptr + offs_n, err, mask=mask_n)
+
+
+@triton.autotune(
+    configs=SEARCH_CONFIGS,
+    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32", "NUM_SPLITS"],
+    prune_configs_by={"early_config_prune": prune_search_configs},
+)
+@triton.jit
+def _quantize_fwd_kernel(
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    aux_ptr,
+    q_ptr, stride_qn,
+    idx_ptr,
+    err_ptr,
+    part_best_ptr, part_idx_ptr,
+    N, K, D, N_BUCKET,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_N), NUM_SPLITS): search (of this split's code range), then with one
+    split the gather/error epilogue, else (best, index) partials for the combine kernel."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_xn
+    k_lo, k_hi = split_range(K, BLOCK_K, NUM_SPLITS)
+    best, best_idx = search_rows(
+        x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
+        k_lo, k_hi, K, D,
+        BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
+    )  # fmt: skip
+    if NUM_SPLITS == 1:
+        _quantize_epilogue(
+            x_ptr, stride_xd, cb_ptr, stride_ck, stride_cd, q_ptr, stride_qn, idx_ptr, err_ptr,
+            row_off, offs_n, mask_n, best_idx, D, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+    else:
+        part = tl.program_id(1) * N + offs_n
+        tl.store(part_best_ptr + part, best, mask=mask_n)
+        tl.store(part_idx_ptr + part, best_idx, mask=mask_n)
+
+
+@triton.jit
+def _quantize_combine_kernel(
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    part_best_ptr, part_idx_ptr,
+    q_ptr, stride_qn,
+    idx_ptr,
+    err_ptr,
+    N, D,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_off = offs_n.to(tl.int64) * stride_xn
+    _, best_idx = fold_splits(part_best_ptr, part_idx_ptr, offs_n, mask_n, N, BLOCK_N, NUM_SPLITS)
+    _quantize_epilogue(
+        x_ptr, stride_xd, cb_ptr, stride_ck, stride_cd, q_ptr, stride_qn, idx_ptr, err_ptr,
+        row_off, offs_n, mask_n, best_idx, D, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -162,17 +214,35 @@ def _quantize_op(
     if n > 0:
         aux = code_aux(codebook, metric)
         meta = search_meta(x, d, precision)
-        wrap_triton(_quantize_fwd_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](
+        splits = num_splits(n, k, x.device)
+        part_best, part_idx = split_buffers(n, splits, x.device)
+        wrap_triton(_quantize_fwd_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits)](
             x, x.stride(0), x.stride(1),
             codebook, codebook.stride(0), codebook.stride(1),
             aux,
             quantized, quantized.stride(0),
             indices,
             err,
+            part_best, part_idx,
             n, k, d, n_bucket(n),
             IS_COSINE=metric == "cosine",
+            NUM_SPLITS=splits,
             **meta,
         )  # fmt: skip
+        if splits > 1:
+            block_n = 16 if interpreting() else 64
+            wrap_triton(_quantize_combine_kernel)[(triton.cdiv(n, block_n),)](
+                x, x.stride(0), x.stride(1),
+                codebook, codebook.stride(0), codebook.stride(1),
+                part_best, part_idx,
+                quantized, quantized.stride(0),
+                indices,
+                err,
+                n, d,
+                BLOCK_N=block_n, BLOCK_D=meta["BLOCK_D"],
+                NUM_SPLITS=splits,
+                num_warps=4,
+            )  # fmt: skip
     # N = 0 runs too: the sum of nothing is 0, so loss = 0 as in the reference.
     wrap_triton(_loss_kernel)[(1,)](
         err,
