@@ -40,7 +40,7 @@ from torch.library import triton_op, wrap_triton
 
 from .nearest_code import interpreting
 
-__all__ = ["cluster_stats", "ema_update_", "segment_sums"]
+__all__ = ["cluster_stats", "ema_update_", "segment_sums", "numel_f32"]
 
 
 def _chunk() -> int:
@@ -60,6 +60,14 @@ def _block_kc() -> int:
 
 
 # --------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def numel_f32(N, D):
+    """max(N·D, 1) as fp32, computed exactly in int64 and rounded once (as the reference's
+    division of an fp32 tensor by the int numel).  tl.cast, not .to(): an int argument equal to
+    1 arrives as a constexpr on the GPU."""
+    return tl.cast(tl.maximum(tl.cast(N, tl.int64) * D, 1), tl.float32)
 
 
 @triton.jit
@@ -114,13 +122,14 @@ def _segment_combine_kernel(
     scale_ptr,
     scale,
     decay, one_minus_decay,
-    K, D,
+    N, K, D,
     BLOCK_KC: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_EMA: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Per code: S_k = Σ_pieces partial (in piece order), count_k = end_k − start_k.
 
-    IS_EMA=False: sums[k] = S_k (· scale · scale_ptr[0] with HAS_SCALE), counts[k] = count_k.
+    IS_EMA=False: sums[k] = S_k (· (scale / max(N·D, 1)) · scale_ptr[0] with HAS_SCALE: the
+                  quantize backward's (−2/numel)·grad_loss), counts[k] = count_k.
     IS_EMA=True:  sums/counts point at embed_sum/cluster_size and are blended in place:
                   v ← decay·v + (1−decay)·new (fp32, the reference's mul_ then add_)."""
     pid_k = tl.program_id(0)
@@ -153,7 +162,7 @@ def _segment_combine_kernel(
             tl.store(counts_ptr + offs_k, decay * cs + one_minus_decay * count, mask=mask_k)
     else:
         if HAS_SCALE:
-            acc = acc * (scale * tl.load(scale_ptr))
+            acc = acc * (tl.div_rn(scale, numel_f32(N, D)) * tl.load(scale_ptr))
         tl.store(ptrs, acc, mask=mask)  # store casts to the output dtype
         if pid_d == 0:
             tl.store(counts_ptr + offs_k, count, mask=mask_k)
@@ -180,12 +189,12 @@ def _ema_refresh_kernel(
     es_ptr, stride_ek,
     cs_ptr,
     n_ptr,
-    eps, k_eps,
+    eps,
     K, D,
     BLOCK_KC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """codebook_k = embed_sum_k / ((cluster_size_k + eps) / (n + K·eps) · n), fp32, IEEE division
-    (the reference's evaluation order)."""
+    (the reference's evaluation order; K·eps in fp32 here, so K is not baked into a float)."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_k = pid_k * BLOCK_KC + tl.arange(0, BLOCK_KC)
@@ -194,7 +203,7 @@ def _ema_refresh_kernel(
     mask = mask_k[:, None] & (offs_d[None, :] < D)
     n = tl.load(n_ptr)
     cs = tl.load(cs_ptr + offs_k, mask=mask_k, other=1.0)
-    smoothed = tl.div_rn(cs + eps, n + k_eps) * n
+    smoothed = tl.div_rn(cs + eps, n + tl.cast(K, tl.float32) * eps) * n
     row = offs_k[:, None].to(tl.int64)
     es = tl.load(es_ptr + row * stride_ek + offs_d[None, :], mask=mask, other=0.0)
     tl.store(
@@ -243,7 +252,7 @@ def segment_sums(
 
     Writes ``out_sums [K, D]`` (row stride any, unit column stride) and ``out_counts [K] f32``.
     ``codebook``: sum ``x_i − codebook[idx_i]`` instead of ``x_i``.  ``scale_tensor`` (a 0-d
-    fp32 tensor): multiply the sums by ``scale · scale_tensor``.  ``ema=(decay, 1 − decay)``:
+    fp32 tensor): multiply the sums by ``(scale / max(N·D, 1)) · scale_tensor``.  ``ema=(decay, 1 − decay)``:
     blend into ``out_sums``/``out_counts`` (embed_sum/cluster_size) in place instead.
     Must be called inside a triton_op (kernels go through ``wrap_triton``)."""
     n, d = x.shape
@@ -276,7 +285,7 @@ def segment_sums(
         st,
         float(scale),
         float(decay), float(one_minus_decay),
-        num_codes, d,
+        n, num_codes, d,
         BLOCK_KC=block_kc, BLOCK_D=block_d,
         IS_EMA=ema is not None, HAS_SCALE=scale_tensor is not None,
         num_warps=4,
@@ -316,7 +325,7 @@ def _ema_update_op(
         embed_sum, embed_sum.stride(0),
         cluster_size,
         n,
-        float(eps), float(k * eps),
+        float(eps),
         k, d,
         BLOCK_KC=block_kc, BLOCK_D=block_d,
         num_warps=4,

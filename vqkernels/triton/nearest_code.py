@@ -50,6 +50,22 @@ __all__ = ["nearest_code", "code_aux", "search_meta", "num_splits", "SEARCH_CONF
 COSINE_EPS = 1e-12
 
 
+try:  # torch >= 2.10: a size hint for optimization decisions that installs no guard
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _optimization_hint
+except ImportError:  # pragma: no cover - older torch
+
+    def _optimization_hint(v, fallback=None):
+        return int(v)
+
+
+def size_hint(v) -> int:
+    """A concrete int for a size that may be symbolic (``torch.compile`` with dynamic shapes).
+
+    Only for choices that cannot change results (autotuning keys, split counts): no guard is
+    installed, so the compiled graph is not specialized on the size."""
+    return v if isinstance(v, int) else int(_optimization_hint(v, fallback=4096))
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -93,12 +109,12 @@ def prune_search_configs(configs, named_args, **kwargs):
     """Drop configs that are too big for the problem or for shared memory (fewer to benchmark).
 
     Keeps at least the smallest config so something always runs."""
-    k = named_args["K"]
+    k = size_hint(named_args["K"])
     elsize = named_args["x_ptr"].element_size()
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     single = kwargs.get("IS_SINGLE_D_TILE", named_args.get("IS_SINGLE_D_TILE"))
     k_cap = max(16, triton.next_power_of_2(k))
-    n_cap = max(16, named_args["N_BUCKET"])
+    n_cap = max(16, size_hint(named_args["N_BUCKET"]))
     kept = []
     for c in configs:
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
@@ -145,7 +161,7 @@ def search_meta(x: torch.Tensor, d: int, precision: str, interpret: bool | None 
 
 def n_bucket(n: int) -> int:
     """Autotuning key for N: its power-of-two bucket (occupancy depends on N, not its exact value)."""
-    return min(triton.next_power_of_2(max(n, 1)), 1 << 20)
+    return min(triton.next_power_of_2(max(size_hint(n), 1)), 1 << 20)
 
 
 # --------------------------------------------------------------------------------- kernels
@@ -455,6 +471,7 @@ def num_splits(n: int, k: int, device: torch.device) -> int:
         return max(1, min(int(FORCE_SPLITS), _MAX_SPLITS))
     if device.type != "cuda":
         return 1
+    n, k = size_hint(n), size_hint(k)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(n, 128)
     if tiles >= sms:

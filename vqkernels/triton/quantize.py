@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .ema_update import segment_sums
+from .ema_update import numel_f32, segment_sums
 from .nearest_code import (
     SEARCH_CONFIGS,
     check_args,
@@ -140,17 +140,21 @@ def _quantize_combine_kernel(
 def _loss_kernel(
     err_ptr,
     loss_ptr,
-    N,
-    beta, numel,
+    N, D,
+    beta,
     BLOCK: tl.constexpr,
     HAS_CODEBOOK_LOSS: tl.constexpr,
 ):  # fmt: skip
-    """loss = beta·(S/numel) [+ S/numel], S = Σ err in a fixed order (one program)."""
+    """loss = beta·(S/numel) [+ S/numel], S = Σ err in a fixed order (one program).
+
+    numel = max(N·D, 1) is formed here from the int sizes (a symbolic size under torch.compile
+    must not become a Python float, which would specialize the graph) and rounded to fp32, as
+    the reference's fp32 tensor / int division does."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for n0 in range(0, N, BLOCK):
         offs = n0 + tl.arange(0, BLOCK)
         acc += tl.load(err_ptr + offs, mask=offs < N, other=0.0)
-    mean = tl.div_rn(tl.sum(acc, axis=0), numel)
+    mean = tl.div_rn(tl.sum(acc, axis=0), numel_f32(N, D))
     loss = beta * mean
     if HAS_CODEBOOK_LOSS:
         loss = loss + mean
@@ -165,12 +169,13 @@ def _quantize_bwd_x_kernel(
     cb_ptr, stride_ck, stride_cd,
     idx_ptr,
     gx_ptr, stride_on,
-    coef,
+    beta,
     N, D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """grad_x = grad_q + (coef·grad_loss)·(x − codebook[idx]), fp32, stored in the x dtype;
-    coef = 2·beta/numel (the reference multiplies the two scalars first)."""
+    coef = 2·beta/numel in fp32 with numel = max(N·D, 1) (the reference multiplies the two
+    scalars first; numel is computed here so no size becomes a Python float)."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,7 +184,7 @@ def _quantize_bwd_x_kernel(
     mask = mask_n[:, None] & (offs_d[None, :] < D)
     rows = offs_n.to(tl.int64)
     idx = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
-    g = coef * tl.load(gl_ptr).to(tl.float32)
+    g = tl.div_rn(2.0 * beta, numel_f32(N, D)) * tl.load(gl_ptr).to(tl.float32)
     xv = tl.load(
         x_ptr + rows[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask, other=0.0
     )
@@ -247,8 +252,8 @@ def _quantize_op(
     wrap_triton(_loss_kernel)[(1,)](
         err,
         loss,
-        n,
-        float(beta), float(max(n * d, 1)),
+        n, d,
+        float(beta),
         BLOCK=64 if interpreting() else 1024,
         HAS_CODEBOOK_LOSS=codebook_loss,
     )  # fmt: skip
@@ -267,7 +272,6 @@ def _quantize_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = x.shape
     k = codebook.shape[0]
-    numel = max(n * d, 1)
     grad_x = torch.empty((n, d), dtype=x.dtype, device=x.device)
     g = grad_loss.to(torch.float32).reshape(())
     if n > 0:
@@ -280,7 +284,7 @@ def _quantize_backward_op(
             codebook, codebook.stride(0), codebook.stride(1),
             indices,
             grad_x, grad_x.stride(0),
-            2.0 * beta / numel,
+            float(beta),
             n, d,
             BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=4,
@@ -288,9 +292,7 @@ def _quantize_backward_op(
     if codebook_loss:
         grad_cb = torch.empty((k, d), dtype=codebook.dtype, device=codebook.device)
         counts = torch.empty(k, dtype=torch.float32, device=codebook.device)  # unused by-product
-        segment_sums(
-            x, indices, k, grad_cb, counts, codebook=codebook, scale=-2.0 / numel, scale_tensor=g
-        )
+        segment_sums(x, indices, k, grad_cb, counts, codebook=codebook, scale=-2.0, scale_tensor=g)
     else:
         grad_cb = codebook.new_empty((0,))
     return grad_x, grad_cb
