@@ -518,6 +518,67 @@ def test_quantize_public_api_triton():
     assert x3.grad is not None and x3.grad.shape == x3.shape
 
 
+_TRACE_SCRIPT = r"""
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import vqkernels.triton as T
+from torch._functorch.aot_autograd import aot_module_simplified
+
+class Captured(Exception):
+    pass
+
+graphs = []
+
+def backend(gm, inputs):
+    def fw(g, ins):
+        graphs.append(g.code)
+        raise Captured()
+    return aot_module_simplified(gm, inputs, fw_compiler=fw)
+
+def step(x, cb, cb2, cs, es):
+    i, d = T.nearest_code(x, cb, "cosine", "fast")
+    q, j, loss = T.quantize(x, cb, 0.25, "l2", False, "exact")
+    T.ema_update_(cb2, cs, es, x, j, 0.99, 1e-5)
+    return i, d, q, loss
+
+x, cb = torch.randn(37, 9), torch.randn(20, 9)
+state = (torch.randn(20, 9), torch.rand(20), torch.randn(20, 9))
+torch._dynamo.mark_dynamic(x, 0)
+try:
+    torch.compile(step, backend=backend, fullgraph=True)(x, cb, *state)
+except Exception as exc:
+    if not graphs:
+        raise
+print("RESULT" + json.dumps({"code": graphs[0]}))
+"""
+
+
+def test_compile_traces_into_kernels_with_dynamic_n():
+    """torch.compile(fullgraph=True) traces through the triton_ops down to the kernels (no graph
+    break) with a dynamic N, and no launcher turns N into a constant (which would specialize the
+    graph).  Runs on CPU without a GPU: a subprocess without the interpreter traces and stops
+    before anything launches (the GPU run checks compiled results: test_gpu_compile_*)."""
+    if HAS_CUDA:
+        pytest.skip("the GPU run compiles and runs for real")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    code = json.loads(lines[0][len("RESULT") :])["code"]
+    # 2 launches for nearest_code, 3 for quantize, 4 for ema_update_ (kernels appear by index)
+    assert code.count("triton_kernel_wrapper_functional(") >= 9, code
+    # N is symbolic: no kernel gets a literal row count 37 or numel 333
+    assert "'N': 37" not in code and "333" not in code, code
+
+
 # ------------------------------------------------------------------------------ GPU only
 
 
