@@ -2,8 +2,7 @@
 // quantize (straight-through VQ with the VQ-VAE losses): fused forward and backward.
 //
 //   x            [N, D]  float32/bfloat16/float16, codebook [K, D] same dtype
-//   quantized    [N, D]  out, dtype of x: x + (q - x) with q = codebook[idx], each step rounded to
-//                        the dtype exactly as the reference's `x + (q - x).detach()` is
+//   quantized    [N, D]  out, dtype of x: exactly q = codebook[idx] (straight-through value)
 //   indices      [N]     int64 out (search of search.cu; ties -> lowest index)
 //   loss         []      float32 out: beta * S/numel [+ S/numel when codebook_loss],
 //                        S = sum (x - q)^2 in fp32 per element; 0 when N = 0
@@ -56,10 +55,9 @@ __global__ void quantize_finalize_kernel(const T* __restrict__ x, int64_t x_rs,
     const T xv = xr[j];
     const T qv = qr[j];
     const float xf = to_f(xv), qf = to_f(qv);
-    // Straight-through value as the reference computes it: t = (q - x) rounded to T, then
-    // x + t rounded to T (not simply q: in low precision the two differ).
-    const T t = from_f<T>(__fsub_rn(qf, xf));
-    out[j] = from_f<T>(__fadd_rn(xf, to_f(t)));
+    // The straight-through value is exactly the chosen code (the reference's
+    // q.detach() + (x - x.detach())); the gradient to x is applied by the backward.
+    out[j] = qv;
     const float diff = __fsub_rn(xf, qf);
     err = __fadd_rn(err, __fmul_rn(diff, diff));
   }

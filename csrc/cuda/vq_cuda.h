@@ -17,7 +17,7 @@
 //                  [0, K) (-1 = padding) is ignored.  Deterministic: rows are stably sorted by
 //                  index and each code's rows are summed in row order (bitwise run to run).
 //   ema_update     cluster_stats + EMA blend + Laplace smoothing, in place on fp32 state.
-//   quantize       search + gather + straight-through value x + (q - x) in x's dtype + loss
+//   quantize       search + gather (the straight-through value is exactly q) + loss
 //                  beta*S/numel [+ S/numel], S = sum (x - q)^2, deterministic reduction.
 //   quantize_backward  grad_x = grad_q + (2 beta/numel) g (x - q);
 //                  grad_codebook[k] = sum_{i: idx_i = k} (-2/numel) g (x_i - q_i) (deterministic).

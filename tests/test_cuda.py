@@ -1,0 +1,449 @@
+"""The CUDA C++ backend (``vqkernels._C_cuda``, csrc/cuda) against the reference.
+
+The shared op tests (test_nearest_code.py, test_cluster_stats.py, ...) already run the ``cuda``
+backend through the ``backend`` fixture.  This file adds what is specific to the CUDA kernels:
+
+* the K-split search (small N, large K: several blocks per row merged in split order), ties
+  across code tiles and across splits (lowest index), D around the 16-dim tile edge;
+* segments spanning many 64-row chunks (a collapsed codebook), ``-1`` rows, D > 256 (several
+  thread blocks along D) in the deterministic sort + segmented sums;
+* non-unit row strides (read in place, no copy: results bitwise equal to the contiguous call);
+* bitwise reproducibility run to run of every op, fused gradients, no N x K memory;
+* ``torch.library.opcheck`` of every op on CUDA tensors, and the binding's error messages.
+
+GPU tests carry the ``cuda`` marker and skip without a GPU; with a GPU but without the built
+extension they skip with the reason, unless ``VQKERNELS_REQUIRE_CUDA=1`` (set by
+benchmarks/gpu_check.sh) turns that into a failure.  The last tests (no GPU needed) check
+``.ci/compile_cuda.sh``; CI runs the script itself (scripts/test.sh), so the full compile here
+runs only with ``VQKERNELS_TEST_NVCC=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import dispatch, reference
+from vqkernels.testing import (
+    CORE_SHAPES,
+    EmaTolerance,
+    case_id,
+    check_cluster_stats,
+    check_distances,
+    check_indices,
+    check_low_precision,
+    make_inputs,
+    noncontiguous,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+OPS = torch.ops.vqkernels
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Shapes that exercise the CUDA tiling on top of the core table: N = 2 with K = 4096 splits K
+# over 64 blocks; K = 16385 leaves a 1-code tile; D = 16/17 sit on the 16-dim tile edge;
+# N = 64/65 on the 64-row block edge.
+CUDA_SHAPES = CORE_SHAPES + ((2, 4096, 16), (3, 16385, 17), (64, 64, 16), (65, 129, 1))
+
+
+@pytest.fixture(scope="module")
+def dev() -> torch.device:
+    """The CUDA device, or skip (fail with VQKERNELS_REQUIRE_CUDA=1) with the reason."""
+    if not HAS_CUDA:
+        pytest.skip("no CUDA GPU on this machine")
+    why = vqkernels.available_backends("cuda")["cuda"]
+    if why:
+        if os.environ.get("VQKERNELS_REQUIRE_CUDA") == "1":
+            pytest.fail(f"VQKERNELS_REQUIRE_CUDA=1 but the cuda backend is unavailable: {why}")
+        pytest.skip(f"cuda backend unavailable: {why}")
+    return torch.device("cuda")
+
+
+cuda = pytest.mark.cuda
+
+
+def _ids(shapes):
+    return [case_id(n, k, d) for n, k, d in shapes]
+
+
+# ---------------------------------------------------------------------------- nearest_code
+
+
+@cuda
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=_ids(CUDA_SHAPES))
+def test_nearest_code_fp32(dev, shape, metric):
+    n, k, d = shape
+    x, cb = make_inputs(n, k, d, seed=n + k + d)
+    idx, dist = OPS.nearest_code(x.to(dev), cb.to(dev), metric)
+    assert idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert idx.shape == (n,) and dist.shape == (n,) and idx.device == dev
+    check_indices(x, cb, idx.cpu(), metric)
+    check_distances(x, cb, idx.cpu(), dist.cpu(), metric)
+
+
+@cuda
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "shape",
+    [(257, 130, 33), (3, 16385, 17), (1000, 512, 64)],
+    ids=_ids([(257, 130, 33), (3, 16385, 17), (1000, 512, 64)]),
+)
+def test_nearest_code_low_precision(dev, shape, dtype, metric):
+    n, k, d = shape
+    x, cb = make_inputs(n, k, d, dtype, seed=1)
+    idx, dist = OPS.nearest_code(x.to(dev), cb.to(dev), metric)
+    check_low_precision(x, cb, idx.cpu(), dist.cpu(), metric)
+
+
+@cuda
+@pytest.mark.parametrize("n", [2, 300], ids=["split-K", "row-blocks"])
+def test_ties_go_to_lowest_index(dev, n):
+    # Integer inputs: every score is exact in fp32 whatever the order, so duplicated codes tie
+    # exactly.  Copies sit in other code tiles and (n = 2) in other K-splits, *after* the first.
+    k, d = 4096, 19
+    x, cb = make_inputs(n, k, d, kind="integer", seed=3)
+    cb[1000] = cb[7]
+    cb[4000] = cb[7]
+    cb[2500:2600] = cb[100:200]
+    x[0] = cb[7]
+    x[1] = cb[150]
+    idx, dist = OPS.nearest_code(x.to(dev), cb.to(dev), "l2")
+    want, want_dist = reference.nearest_code(x, cb, "l2")
+    assert torch.equal(idx.cpu(), want)
+    assert int(idx[0]) == 7 and int(idx[1]) == 150
+    assert torch.equal(dist.cpu(), want_dist)  # exact integer arithmetic
+    # Cosine: identical codes give bit-identical scores in the kernel, so the first one wins.
+    idx_c, _ = OPS.nearest_code(x.to(dev), cb.to(dev), "cosine")
+    check_indices(x, cb, idx_c.cpu(), "cosine")
+    assert int(idx_c[0]) <= 7
+
+
+@cuda
+@pytest.mark.parametrize("how", ["row-strided", "col-strided", "transposed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_strided_inputs_bitwise_equal(dev, how, dtype):
+    x, cb = make_inputs(131, 257, 35, dtype, seed=5, device=dev)
+    for metric in ("l2", "cosine"):
+        idx, dist = OPS.nearest_code(x, cb, metric)
+        idx_s, dist_s = OPS.nearest_code(noncontiguous(x, how), noncontiguous(cb, how), metric)
+        # Same per-(row, code) FMA order whatever the strides: identical bits.
+        assert torch.equal(idx, idx_s) and torch.equal(dist, dist_s)
+    q, qi, loss = OPS.quantize(x, cb, 0.25, "l2", True)
+    q_s, qi_s, loss_s = OPS.quantize(
+        noncontiguous(x, how), noncontiguous(cb, how), 0.25, "l2", True
+    )
+    assert torch.equal(q, q_s) and torch.equal(qi, qi_s) and torch.equal(loss, loss_s)
+
+
+@cuda
+def test_public_api_dispatches_to_cuda(dev):
+    assert dispatch.resolve("auto", dev) == "cuda"
+    x, cb = make_inputs(6 * 7, 50, 12, seed=2)
+    x4 = x.reshape(2, 3, 7, 12).to(dev)
+    idx, dist = vqkernels.nearest_code(x4, cb.to(dev), return_distance=True, backend="cuda")
+    assert idx.shape == (2, 3, 7) and dist.shape == (2, 3, 7)
+    check_indices(x, cb, idx.reshape(-1).cpu())
+
+
+@cuda
+def test_no_n_by_k_buffer(dev):
+    n, k, d = 4096, 65536, 32
+    x, cb = make_inputs(n, k, d, seed=4, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    OPS.nearest_code(x, cb, "l2")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated(dev) - base
+    assert extra < n * k * 4 // 64, (
+        f"nearest_code used {extra} extra bytes (N x K fp32 = {n * k * 4})"
+    )
+
+
+# --------------------------------------------------------------- cluster_stats / ema_update_
+
+
+def _indices(n: int, k: int, kind: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        return torch.randint(0, k, (n,), generator=g)
+    if kind == "masked":  # a third of the rows ignored
+        idx = torch.randint(0, k, (n,), generator=g)
+        idx[torch.rand(n, generator=g) < 1 / 3] = -1
+        return idx
+    if kind == "collapsed":  # most rows on one code: its segment spans many 64-row chunks
+        idx = torch.randint(0, k, (n,), generator=g)
+        idx[torch.rand(n, generator=g) < 0.9] = k // 2
+        return idx
+    if kind == "blocks":  # long sorted runs of a few codes, chunk edges inside and between them
+        return (torch.arange(n) * 7 // max(n, 1)).clamp_max(k - 1).flip(0)
+    raise ValueError(kind)
+
+
+STATS_CASES = [
+    (0, 5, 3, "uniform"),
+    (1, 1, 1, "uniform"),
+    (37, 100, 3, "uniform"),  # K > N
+    (200, 1, 7, "masked"),  # one code, 200 rows: 4 chunks
+    (1000, 64, 17, "collapsed"),
+    (4099, 33, 5, "blocks"),
+    (513, 130, 300, "masked"),  # D > 256: two thread blocks along D
+    (3000, 7, 64, "collapsed"),
+]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "case", STATS_CASES, ids=[f"{case_id(n, k, d)}-{kind}" for n, k, d, kind in STATS_CASES]
+)
+def test_cluster_stats(dev, case, dtype):
+    n, k, d, kind = case
+    x, _ = make_inputs(n, 1, d, dtype, seed=n + d)
+    idx = _indices(n, k, kind, seed=k)
+    counts, sums = OPS.cluster_stats(x.to(dev), idx.to(dev), k)
+    check_cluster_stats(x, idx, k, counts.cpu(), sums.cpu())
+    # Sums accumulate in float64 and round once, like the reference: equal but for rare ulps.
+    _, want = reference.cluster_stats(x, idx, k)
+    assert float((sums.cpu() != want).float().mean() if sums.numel() else 0.0) < 0.01
+
+
+@cuda
+def test_cluster_stats_ignores_out_of_range_and_int32(dev):
+    x, _ = make_inputs(50, 1, 4, seed=9, device=dev)
+    idx = torch.arange(50, device=dev) % 6 - 1  # -1 .. 4 with K = 4: -1 and 4 ignored
+    counts, sums = OPS.cluster_stats(x, idx, 4)
+    keep = (idx >= 0) & (idx < 4)
+    check_cluster_stats(x[keep].cpu(), idx[keep].cpu(), 4, counts.cpu(), sums.cpu())
+    c32, s32 = OPS.cluster_stats(x, idx.to(torch.int32), 4)
+    assert torch.equal(c32, counts) and torch.equal(s32, sums)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("decay", [0.99, 0.5, 0.0])
+def test_ema_update_matches_reference(dev, decay, dtype):
+    k, d, eps = 70, 33, 1e-5
+    g = torch.Generator().manual_seed(11)
+    state = (torch.randn(k, d, generator=g), torch.rand(k, generator=g) + 0.5)
+    state = (state[0], state[1], state[0] * state[1].unsqueeze(1))
+    ref = tuple(t.clone() for t in state)
+    got = tuple(t.clone().to(dev) for t in state)
+    tol = EmaTolerance(k, d, eps)
+    for step, kind in enumerate(["uniform", "masked", "collapsed"]):
+        x, _ = make_inputs(700, 1, d, dtype, seed=step)
+        idx = _indices(700, k, kind, seed=step)
+        reference.ema_update_(*ref, x, idx, decay, eps)
+        OPS.ema_update_(*got, x.to(dev), idx.to(dev), decay, eps)
+        tol.step(x, idx, decay, ref[2])
+        tol.check(got, ref)
+
+
+@cuda
+def test_ema_update_in_place_and_checked(dev):
+    cb = torch.zeros(8, 4, device=dev)
+    cs = torch.ones(8, device=dev)
+    es = torch.zeros(8, 4, device=dev)
+    ptrs = (cb.data_ptr(), cs.data_ptr(), es.data_ptr())
+    x = torch.ones(16, 4, device=dev)
+    idx = torch.arange(16, device=dev) % 8
+    OPS.ema_update_(cb, cs, es, x, idx, 0.5, 1e-5)
+    assert ptrs == (cb.data_ptr(), cs.data_ptr(), es.data_ptr())
+    assert torch.allclose(cs, torch.full_like(cs, 1.5)) and torch.allclose(es, torch.ones_like(es))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        OPS.ema_update_(cb.t().contiguous().t(), cs, es, x, idx, 0.5, 1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        OPS.ema_update_(cb.half(), cs, es, x, idx, 0.5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------- quantize
+
+
+def _reference_grads(x, cb, idx, beta, codebook_loss, grad_q, grad_loss):
+    """Reference closed-form backward (on CPU) with the CUDA run's own indices."""
+    gx, gcb = reference.quantize_backward(
+        grad_q.cpu(),
+        grad_loss.cpu(),
+        x.detach().cpu(),
+        cb.detach().cpu(),
+        idx.cpu(),
+        beta,
+        codebook_loss,
+    )
+    return gx, gcb
+
+
+@cuda
+@pytest.mark.parametrize("codebook_loss", [True, False], ids=["cb-loss", "commit-only"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "shape",
+    [(0, 5, 3), (1, 1, 1), (257, 130, 33), (3, 4096, 17), (2000, 16, 300)],
+    ids=_ids([(0, 5, 3), (1, 1, 1), (257, 130, 33), (3, 4096, 17), (2000, 16, 300)]),
+)
+def test_quantize_forward_backward(dev, shape, dtype, metric, codebook_loss):
+    n, k, d = shape
+    beta = 0.25
+    x0, cb0 = make_inputs(n, k, d, dtype, seed=7, kind="clustered")
+    x = x0.to(dev).requires_grad_(True)
+    cb = cb0.to(dev).requires_grad_(codebook_loss)
+    q, idx, loss = vqkernels.quantize(x, cb, beta, metric, backend="cuda")
+    assert q.dtype == dtype and q.shape == (n, d) and idx.shape == (n,) and loss.shape == ()
+    assert loss.dtype == torch.float32
+    if dtype == torch.float32:
+        check_indices(x0, cb0, idx.cpu(), metric)
+    else:
+        check_low_precision(x0, cb0, idx.cpu(), None, metric)
+    # The value is exactly the chosen codes.
+    assert torch.equal(q.detach().cpu(), cb0[idx.cpu()])
+    # Loss from the same indices, fp32 (the kernel sums in fp32 per row, fp64 across rows).
+    numel = max(n * d, 1)
+    s = ((x0.float() - cb0[idx.cpu()].float()) ** 2).sum().double()
+    want = beta * s / numel + (s / numel if codebook_loss else 0.0)
+    assert abs(float(loss.detach()) - float(want)) <= 1e-5 * abs(float(want)) + 1e-30
+    if n == 0:
+        assert float(loss.detach()) == 0.0
+    # Backward through the registered autograd (quantize_backward kernel).
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(n, d, generator=g).to(device=dev, dtype=dtype)
+    (loss * 3.0 + (q * w).float().sum()).backward()
+    gx_ref, gcb_ref = _reference_grads(x0, cb0, idx, beta, codebook_loss, w, torch.tensor(3.0))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(x.grad.cpu(), gx_ref, **tol)
+    if codebook_loss:
+        torch.testing.assert_close(cb.grad.cpu(), gcb_ref, **tol)
+    else:
+        assert cb.grad is None
+
+
+@cuda
+def test_quantize_backward_raw(dev):
+    n, k, d = 1500, 10, 9  # ~150 rows per code: several chunks per segment
+    x, cb = make_inputs(n, k, d, seed=8, device=dev, kind="clustered")
+    idx, _ = OPS.nearest_code(x, cb, "l2")
+    gq = torch.randn(n, d, device=dev)
+    gl = torch.tensor(0.7, device=dev)
+    gx, gcb = OPS.quantize_backward(gq, gl, x, cb, idx, 0.4, True)
+    gx_ref, gcb_ref = _reference_grads(x, cb, idx, 0.4, True, gq, gl)
+    # grad_x: the same fp32 operations elementwise as the reference.
+    torch.testing.assert_close(gx.cpu(), gx_ref, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gcb.cpu(), gcb_ref, rtol=1e-5, atol=1e-7)
+    gx2, gcb2 = OPS.quantize_backward(gq, gl, x, cb, idx, 0.4, False)
+    assert torch.equal(gx2, gx) and gcb2.shape == (0,) and gcb2.dtype == cb.dtype
+
+
+# ------------------------------------------------------------------------------- determinism
+
+
+@cuda
+def test_bitwise_reproducible(dev):
+    n, k, d = 20000, 512, 64
+    x, cb = make_inputs(n, k, d, seed=12, device=dev)
+    runs = [OPS.nearest_code(x, cb, "l2") for _ in range(3)]
+    assert all(torch.equal(r[0], runs[0][0]) and torch.equal(r[1], runs[0][1]) for r in runs)
+    idx = _indices(n, k, "collapsed").to(dev)
+    stats = [OPS.cluster_stats(x, idx, k) for _ in range(3)]
+    assert all(torch.equal(s[1], stats[0][1]) and torch.equal(s[0], stats[0][0]) for s in stats)
+    states = []
+    for _ in range(3):
+        st = (cb.clone(), torch.ones(k, device=dev), cb.clone())
+        OPS.ema_update_(*st, x, idx, 0.99, 1e-5)
+        states.append(st)
+    assert all(all(torch.equal(a, b) for a, b in zip(s, states[0])) for s in states)
+    outs = []
+    for _ in range(3):
+        xx = x.clone().requires_grad_(True)
+        cc = cb.clone().requires_grad_(True)
+        q, _, loss = OPS.quantize(xx, cc, 0.25, "l2", True)
+        (loss + q.sum()).backward()
+        outs.append((loss.detach(), xx.grad, cc.grad))
+    assert all(all(torch.equal(a, b) for a, b in zip(o, outs[0])) for o in outs)
+
+
+# ----------------------------------------------------------------------------------- opcheck
+
+
+@cuda
+def test_opcheck(dev):
+    x, cb = make_inputs(37, 16, 5, seed=13, device=dev, kind="clustered")
+    idx = _indices(37, 16, "masked").to(dev)
+    for metric in ("l2", "cosine"):
+        torch.library.opcheck(OPS.nearest_code.default, (x, cb, metric))
+    torch.library.opcheck(OPS.cluster_stats.default, (x, idx, 16))
+    state = (cb.clone(), torch.ones(16, device=dev), cb.clone())
+    torch.library.opcheck(OPS.ema_update_.default, (*state, x, idx, 0.9, 1e-5))
+    for cb_loss in (True, False):
+        xr = x.clone().requires_grad_(True)
+        cr = cb.clone().requires_grad_(cb_loss)
+        torch.library.opcheck(OPS.quantize.default, (xr, cr, 0.25, "l2", cb_loss))
+    qidx, _ = OPS.nearest_code(x, cb, "l2")
+    gq = torch.randn_like(x)
+    gl = torch.tensor(1.5, device=dev)
+    for cb_loss in (True, False):
+        torch.library.opcheck(OPS.quantize_backward.default, (gq, gl, x, cb, qidx, 0.25, cb_loss))
+
+
+@cuda
+def test_binding_errors(dev):
+    x, cb = make_inputs(4, 3, 2, seed=0, device=dev)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        OPS.nearest_code(x, cb.cpu(), "l2")
+    with pytest.raises(RuntimeError, match="same dtype"):
+        OPS.nearest_code(x, cb.half(), "l2")
+    with pytest.raises(RuntimeError, match="metric"):
+        OPS.nearest_code(x, cb, "l1")
+    with pytest.raises(RuntimeError, match="D="):
+        OPS.quantize(x, cb[:, :1], 0.25, "l2", False)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        OPS.cluster_stats(x, torch.zeros(3, dtype=torch.int64, device=dev), 3)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        OPS.nearest_code(x.double(), cb.double(), "l2")
+
+
+# ----------------------------------------------------------------- nvcc compile (no GPU needed)
+
+SCRIPT = ROOT / ".ci" / "compile_cuda.sh"
+
+
+def test_compile_script_skips_cleanly_without_nvcc(tmp_path):
+    # A PATH holding only `dirname` (the script's first external command): no nvcc to find.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "dirname").symlink_to(shutil.which("dirname"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NVCC", "CUDA_HOME")}
+    env["PATH"] = str(bindir)
+    res = subprocess.run(
+        [shutil.which("bash"), str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SKIP: nvcc not found" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+@pytest.mark.skipif(
+    os.environ.get("VQKERNELS_TEST_NVCC") != "1",
+    reason="CI runs .ci/compile_cuda.sh directly (scripts/test.sh); set VQKERNELS_TEST_NVCC=1",
+)
+def test_compile_script_compiles_every_cu():
+    res = subprocess.run(
+        ["bash", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        assert f"ok   csrc/cuda/{cu.name}" in res.stdout, res.stdout
