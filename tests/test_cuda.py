@@ -20,7 +20,9 @@ runs only with ``VQKERNELS_TEST_NVCC=1``.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -409,6 +411,217 @@ def test_binding_errors(dev):
         OPS.cluster_stats(x, torch.zeros(3, dtype=torch.int64, device=dev), 3)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         OPS.nearest_code(x.double(), cb.double(), "l2")
+
+
+# -------------------------------------------- the kernels on a host emulator (no GPU needed)
+#
+# csrc/cuda/host_emulation.h runs the CUDA kernels' own code on CPU threads (one OS thread per
+# CUDA thread, real barriers and warp shuffles; see its header).  The launchers are driven
+# through ctypes on CPU tensors and compared with the reference, so the index arithmetic, tiling,
+# K-split merging, workspace carving, sort + segmented sums and rounding steps are exercised in
+# CI, where nothing CUDA can run.  The emulator is slow: the shapes stay small.
+
+_LAUNCH = re.compile(r"([\w:]+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_VP, _I64, _INT, _SZ, _DBL = (
+    ctypes.c_void_p,
+    ctypes.c_int64,
+    ctypes.c_int,
+    ctypes.c_size_t,
+    ctypes.c_double,
+)
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_METRIC = {"l2": 0, "cosine": 1}
+
+
+def _cuda_include() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and (Path(home) / "include" / "cuda_fp16.h").exists():
+            return str(Path(home) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        inc = Path(nvcc).resolve().parents[1] / "include"
+        if (inc / "cuda_fp16.h").exists():
+            return str(inc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The CUDA launchers compiled for the host emulator (ctypes library), or skip."""
+    inc = _cuda_include()
+    cxx = shutil.which("g++")
+    if inc is None or cxx is None:
+        pytest.skip("host emulation needs the CUDA headers (cuda_fp16.h) and g++")
+    out = tmp_path_factory.mktemp("cuda_emu")
+    srcs = []
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        text = cu.read_text().replace("#include <cub/device/device_radix_sort.cuh>", "")
+        text, nlaunch = _LAUNCH.subn(
+            lambda m: f"vqk_emu::launch({m.group(2)}, {m.group(1)}, ", text
+        )
+        assert "<<<" not in text, f"unconverted launch in {cu.name}"
+        text = text.replace("cudaGetLastError()", "vqk_emu::get_last_error()")
+        text = text.replace("cudaMemsetAsync(", "vqk_emu::memset_async(")
+        dst = out / f"{cu.stem}.cpp"
+        dst.write_text(f'#include "host_emulation.h"\n#line 1 "{cu}"\n{text}')
+        srcs.append(str(dst))
+    lib_path = out / "libvq_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
+           f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs, "-o",
+           str(lib_path)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lib = ctypes.CDLL(str(lib_path))
+    sigs = {
+        "vq_nearest_code_workspace_bytes": (_SZ, [_I64, _I64, _INT]),
+        "vq_nearest_code": (_INT, [_VP, _I64, _VP, _I64, _I64, _I64, _I64, _INT, _INT, _INT,
+                                   _VP, _VP, _VP, _VP]),
+        "vq_cluster_stats_workspace_bytes": (_SZ, [_I64, _I64, _I64]),
+        "vq_cluster_stats": (_INT, [_VP, _I64, _VP, _I64, _I64, _I64, _INT, _VP, _VP, _VP, _VP]),
+        "vq_ema_update_workspace_bytes": (_SZ, [_I64, _I64, _I64]),
+        "vq_ema_update": (_INT, [_VP, _VP, _VP, _VP, _I64, _VP, _I64, _I64, _I64, _INT, _DBL,
+                                 _DBL, _VP, _VP]),
+        "vq_quantize_workspace_bytes": (_SZ, [_I64, _I64, _INT]),
+        "vq_quantize": (_INT, [_VP, _I64, _VP, _I64, _I64, _I64, _I64, _INT, _INT, _DBL,
+                               ctypes.c_bool, _INT, _VP, _VP, _VP, _VP, _VP]),
+        "vq_quantize_backward_workspace_bytes": (_SZ, [_I64, _I64, _I64, ctypes.c_bool]),
+        "vq_quantize_backward": (_INT, [_VP, _I64, _VP, _VP, _I64, _VP, _I64, _VP, _I64, _I64,
+                                        _I64, _INT, _DBL, ctypes.c_bool, _VP, _VP, _VP, _VP]),
+    }  # fmt: skip
+    for name, (res_t, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res_t, args
+    return lib
+
+
+def _p(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _ws(nbytes: int) -> torch.Tensor:
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8)
+
+
+def _emu_nearest(lib, x, cb, metric, sms):
+    n, d = x.shape
+    k = cb.shape[0]
+    idx = torch.empty(n, dtype=torch.int64)
+    dist = torch.empty(n, dtype=torch.float32)
+    ws = _ws(lib.vq_nearest_code_workspace_bytes(n, k, sms))
+    err = lib.vq_nearest_code(_p(x), x.stride(0), _p(cb), cb.stride(0), n, k, d, _DT[x.dtype],
+                              _METRIC[metric], sms, _p(ws), _p(idx), _p(dist), None)  # fmt: skip
+    assert err == 0, f"launcher returned CUDA error {err}"
+    return idx, dist
+
+
+def _emu_quantize(lib, x, cb, beta, metric, cb_loss, sms):
+    n, d = x.shape
+    k = cb.shape[0]
+    q = torch.empty(n, d, dtype=x.dtype)
+    idx = torch.empty(n, dtype=torch.int64)
+    loss = torch.empty((), dtype=torch.float32)
+    ws = _ws(lib.vq_quantize_workspace_bytes(n, k, sms))
+    err = lib.vq_quantize(_p(x), x.stride(0), _p(cb), cb.stride(0), n, k, d, _DT[x.dtype],
+                          _METRIC[metric], beta, cb_loss, sms, _p(ws), _p(q), _p(idx), _p(loss),
+                          None)  # fmt: skip
+    assert err == 0, f"launcher returned CUDA error {err}"
+    return q, idx, loss
+
+
+def _emu_backward(lib, gq, gl, x, cb, idx, beta, cb_loss):
+    n, d = x.shape
+    k = cb.shape[0]
+    gx = torch.empty(n, d, dtype=x.dtype)
+    gcb = torch.empty(k, d, dtype=cb.dtype) if cb_loss else None
+    ws = _ws(lib.vq_quantize_backward_workspace_bytes(n, k, d, cb_loss))
+    err = lib.vq_quantize_backward(_p(gq), gq.stride(0), _p(gl), _p(x), x.stride(0), _p(cb),
+                                   cb.stride(0), _p(idx), n, k, d, _DT[x.dtype], beta, cb_loss,
+                                   _p(ws), _p(gx), _p(gcb), None)  # fmt: skip
+    assert err == 0, f"launcher returned CUDA error {err}"
+    return gx, gcb
+
+
+EMU_SHAPES = [(1, 1, 1), (7, 1, 13), (37, 16, 3), (2, 300, 16), (70, 130, 35)]
+
+
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=_ids(EMU_SHAPES))
+def test_emulated_nearest_code(emu, shape):
+    n, k, d = shape
+    x, cb = make_inputs(n, k, d, seed=n + k + d)
+    for metric in ("l2", "cosine"):
+        # 1 SM: no K-split; 132 SMs: K split over up to 64-code slices.  Same bits either way.
+        idx, dist = _emu_nearest(emu, x, cb, metric, sms=1)
+        idx_s, dist_s = _emu_nearest(emu, x, cb, metric, sms=132)
+        assert torch.equal(idx, idx_s) and torch.equal(dist, dist_s)
+        check_indices(x, cb, idx, metric)
+        check_distances(x, cb, idx, dist, metric)
+    xb, cbb = x.to(torch.bfloat16), cb.to(torch.bfloat16)
+    idx, dist = _emu_nearest(emu, xb, cbb, "l2", sms=132)
+    check_low_precision(xb, cbb, idx, dist, "l2")
+
+
+def test_emulated_ties_and_strides(emu):
+    k, d = 300, 19
+    x, cb = make_inputs(3, k, d, kind="integer", seed=3)
+    cb[290] = cb[7]
+    cb[200:230] = cb[100:130]
+    x[0], x[1] = cb[7], cb[120]
+    idx, dist = _emu_nearest(emu, x, cb, "l2", sms=132)  # codes 7 and 290 in different splits
+    want, want_dist = reference.nearest_code(x, cb, "l2")
+    assert torch.equal(idx, want) and torch.equal(dist, want_dist)
+    assert idx[:2].tolist() == [7, 120]
+    xs, cbs = noncontiguous(x, "row-strided"), noncontiguous(cb, "row-strided")
+    idx_s, dist_s = _emu_nearest(emu, xs, cbs, "l2", sms=132)
+    assert torch.equal(idx_s, idx) and torch.equal(dist_s, dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_emulated_cluster_stats_and_ema(emu, dtype):
+    k, d = 9, 40
+    for n, kind in ((0, "uniform"), (300, "collapsed"), (200, "blocks"), (150, "masked")):
+        x, _ = make_inputs(n, 1, d, dtype, seed=n)
+        idx = _indices(n, k, kind, seed=n)
+        counts = torch.empty(k)
+        sums = torch.empty(k, d)
+        ws = _ws(emu.vq_cluster_stats_workspace_bytes(n, k, d))
+        err = emu.vq_cluster_stats(_p(x), x.stride(0), _p(idx), n, k, d, _DT[dtype], _p(ws),
+                                   _p(counts), _p(sums), None)  # fmt: skip
+        assert err == 0
+        check_cluster_stats(x, idx, k, counts, sums)
+        g = torch.Generator().manual_seed(n)
+        cs0 = torch.rand(k, generator=g) + 0.5
+        es0 = torch.randn(k, d, generator=g)
+        ref = (torch.zeros(k, d), cs0.clone(), es0.clone())
+        got = (torch.zeros(k, d), cs0.clone(), es0.clone())
+        reference.ema_update_(*ref, x, idx, 0.9, 1e-5)
+        ws = _ws(emu.vq_ema_update_workspace_bytes(n, k, d))
+        err = emu.vq_ema_update(_p(got[0]), _p(got[1]), _p(got[2]), _p(x), x.stride(0), _p(idx),
+                                n, k, d, _DT[dtype], 0.9, 1e-5, _p(ws), None)  # fmt: skip
+        assert err == 0
+        tol = EmaTolerance(k, d, 1e-5)
+        tol.step(x, idx, 0.9, ref[2])
+        tol.check(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_emulated_quantize(emu, dtype):
+    n, k, d, beta = 150, 6, 20, 0.3  # ~25 rows per code; 3 chunks of 64 sorted rows
+    x, cb = make_inputs(n, k, d, dtype, seed=21, kind="clustered")
+    for cb_loss in (True, False):
+        q, idx, loss = _emu_quantize(emu, x, cb, beta, "l2", cb_loss, sms=132)
+        rq, ridx, rloss = reference.quantize(x, cb, beta, "l2", cb_loss)
+        assert torch.equal(idx, ridx) and torch.equal(q, rq)
+        torch.testing.assert_close(loss, rloss, rtol=1e-5, atol=0)
+    _, _, loss0 = _emu_quantize(emu, x[:0], cb, beta, "l2", True, sms=132)
+    assert float(loss0) == 0.0
+    gq = torch.randn(n, d).to(dtype)
+    gl = torch.tensor(1.7)
+    for cb_loss in (True, False):
+        gx, gcb = _emu_backward(emu, gq, gl, x, cb, idx, beta, cb_loss)
+        rgx, rgcb = reference.quantize_backward(gq, gl, x, cb, idx, beta, cb_loss)
+        assert torch.equal(gx, rgx)  # the same fp32 operations elementwise
+        if cb_loss:
+            torch.testing.assert_close(gcb, rgcb, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------- nvcc compile (no GPU needed)
