@@ -22,12 +22,15 @@ Numerics and precision
 
 torch.compile
 -------------
-A training step (forward, loss, backward, EMA update) with the plain EMA layer compiles with
-``fullgraph=True`` when the ops dispatch to a registered kernel (``cpu``/``cuda`` backends): the EMA
-update is a custom op that mutates the module's buffers.  Under ``torch.compiler.is_compiling()``:
-input value checks are skipped (shape/dtype checks are static and stay), usage/perplexity tracking
-and dead-code restarts run as tensor-only code (no host sync, no data-dependent Python branch),
-k-means init does *not* run (it is eager-only: run one eager training step first or call
+A training step (forward, loss, ``loss.backward()``, EMA update) of a model using the plain EMA
+layer compiles with ``fullgraph=True`` (``tests/test_compile.py``, ``cpu`` and ``reference``
+backends; ``loss.backward()`` inside the compiled function needs
+``torch._dynamo.config.trace_autograd_ops=True``).  The EMA update is a custom op that mutates the
+module's buffers (or, on the reference backend, plain in-place PyTorch).  Under
+``torch.compiler.is_compiling()``: input value checks are skipped (shape/dtype checks are static
+and stay); usage/perplexity tracking and dead-code restarts run as tensor-only code (no host sync,
+no data-dependent Python branch; the restarts also compile, with masks); k-means init does *not*
+run (it is eager-only: run one eager training step first or call
 :meth:`VectorQuantizer.init_codebook_`; a compiled forward on an un-initialized k-means layer
 raises).  Distributed synchronisation is exercised eagerly only.
 
