@@ -268,26 +268,19 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     for n, d, k in shapes:
-        for p in providers:
-            row = harness.bench_case(
-                OP,
+        cases = [
+            (
                 p,
-                MODULE,
-                "make_provider",
                 dict(provider=p, n=n, d=d, k=k, device=device),
-                args=args,
-                extra={
-                    "case": shape_label(n, d, k),
-                    "dtype": "bfloat16" if "bf16" in p else "float32",
-                },
-                check=make_check(p, n, d, k, device),
+                {"case": shape_label(n, d, k), "dtype": "bfloat16" if "bf16" in p else "float32"},
+                make_check(p, n, d, k, device),
             )
+            for p in providers
+        ]
+        # Round-robin timing: every provider of a shape sees the same machine load.
+        for row in harness.bench_group(OP, MODULE, "make_provider", cases, args=args):
             rows.append(row)
-            print(
-                f"  {row['case']:22s} {p:28s} {harness._cell(row['median_ms']):>9s} ms  "
-                f"{row['status']} {row['reason'][:90]}",
-                flush=True,
-            )
+            harness.progress(row)
         _gold_cache.clear()
 
     peak1 = harness.gemm_peak_flops(device, torch.float32)

@@ -135,17 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     rows: list[dict[str, Any]] = []
     for n, d, k in QUICK_SHAPES if args.quick else SHAPES:
-        for p in providers:
-            row = harness.bench_case(
-                OP,
+        cases = [
+            (
                 p,
-                MODULE,
-                "make_provider",
                 dict(provider=p, n=n, d=d, k=k, device=device),
-                args=args,
-                extra={"case": label(n, d, k)},
-                check=make_check(n, d, k, device),
+                {"case": label(n, d, k)},
+                make_check(n, d, k, device),
             )
+            for p in providers
+        ]
+        # Round-robin timing: every provider of a shape sees the same machine load.
+        for row in harness.bench_group(OP, MODULE, "make_provider", cases, args=args):
             rows.append(row)
             harness.progress(row)
         _gold.clear()

@@ -134,6 +134,34 @@ def _is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def _time_once(fn: Callable[[], Any], cuda: bool) -> float:
+    """Milliseconds of one call: CUDA events around it (then wait for the end event) on a GPU,
+    ``perf_counter`` on the CPU."""
+    if cuda:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _timing(times: list[float], warmup: int) -> Timing:
+    srt = sorted(times)
+    return Timing(
+        median_ms=float(statistics.median(srt)),
+        p20_ms=_quantile(srt, 0.2),
+        p80_ms=_quantile(srt, 0.8),
+        repeats=len(times),
+        warmup=warmup,
+        times_ms=list(times),
+    )
+
+
 def time_fn(
     fn: Callable[[], Any],
     *,
@@ -160,17 +188,7 @@ def time_fn(
     cuda = _is_cuda(device)
 
     def one() -> float:
-        if cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        return _time_once(fn, cuda)
 
     for _ in range(warmup):
         fn()
@@ -184,15 +202,46 @@ def time_fn(
         times.append(one())
     if cuda:
         torch.cuda.synchronize()
-    srt = sorted(times)
-    return Timing(
-        median_ms=float(statistics.median(srt)),
-        p20_ms=_quantile(srt, 0.2),
-        p80_ms=_quantile(srt, 0.8),
-        repeats=len(times),
-        warmup=warmup,
-        times_ms=times,
-    )
+    return _timing(times, warmup)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: str | torch.device = "cpu",
+    min_rounds: int = 3,
+    max_rounds: int = 20,
+    target_s: float = 1.5,
+    max_calls_per_round: int = 8,
+) -> dict[str, Timing]:
+    """Time several already warmed-up providers of ONE case round-robin.
+
+    On a shared machine the load changes over minutes; timing provider A for a while and then
+    provider B compares them under different loads.  Here every round calls every provider
+    (fast ones several times, so each round spends comparable time on each), so all providers
+    see the same load history and their *ratios* are meaningful even when absolute times are not.
+
+    Each provider's first timed call estimates its cost ``t_p``; a round gives provider ``p``
+    ``clamp(round(max_q t_q / t_p), 1, max_calls_per_round)`` calls; the number of rounds makes
+    the whole case last about ``target_s · len(fns)`` seconds, within ``[min_rounds, max_rounds]``.
+
+    Returns:
+        provider -> :class:`Timing` over all its timed calls (warmup = 0: the caller warmed up).
+    """
+    cuda = _is_cuda(device)
+    if cuda:
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {p: [_time_once(f, cuda)] for p, f in fns.items()}
+    est = {p: max(t[0], 1e-3) for p, t in times.items()}
+    slowest = max(est.values())
+    calls = {p: int(min(max_calls_per_round, max(1, round(slowest / e)))) for p, e in est.items()}
+    round_ms = sum(calls[p] * est[p] for p in fns)
+    rounds = int(min(max_rounds, max(min_rounds, round(target_s * 1e3 * len(fns) / round_ms))))
+    for _ in range(rounds):
+        for p, f in fns.items():
+            for _ in range(calls[p]):
+                times[p].append(_time_once(f, cuda))
+    return {p: _timing(t, 0) for p, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +443,80 @@ def bench_case(
                 status="skipped" if m.get("skip") else "error", reason="memory: " + m["reason"]
             )
     return row
+
+
+def bench_group(
+    op: str,
+    module: str,
+    factory: str,
+    cases: Sequence[tuple[str, dict[str, Any], dict[str, Any] | None, Callable | None]],
+    *,
+    args: argparse.Namespace | None = None,
+    **interleave_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """All providers of one shape, timed round-robin (see :func:`time_interleaved`).
+
+    Args:
+        cases: ``(provider, params, extra, check)`` per provider: ``module.factory(**params)``
+            builds it, ``extra`` is merged into its row, ``check(output) -> dict`` (or None)
+            checks the output of its first call, which is also its warm-up.
+
+    Returns:
+        One row per provider, with the keys of :func:`bench_case`; providers that raise
+        :class:`Skip` or fail while building, checking or warming up get a row with the reason
+        and do not take part in the timing.
+    """
+    if args is not None and getattr(args, "quick", False):
+        interleave_kwargs.setdefault("target_s", 0.3)
+        interleave_kwargs.setdefault("max_rounds", 3)
+        interleave_kwargs.setdefault("min_rounds", 2)
+    rows: dict[str, dict[str, Any]] = {}
+    fns: dict[str, Callable[[], Any]] = {}
+    device = "cpu"
+    for provider, params, extra, check in cases:
+        device = params.get("device", "cpu")
+        row: dict[str, Any] = {"op": op, "provider": provider, **params, **(extra or {})}
+        row.update(status="ok", reason="", median_ms=None, p20_ms=None, p80_ms=None, repeats=0)
+        row.update(extra_mib=None, mem_method="", timing="interleaved")
+        rows[provider] = row
+        try:
+            fn = getattr(importlib.import_module(module), factory)(**params)
+            out = fn()  # warm-up (compilation, lazy init) and the checked output
+            if _is_cuda(device):
+                torch.cuda.synchronize()
+            if check is not None:
+                row.update(check(out))
+            del out
+            fns[provider] = fn
+        except Skip as exc:
+            row.update(status="skipped", reason=str(exc))
+        except Exception as exc:
+            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+            if os.environ.get("VQKERNELS_BENCH_TRACEBACK"):
+                traceback.print_exc()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if fns:
+        try:
+            timings = time_interleaved(fns, device=device, **interleave_kwargs)
+        except Exception as exc:  # one provider failing mid-run: fall back to one at a time
+            timings = {}
+            for p, f in fns.items():
+                try:
+                    timings[p] = time_fn(f, device=device, warmup=0)
+                except Exception as exc2:
+                    rows[p].update(status="error", reason=f"{type(exc2).__name__}: {exc2}")
+            print(f"interleaved timing failed ({exc}); timed one provider at a time", flush=True)
+        for p, t in timings.items():
+            rows[p].update(
+                median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats
+            )
+    for row in rows.values():
+        row["loadavg"] = load
+    del fns
+    gc.collect()
+    if _is_cuda(device):
+        torch.cuda.empty_cache()
+    return list(rows.values())
 
 
 # ---------------------------------------------------------------------------------------------
