@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         device, elapsed_s=round(time.time() - t_start, 1), quick=args.quick, decay=DECAY, eps=EPS
     )
     name = "ema_update" if device == "cpu" else "gpu_ema_update"
+    name += args.suffix
     written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
     if args.out is not None:
         written.append(
@@ -226,8 +227,37 @@ def main(argv: list[str] | None = None) -> int:
                 f"(commit {meta['commit'][:8]})",
             )
         )
+    written.append(
+        harness.write_markdown(
+            name,
+            args.out,
+            meta,
+            [
+                (
+                    "Time per update (ms; median, 20/80 %), fp32",
+                    rows,
+                    ["case", "provider", "median_ms", "p20_ms", "p80_ms", "max_abs_err", "reason"],
+                ),
+                (
+                    "vqkernels speedup",
+                    summary,
+                    [
+                        "case",
+                        "ours",
+                        "ours_ms",
+                        "reference_ms",
+                        "onehot_ms",
+                        "vs_reference",
+                        "vs_onehot",
+                    ],
+                ),
+                ("Peak extra memory (MiB)", mem_rows, ["case", "provider", "extra_mib", "reason"]),
+            ],
+        )
+    )
     for pth in written:
-        print(f"wrote {pth}")
+        if pth is not None:
+            print(f"wrote {pth}")
     return 0
 
 

@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
     )
     name = "nearest_code" if device == "cpu" else "gpu_nearest_code"
+    name += args.suffix
     written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
     if args.out is not None:
         written.append(
@@ -402,8 +403,35 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.threads} threads (commit {meta['commit'][:8]})",
             )
         )
+    md_cols = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "gflops", "floor_x", "agree"]
+    written.append(
+        harness.write_markdown(
+            name,
+            args.out,
+            meta,
+            [
+                ("Time per call (ms; median, 20/80 %), fp32 L2", rows, md_cols),
+                (
+                    "vqkernels vs the best other provider (speedup = best_other_ms / ours_ms)",
+                    summary,
+                    [
+                        "case",
+                        "ours",
+                        "ours_ms",
+                        "best_other",
+                        "best_other_ms",
+                        "speedup",
+                        "ours_floor_x",
+                        "vs_mm_bf16",
+                    ],
+                ),
+                ("Peak extra memory (MiB)", mem_rows, ["case", "provider", "extra_mib", "reason"]),
+            ],
+        )
+    )
     for pth in written:
-        print(f"wrote {pth}")
+        if pth is not None:
+            print(f"wrote {pth}")
     return 0
 
 

@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         codebook_requires_grad=True,
     )
     name = "quantize" if device == "cpu" else "gpu_quantize"
+    name += args.suffix
     written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
     if args.out is not None:
         written.append(
@@ -245,8 +246,46 @@ def main(argv: list[str] | None = None) -> int:
                 f"(commit {meta['commit'][:8]})",
             )
         )
+    written.append(
+        harness.write_markdown(
+            name,
+            args.out,
+            meta,
+            [
+                (
+                    "Forward + backward (ms; median, 20/80 %), fp32, learnable codebook",
+                    rows,
+                    [
+                        "case",
+                        "provider",
+                        "median_ms",
+                        "p20_ms",
+                        "p80_ms",
+                        "agree",
+                        "grad_x_max_err",
+                        "grad_cb_max_err",
+                    ],
+                ),
+                (
+                    "vqkernels speedup",
+                    summary,
+                    [
+                        "case",
+                        "ours",
+                        "ours_ms",
+                        "reference_ms",
+                        "plain_torch_ms",
+                        "vs_reference",
+                        "vs_plain_torch",
+                    ],
+                ),
+                ("Peak extra memory (MiB)", mem_rows, ["case", "provider", "extra_mib", "reason"]),
+            ],
+        )
+    )
     for pth in written:
-        print(f"wrote {pth}")
+        if pth is not None:
+            print(f"wrote {pth}")
     return 0
 
 
