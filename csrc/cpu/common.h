@@ -45,7 +45,9 @@ const char* isa_name(Isa isa);
 //     ‖c‖² for L2 and 0 for cosine, +inf for padding codes (never chosen: comparisons are
 //     strict and the running best starts at +inf).
 // so that score(row, k) = bias[k] + Σ_d xt[d][row] · cb[k][d] is ‖c‖² − 2·x·c (L2) or −x·ĉ
-// (cosine), lower is better, exactly the quantity the reference minimizes.
+// (cosine), lower is better, exactly the quantity the reference minimizes.  Every kernel
+// evaluates it in the same order (acc = bias, then acc = fma(x_d, cb_d, acc) for d = 0..D−1), so
+// all ISAs give the same bits.
 //
 // A block kernel updates, for `ntiles` consecutive row tiles (xt = ntiles · D · RT floats), the
 // running (best score, best index) per row in bval/bidx ([ntiles · RT]) over the code tiles
@@ -61,12 +63,13 @@ struct SearchKernel {
   BlockKernelFn fn;
 };
 
-SearchKernel scalar_search_kernel();
+// The tile shape may depend on D (register blocking tuned per D range).
+SearchKernel scalar_search_kernel(int64_t D);
 #if defined(__x86_64__) || defined(_M_X64)
-SearchKernel avx2_search_kernel();
-SearchKernel avx512_search_kernel();
+SearchKernel avx2_search_kernel(int64_t D);
+SearchKernel avx512_search_kernel(int64_t D);
 #endif
-SearchKernel search_kernel_for(Isa isa);
+SearchKernel search_kernel_for(Isa isa, int64_t D);
 
 // Core of nearest_code / quantize: for x [N, D] and codebook [K, D] (both contiguous, same
 // float dtype), writes indices [N] (int64) and best_score [N] (fp32, the minimized score above).

@@ -76,13 +76,13 @@ const char* isa_name(Isa isa) {
   }
 }
 
-SearchKernel search_kernel_for(Isa isa) {
+SearchKernel search_kernel_for(Isa isa, int64_t D) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa == Isa::kAvx512) return avx512_search_kernel();
-  if (isa == Isa::kAvx2) return avx2_search_kernel();
+  if (isa == Isa::kAvx512) return avx512_search_kernel(D);
+  if (isa == Isa::kAvx2) return avx2_search_kernel(D);
 #endif
   (void)isa;
-  return scalar_search_kernel();
+  return scalar_search_kernel(D);
 }
 
 // ============================================================================== checks
@@ -173,18 +173,22 @@ void scalar_block(const float* xt, int64_t ntiles, const float* cb, const float*
     int32_t* bi = bidx + t * RT;
     for (int64_t c = ct0; c < ct1; ++c) {
       const float* ctile = cb + c * D * CT;
-      float acc[CT][RT] = {};
+      // Same arithmetic order as the SIMD kernels (bias first, then one fused multiply-add per
+      // d in increasing d), so every ISA returns the same bits.
+      float acc[CT][RT];
+      for (int64_t j = 0; j < CT; ++j) {
+        for (int64_t r = 0; r < RT; ++r) acc[j][r] = bias[c * CT + j];
+      }
       for (int64_t d = 0; d < D; ++d) {
         for (int64_t j = 0; j < CT; ++j) {
           const float b = ctile[d * CT + j];
-          for (int64_t r = 0; r < RT; ++r) acc[j][r] += xtile[d * RT + r] * b;
+          for (int64_t r = 0; r < RT; ++r) acc[j][r] = std::fma(xtile[d * RT + r], b, acc[j][r]);
         }
       }
       for (int64_t j = 0; j < CT; ++j) {
-        const float bj = bias[c * CT + j];
         const int32_t kj = static_cast<int32_t>(c * CT + j);
         for (int64_t r = 0; r < RT; ++r) {
-          const float s = acc[j][r] + bj;
+          const float s = acc[j][r];
           if (s < bv[r]) {  // strict: an equal later code never replaces an earlier one
             bv[r] = s;
             bi[r] = kj;
@@ -197,7 +201,7 @@ void scalar_block(const float* xt, int64_t ntiles, const float* cb, const float*
 
 }  // namespace
 
-SearchKernel scalar_search_kernel() { return {Isa::kScalar, kScalarRT, kScalarCT, &scalar_block}; }
+SearchKernel scalar_search_kernel(int64_t /*D*/) { return {Isa::kScalar, kScalarRT, kScalarCT, &scalar_block}; }
 
 // ============================================================================== packing
 
@@ -238,9 +242,8 @@ void pack_codebook(const T* c, int64_t K, int64_t D, int64_t CT, bool cosine, fl
           sq += static_cast<double>(row[d]) * row[d];
         }
         if (!cosine) {
-          // ×(−2) is exact in binary floating point: dot(x, −2c) == −2·dot(x, c) bit for bit
-          // (for a given summation order), so bias + dot is ‖c‖² − 2·x·c with one rounding
-          // for the final add, like the reference's c_sq − 2·(x @ cᵀ).
+          // ×(−2) is exact in binary floating point (barring overflow), so the kernels' dot with
+          // −2c is exactly −2·(their dot with c): score = ‖c‖² − 2·x·c as in the reference.
           for (int64_t d = 0; d < D; ++d) tile[d * CT + j] = -2.f * row[d];
           bias[k] = static_cast<float>(sq);
         } else {
@@ -281,7 +284,7 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
             float* best_score) {
   const int64_t N = x.size(0), D = x.size(1), K = codebook.size(0);
   if (N == 0) return;
-  const SearchKernel ker = search_kernel_for(active_isa());
+  const SearchKernel ker = search_kernel_for(active_isa(), D);
   const int64_t RT = ker.rt, CT = ker.ct;
   const int64_t nct = (K + CT - 1) / CT;
   const int64_t nrt = (N + RT - 1) / RT;
