@@ -469,6 +469,8 @@ def emu(tmp_path_factory):
     cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
            f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs, "-o",
            str(lib_path)]  # fmt: skip
+    # e.g. VQKERNELS_EMU_CFLAGS="-fsanitize=address" (with LD_PRELOAD=libasan.so) for bounds checks
+    cmd[1:1] = os.environ.get("VQKERNELS_EMU_CFLAGS", "").split()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     lib = ctypes.CDLL(str(lib_path))
