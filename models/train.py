@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Dataset-dependent defaults: 8x8 digits get a 2x downsampling (4x4 = 16 codes per image).
 def _dataset_defaults(model: str, dataset: str) -> dict:
     if dataset == "digits":
-        return {"downsample": 2} if model == "vqvae" else {"ch_mult": [1, 2]}
+        # (VQGAN: a 1-layer PatchGAN; deeper ones shrink 8x8 inputs to nothing.)
+        return {"downsample": 2} if model == "vqvae" else {"ch_mult": [1, 2], "disc_layers": 1}
     return {}
 
 
