@@ -403,6 +403,11 @@ def test_bad_inputs_raise_named_errors():
         vq(torch.randn(2, 3, 8), mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match="NaN"):
         vq(torch.full((2, 3, 8), float("nan")))
+    learn = VectorQuantizer(8, 4, learnable_codebook=True)
+    with torch.no_grad():
+        learn.codebook[1, 2] = float("inf")  # e.g. after a diverged optimizer step
+    with pytest.raises(ValueError, match="codebook contains 1 NaN/Inf"):
+        learn(torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match="channel_dim"):
         VectorQuantizer(8, 4, channel_dim=5)(torch.randn(2, 8))
     with pytest.raises(ValueError, match="indices"):

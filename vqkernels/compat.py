@@ -297,11 +297,12 @@ class VectorQuantize(VectorQuantizer):
             flat = h.reshape(-1, self.codebook_dim).float()
             if self.use_cosine_sim:
                 flat = F.normalize(flat, dim=-1, eps=1e-6)
+            self._check_values(flat)
             if not self._initted_py:  # upstream initializes on the first forward, in any mode
                 self._kmeans_init_flat(flat.detach(), valid)
             update = training and not freeze
             cb = self.codebook.clone() if update else self.codebook
-            check = self.check_inputs and not torch.compiler.is_compiling()
+            check = False  # checked once above
             fused_loss = training and valid is None and self.commitment_weight > 0
             q, idx, loss = vqf.quantize(
                 flat, cb, self.commitment_weight if fused_loss else 0.0, self.metric,

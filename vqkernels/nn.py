@@ -360,6 +360,7 @@ class VectorQuantizer(nn.Module):
     def _quantize_flat(self, flat: torch.Tensor, valid: torch.Tensor | None):
         """``flat: [N, cd] float32`` -> (quantized ``[N, cd]`` fp32 straight-through, indices
         ``[N]`` int64, loss ``[]`` fp32); updates the EMA/statistics in training."""
+        self._check_values(flat)
         self._maybe_kmeans_init(flat, valid)
         training = self.training
         cb = self._lookup_codebook()
@@ -367,7 +368,7 @@ class VectorQuantizer(nn.Module):
             # The EMA update below rewrites the codebook in place, but the quantize op saves the
             # codebook for its backward (it recomputes q = codebook[idx]): give it a snapshot.
             cb = cb.clone()
-        check = self.check_inputs and not _is_compiling()
+        check = False  # values were checked once above (see _check_values)
         if valid is None:
             q, idx, loss = vqf.quantize(
                 flat, cb, self.commitment_weight, self.metric,
@@ -383,6 +384,29 @@ class VectorQuantizer(nn.Module):
             with torch.no_grad():
                 self._update_state(flat.detach(), idx, valid)
         return q, idx, loss
+
+    def _check_values(self, flat: torch.Tensor) -> None:
+        """Eager NaN/Inf check (``check_inputs``, skipped while compiling) of the lookup input and,
+        when learnable, of the codebook (an optimizer step can make it non-finite).  An EMA codebook
+        is not rescanned on every call: it is built only from checked inputs, and the scan costs
+        K·D per call, more than the input itself at large K (the ops' own checks are turned off
+        for the same reason)."""
+        if not self.check_inputs or _is_compiling():
+            return
+        tensors = [("x", flat)]
+        if self.learnable_codebook:
+            tensors.append(("codebook", self.codebook.detach()))
+        for name, t in tensors:
+            if not t.numel():
+                continue
+            # one reduction pass, no [N, D] temporary: aminmax propagates NaN and ±Inf
+            lo, hi = torch.aminmax(t)
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(
+                    f"{name} contains {bad} NaN/Inf value(s) (after the input projection, if any); "
+                    f"pass finite values or check_inputs=False"
+                )
 
     def _masked_loss(self, flat, cb, idx, valid) -> torch.Tensor:
         """Losses over the unmasked rows only: O(N·D) elementwise, no search."""
@@ -401,7 +425,7 @@ class VectorQuantizer(nn.Module):
         idx_e = idx if valid is None else torch.where(valid, idx, torch.full_like(idx, -1))
         sync = self._should_sync()
         k = self.codebook_size
-        check = self.check_inputs and not _is_compiling()
+        check = False  # rows checked in forward; indices come from the search (always in range)
         if not self.learnable_codebook:
             if sync:
                 counts, sums = vqf.cluster_stats(
@@ -532,7 +556,7 @@ class VectorQuantizer(nn.Module):
         counts = None
         for it in range(self.kmeans_iters + 1):
             idx = vqf.nearest_code(
-                data, centers, self.metric, backend=self.backend, check_inputs=self.check_inputs
+                data, centers, self.metric, backend=self.backend, check_inputs=False
             )
             counts, sums = vqf.cluster_stats(data, idx, k, backend=self.backend)
             if sync:
