@@ -51,9 +51,9 @@ OPS = torch.ops.vqkernels
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Shapes that exercise the CUDA tiling on top of the core table: N = 2 with K = 4096 splits K
-# over 64 blocks; K = 16385 leaves a 1-code tile; D = 16/17 sit on the 16-dim tile edge;
-# N = 64/65 on the 64-row block edge.
-CUDA_SHAPES = CORE_SHAPES + ((2, 4096, 16), (3, 16385, 17), (64, 64, 16), (65, 129, 1))
+# over 32 blocks; K = 16385 leaves a 1-code tile; D = 16/17 sit on the 16-dim tile edge;
+# N = 128/129 on the 128-row block edge, K = 129 one past the 128-code tile.
+CUDA_SHAPES = CORE_SHAPES + ((2, 4096, 16), (3, 16385, 17), (128, 128, 16), (129, 129, 1))
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +543,7 @@ def _emu_backward(lib, gq, gl, x, cb, idx, beta, cb_loss):
     return gx, gcb
 
 
-EMU_SHAPES = [(1, 1, 1), (7, 1, 13), (37, 16, 3), (2, 300, 16), (70, 130, 35)]
+EMU_SHAPES = [(1, 1, 1), (7, 1, 13), (37, 16, 3), (2, 300, 16), (130, 129, 35)]
 
 
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=_ids(EMU_SHAPES))
@@ -551,7 +551,7 @@ def test_emulated_nearest_code(emu, shape):
     n, k, d = shape
     x, cb = make_inputs(n, k, d, seed=n + k + d)
     for metric in ("l2", "cosine"):
-        # 1 SM: no K-split; 132 SMs: K split over up to 64-code slices.  Same bits either way.
+        # 1 SM: no K-split; 132 SMs: K split in 128-code slices.  Same bits either way.
         idx, dist = _emu_nearest(emu, x, cb, metric, sms=1)
         idx_s, dist_s = _emu_nearest(emu, x, cb, metric, sms=132)
         assert torch.equal(idx, idx_s) and torch.equal(dist, dist_s)
@@ -568,7 +568,7 @@ def test_emulated_ties_and_strides(emu):
     cb[290] = cb[7]
     cb[200:230] = cb[100:130]
     x[0], x[1] = cb[7], cb[120]
-    idx, dist = _emu_nearest(emu, x, cb, "l2", sms=132)  # codes 7 and 290 in different splits
+    idx, dist = _emu_nearest(emu, x, cb, "l2", sms=132)  # codes 7 and 290: different splits
     want, want_dist = reference.nearest_code(x, cb, "l2")
     assert torch.equal(idx, want) and torch.equal(dist, want_dist)
     assert idx[:2].tolist() == [7, 120]

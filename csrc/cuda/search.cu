@@ -7,9 +7,10 @@
 //   code_aux [K]     float32 out: ||c||^2 (l2) or 1/max(||c||, 1e-12) (cosine)
 //   part_score, part_index  [splits, N] float32 / int32 out: best of each K-split per row
 //
-// Each block owns BM = 64 rows of x and one K-split; it streams that split's codes through
-// shared memory in BN = 64-code x BK = 16-dim tiles (both converted to fp32 on load), each of its
-// 256 threads computing a 4 x 4 micro-tile of dot products with fp32 FMAs.  Every (row, code) dot
+// Each block owns BM = 128 rows of x and one K-split; it streams that split's codes through
+// shared memory in BN = 128-code x BK = 16-dim tiles (both converted to fp32 on load), each of
+// its 256 threads computing an 8 x 8 micro-tile of dot products with fp32 FMAs (4 shared-memory
+// float4 reads per 64 FMAs).  Every (row, code) dot
 // accumulates over d = 0..D-1 in order, whatever the tiling or split, so scores (and the chosen
 // indices) are identical for every launch configuration.  Scores: l2 ||c||^2 - 2 x.c (||x||^2 is
 // constant per row and added back only for the reported distance); cosine -(x.c)/max(||c||, eps).
@@ -25,13 +26,18 @@
 namespace vqk {
 namespace {
 
-constexpr int kBM = 64;       // rows of x per block
-constexpr int kBN = 64;       // codes per shared-memory tile
-constexpr int kBK = 16;       // dims per shared-memory tile
-constexpr int kThreads = 256; // 16 x 16 threads, 4 x 4 micro-tile each
+constexpr int kBM = 128;       // rows of x per block
+constexpr int kBN = 128;       // codes per shared-memory tile
+constexpr int kBK = 16;        // dims per shared-memory tile
+constexpr int kThreads = 256;  // 16 x 16 threads
+constexpr int kTM = 8;         // rows per thread
+constexpr int kTN = 8;         // codes per thread
+constexpr int kHalf = 64;      // offset of a thread's second group of 4 rows / codes
+constexpr int kLoads = kBM * kBK / kThreads;  // tile elements each thread loads
 constexpr float kCosineEps = 1e-12f;
 
-static_assert(kBM * kBK == 4 * kThreads && kBN * kBK == 4 * kThreads, "tile loads: 4 per thread");
+static_assert(kBM == kBN && kBM * kBK == kLoads * kThreads, "x and code tiles load alike");
+static_assert(16 * kTM == kBM && 16 * kTN == kBN && 2 * kHalf == kBM, "8 x 8 micro-tiles");
 
 // One warp per code: ||c||^2 in fp32 from the same rounded (dtype) values the products use.
 template <typename T>
@@ -65,72 +71,97 @@ __global__ void __launch_bounds__(kThreads)
                        int64_t cb_rs, const float* __restrict__ code_aux, int n, int k, int d,
                        int metric, int codes_per_split, float* __restrict__ part_score,
                        int* __restrict__ part_index) {
-  // Transposed tiles ([dim][row]) so a thread reads its 4 rows / 4 codes as one float4; +4
-  // floats of padding keep rows 16-byte aligned and spread the transposing stores over banks.
+  // Transposed tiles ([dim][row]) so a thread reads 4 consecutive rows / codes as one float4;
+  // +4 floats of padding keep rows 16-byte aligned and spread the transposing stores over banks.
   __shared__ __align__(16) float xs[kBK][kBM + 4];
   __shared__ __align__(16) float cs[kBK][kBN + 4];
 
   const int tid = threadIdx.x;
-  const int tx = tid & 15;  // code group: codes tx*4 .. tx*4+3 of a tile
-  const int ty = tid >> 4;  // row group: rows ty*4 .. ty*4+3 of the block
+  const int tx = tid & 15;  // code group
+  const int ty = tid >> 4;  // row group
+  // A thread owns rows {ty*4 + i, 64 + ty*4 + i} and codes {tx*4 + j, 64 + tx*4 + j}, i, j < 4:
+  // two float4 reads per operand and kk, each covering 16 consecutive float4s across a
+  // half-warp (conflict-free), and the codes it visits are in ascending order (j = 0..7).
   const int row0 = blockIdx.x * kBM;
   const int code_begin = blockIdx.y * codes_per_split;
   const int code_end = min(k, code_begin + codes_per_split);
 
   // Start from a valid index of this split, so a row whose scores are all NaN still reports a
   // valid code (documented unchecked behaviour: some valid index, NaN distance).
-  float best[4];
-  int best_idx[4];
+  float best[kTM];
+  int best_idx[kTM];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kTM; ++i) {
     best[i] = INFINITY;
     best_idx[i] = code_begin;
   }
 
-  for (int c0 = code_begin; c0 < code_end; c0 += kBN) {
-    float acc[4][4];
+  // The (code tile, dim tile) steps in order, software-pipelined: the global loads of step s + 1
+  // are issued into registers before the FMAs of step s, so their latency hides behind the
+  // math (one block of 8 warps per SM at this register count).  D = 0 still takes one
+  // (all-padding) step per code tile so that every code is scored.
+  const int nd = d > 0 ? (d + kBK - 1) / kBK : 1;
+  const int steps = ((code_end - code_begin + kBN - 1) / kBN) * nd;
+  float px[kLoads], pc[kLoads];
+  auto load = [&](int step) {
+    const int c0 = code_begin + (step / nd) * kBN;
+    const int d0 = (step % nd) * kBK;
+    // Consecutive threads read consecutive dims of one row (coalesced); padding is zero, which
+    // adds exact zeros to the dot products and is never compared (codes >= code_end skipped).
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-
-    for (int d0 = 0; d0 < d; d0 += kBK) {
-      // Consecutive threads read consecutive dims of one row (coalesced); padding is zero, which
-      // adds exact zeros to the dot products and is never compared (codes >= code_end skipped).
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int e = tid + r * kThreads;
-        const int m = e / kBK;
-        const int kk = e % kBK;
-        const int dd = d0 + kk;
-        const int row = row0 + m;
-        const int code = c0 + m;
-        xs[kk][m] = (row < n && dd < d) ? to_f(x[static_cast<int64_t>(row) * x_rs + dd]) : 0.f;
-        cs[kk][m] =
-            (code < code_end && dd < d) ? to_f(cb[static_cast<int64_t>(code) * cb_rs + dd]) : 0.f;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < kBK; ++kk) {
-        const float4 a = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
-        const float4 b = *reinterpret_cast<const float4*>(&cs[kk][tx * 4]);
-        const float av[4] = {a.x, a.y, a.z, a.w};
-        const float bv[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);
-      }
-      __syncthreads();
+    for (int r = 0; r < kLoads; ++r) {
+      const int e = tid + r * kThreads;
+      const int m = e / kBK;
+      const int dd = d0 + e % kBK;
+      const int row = row0 + m;
+      const int code = c0 + m;
+      px[r] = (row < n && dd < d) ? to_f(x[static_cast<int64_t>(row) * x_rs + dd]) : 0.f;
+      pc[r] = (code < code_end && dd < d) ? to_f(cb[static_cast<int64_t>(code) * cb_rs + dd])
+                                          : 0.f;
     }
+  };
 
+  float acc[kTM][kTN];
+  if (steps > 0) load(0);
+  for (int step = 0; step < steps; ++step) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // ascending codes: strict "<" keeps the lowest among ties
-      const int code = c0 + tx * 4 + j;
+    for (int r = 0; r < kLoads; ++r) {
+      const int e = tid + r * kThreads;
+      xs[e % kBK][e / kBK] = px[r];
+      cs[e % kBK][e / kBK] = pc[r];
+    }
+    __syncthreads();
+    if (step + 1 < steps) load(step + 1);
+    if (step % nd == 0) {  // first dim tile of a code tile
+#pragma unroll
+      for (int i = 0; i < kTM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&xs[kk][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&xs[kk][kHalf + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&cs[kk][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&cs[kk][kHalf + tx * 4]);
+      const float av[kTM] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float bv[kTN] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int i = 0; i < kTM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTN; ++j) acc[i][j] = __fmaf_rn(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();  // the next step overwrites the tiles
+    if (step % nd != nd - 1) continue;
+    // Last dim tile: score the code tile.  Ascending codes: strict "<" keeps the lowest of ties.
+    const int c0 = code_begin + (step / nd) * kBN;
+#pragma unroll
+    for (int j = 0; j < kTN; ++j) {
+      const int code = c0 + (j < 4 ? tx * 4 + j : kHalf + tx * 4 + (j - 4));
       if (code < code_end) {
         const float aux = code_aux[code];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < kTM; ++i) {
           // l2: ||c||^2 - 2 x.c (2 x.c is exact); cosine: -(x.c) / max(||c||, eps).
           const float s = metric == VQ_METRIC_L2 ? __fsub_rn(aux, 2.f * acc[i][j])
                                                  : -__fmul_rn(acc[i][j], aux);
@@ -146,7 +177,7 @@ __global__ void __launch_bounds__(kThreads)
   // The 16 threads sharing a row group are lanes tx = 0..15 of one half-warp: butterfly merge
   // with the (score, index) order, so every lane ends with the group's best.
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kTM; ++i) {
 #pragma unroll
     for (int off = 8; off > 0; off >>= 1) {
       const float os = __shfl_xor_sync(0xffffffffu, best[i], off);
@@ -160,8 +191,8 @@ __global__ void __launch_bounds__(kThreads)
   if (tx == 0) {
     const int64_t base = static_cast<int64_t>(blockIdx.y) * n;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = row0 + ty * 4 + i;
+    for (int i = 0; i < kTM; ++i) {
+      const int row = row0 + (i < 4 ? ty * 4 + i : kHalf + ty * 4 + (i - 4));
       if (row < n) {
         part_score[base + row] = best[i];
         part_index[base + row] = best_idx[i];
