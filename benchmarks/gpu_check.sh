@@ -12,8 +12,10 @@
 #   --quick        benchmarks in --quick mode (small shapes, no result files).
 # Env: PYTHON (default python3), MAX_JOBS (default 16), TORCH_CUDA_ARCH_LIST (default: the GPU's
 #      own compute capability, e.g. 9.0, to build once instead of for sm_80 + sm_90),
-#      VQKERNELS_TEST_ARGS (extra pytest args for the `test` stage), OUT (when set, logs and a
-#      results archive are copied there).
+#      VQKERNELS_TEST_ARGS (extra pytest args for the `test` stage), VQKERNELS_BENCHES (which
+#      benchmark modules the `bench` stage runs, default: bench_nearest_code bench_ema_update
+#      bench_quantize bench_layer; one per call fits the 10-minute limit better), OUT (when set,
+#      logs and a results archive are copied there).
 # Exit status: non-zero when any stage failed; every stage runs regardless, and a summary of
 # the stages with their status and duration ends the output (and $OUT/gpu_check_summary.txt).
 set -uo pipefail
@@ -34,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --quick) QUICK="--quick"; shift ;;
         env|build|test-cuda|test|bench|collect) STAGES+=("$1"); shift ;;
         all) STAGES+=(env build test-cuda test bench collect); shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -126,7 +128,7 @@ stage_test() {
 
 stage_bench() {
     local rc=0 b
-    for b in bench_nearest_code bench_ema_update bench_quantize bench_layer; do
+    for b in ${VQKERNELS_BENCHES:-bench_nearest_code bench_ema_update bench_quantize bench_layer}; do
         if [[ ! -f "benchmarks/$b.py" ]]; then
             echo "[gpu_check] benchmarks/$b.py not present: skipped"
             continue
