@@ -36,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         --quick) QUICK="--quick"; shift ;;
         env|build|test-cuda|test|bench|collect) STAGES+=("$1"); shift ;;
         all) STAGES+=(env build test-cuda test bench collect); shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
