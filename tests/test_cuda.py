@@ -577,6 +577,21 @@ def test_emulated_ties_and_strides(emu):
     assert torch.equal(idx_s, idx) and torch.equal(dist_s, dist)
 
 
+def test_emulated_nan_rules(emu):
+    # Unchecked behaviour documented in functional.py: a NaN row gets a valid index and a NaN
+    # distance; a code containing NaN is never chosen (every comparison with NaN is false).
+    x, cb = make_inputs(20, 9, 4, seed=14)
+    x[5, 2] = float("nan")
+    cb[3, 1] = float("nan")
+    for metric in ("l2", "cosine"):
+        idx, dist = _emu_nearest(emu, x, cb, metric, sms=132)
+        assert 0 <= int(idx[5]) < 9 and torch.isnan(dist[5])
+        keep_rows = torch.arange(20) != 5
+        keep_codes = torch.arange(9) != 3
+        want, _ = reference.nearest_code(x[keep_rows], cb[keep_codes], metric)
+        assert torch.equal(idx[keep_rows], keep_codes.nonzero().squeeze(1)[want])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_emulated_cluster_stats_and_ema(emu, dtype):
     k, d = 9, 40
