@@ -370,8 +370,10 @@ def train(argv: list[str] | None = None) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             ev = do_eval()
             history.append({"step": step, "psnr": ev["psnr"], "perplexity": ev["perplexity"],
-                            "train_perplexity": ev["train_perplexity"]})
-            log(f"\n[eval step {step}] psnr={ev['psnr']:.2f} ssim={ev['ssim']:.3f} "
+                            "train_perplexity": ev["train_perplexity"],
+                            "per_image_psnr": {k: v["psnr"] for k, v in ev["per_image"].items()}})
+            per = " ".join(f"{k}={v['psnr']:.2f}" for k, v in ev["per_image"].items())
+            log(f"\n[eval step {step}] psnr={ev['psnr']:.2f} ({per}) ssim={ev['ssim']:.3f} "
                 f"usage={ev['codebook_usage']:.2f} ppl={ev['perplexity']:.0f} "
                 f"train_ppl={ev['train_perplexity']:.0f}")
             if tb is not None:
