@@ -789,5 +789,15 @@ def main(argv: list[str] | None = None):
     return _cmd_sample(args)
 
 
+def _cli() -> int:
+    """Command-line entry: user errors print one line (no traceback) and exit with status 2."""
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(_cli())
