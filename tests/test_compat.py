@@ -41,6 +41,7 @@ CASES = {
     "proj": dict(dim=12, codebook_size=40, codebook_dim=5),
     "image_fmap": dict(dim=6, codebook_size=20, accept_image_fmap=True),
     "channel_first_seq": dict(dim=6, codebook_size=20, channel_last=False),
+    "3d_fmap": dict(dim=4, codebook_size=10, accept_3d_fmap=True),
 }
 
 
@@ -50,6 +51,8 @@ def _input(name, seed):
         return torch.randn(2, 6, 5, 4, generator=g)
     if name == "channel_first_seq":
         return torch.randn(3, 6, 9, generator=g)
+    if name == "3d_fmap":
+        return torch.randn(2, 4, 3, 2, 2, generator=g)
     return torch.randn(3, 17, 12, generator=g)
 
 
@@ -96,6 +99,21 @@ def test_masked_sequences_match(how, zeros):
     torch.testing.assert_close(qb, qa, **TOL)
     torch.testing.assert_close(lb, la, **TOL)
     _assert_state_equal(up, ours)
+
+
+def test_freeze_codebook_keeps_state():
+    up, ours = _pair(dim=8, codebook_size=16, freeze_codebook=True)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(2, 9, 8)
+    qa, ia, la = up(x)
+    qb, ib, lb = ours(x)
+    assert torch.equal(ia, ib)
+    torch.testing.assert_close(lb, la, **TOL)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    _assert_state_equal(up, ours)
+    ours(x, freeze_codebook=False)  # the forward override wins
+    assert not torch.equal(ours.state_dict()["_codebook.embed"], before["_codebook.embed"])
 
 
 def test_single_token_input():
