@@ -83,11 +83,13 @@ def test_matches_vector_quantize_pytorch_training_and_eval(name):
     _assert_state_equal(up, ours)
 
 
+@pytest.mark.parametrize("cosine", [False, True], ids=["l2", "cosine"])
 @pytest.mark.parametrize("zeros", [True, False], ids=["zeros", "input"])
 @pytest.mark.parametrize("how", ["mask", "lens"])
-def test_masked_sequences_match(how, zeros):
+def test_masked_sequences_match(how, zeros, cosine):
     up, ours = _pair(
-        dim=8, codebook_size=16, decay=0.8, return_zeros_for_masked_padding=zeros
+        dim=8, codebook_size=16, decay=0.8, return_zeros_for_masked_padding=zeros,
+        use_cosine_sim=cosine,
     )
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 11, 8, generator=g)
