@@ -36,16 +36,22 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 TARGETS = {
-    "photos": {"minutes": 3.0, "psnr_flower": 24.0, "psnr_chelsea": 28.5, "train_perplexity": 350.0,
-               "min_usage": 0.5},
+    "photos": {
+        "minutes": 3.0,
+        "psnr_flower": 24.0,
+        "psnr_chelsea": 28.5,
+        "train_perplexity": 350.0,
+        "min_usage": 0.5,
+    },
     "digits": {"minutes": 1.5, "psnr": 23.5, "codebook_usage": 0.90},
 }
 
 
 def _commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -60,8 +66,10 @@ def _check(dataset: str, m: dict) -> dict:
             "no_collapse": m["train_codebook_usage"] >= t["min_usage"],
         }
     else:
-        checks = {"psnr": m["psnr"] >= t["psnr"],
-                  "codebook_usage": m["codebook_usage"] >= t["codebook_usage"]}
+        checks = {
+            "psnr": m["psnr"] >= t["psnr"],
+            "codebook_usage": m["codebook_usage"] >= t["codebook_usage"],
+        }
     checks["all"] = all(checks.values())
     return checks
 
@@ -69,22 +77,50 @@ def _check(dataset: str, m: dict) -> dict:
 def run_one(dataset: str, backend: str, minutes: float, out: str, extra: list[str]) -> dict:
     from models.train import train
 
-    argv = ["--model", "vqvae", "--dataset", dataset, "--config", "base", "--minutes",
-            str(minutes), "--out", out, "--backend", backend, "--eval-every", "0", "--quiet",
-            *extra]
+    argv = [
+        "--model",
+        "vqvae",
+        "--dataset",
+        dataset,
+        "--config",
+        "base",
+        "--minutes",
+        str(minutes),
+        "--out",
+        out,
+        "--backend",
+        backend,
+        "--eval-every",
+        "0",
+        "--quiet",
+        *extra,
+    ]
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     m = train(argv)
     wall = time.perf_counter() - t0
     row = {
-        "dataset": dataset, "backend": m["backend"], "minutes": minutes, "steps": m["steps"],
-        "steps_per_second": m["steps_per_second"], "train_seconds": m["seconds"],
-        "wall_seconds_incl_eval": wall, "psnr": m["psnr"], "ssim": m["ssim"],
-        "per_image": m["per_image"], "codebook_usage": m["codebook_usage"],
-        "perplexity": m["perplexity"], "train_perplexity": m["train_perplexity"],
-        "train_codebook_usage": m["train_codebook_usage"], "bits_per_image": m["bits_per_image"],
-        "batch_size": m["batch_size"], "image_size": m["image_size"], "threads": m["threads"],
-        "load_avg_before": load0, "load_avg_after": os.getloadavg()[0], "argv": argv,
+        "dataset": dataset,
+        "backend": m["backend"],
+        "minutes": minutes,
+        "steps": m["steps"],
+        "steps_per_second": m["steps_per_second"],
+        "train_seconds": m["seconds"],
+        "wall_seconds_incl_eval": wall,
+        "psnr": m["psnr"],
+        "ssim": m["ssim"],
+        "per_image": m["per_image"],
+        "codebook_usage": m["codebook_usage"],
+        "perplexity": m["perplexity"],
+        "train_perplexity": m["train_perplexity"],
+        "train_codebook_usage": m["train_codebook_usage"],
+        "bits_per_image": m["bits_per_image"],
+        "batch_size": m["batch_size"],
+        "image_size": m["image_size"],
+        "threads": m["threads"],
+        "load_avg_before": load0,
+        "load_avg_after": os.getloadavg()[0],
+        "argv": argv,
     }
     row["targets_met"] = _check(dataset, m)
     return row
@@ -92,9 +128,11 @@ def run_one(dataset: str, backend: str, minutes: float, out: str, extra: list[st
 
 def _markdown(res: dict) -> str:
     lines = [
-        f"# VQ-VAE evaluation ({res['meta']['date']}, commit {res['meta']['commit']})", "",
+        f"# VQ-VAE evaluation ({res['meta']['date']}, commit {res['meta']['commit']})",
+        "",
         f"machine: {res['meta']['machine']}, {res['meta']['cpus']} CPUs, torch "
-        f"{res['meta']['torch']}", "",
+        f"{res['meta']['torch']}",
+        "",
         "| dataset | backend | budget | steps | steps/s | held-out PSNR | per image | usage | "
         "train ppl | load avg | targets met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -108,25 +146,34 @@ def _markdown(res: dict) -> str:
             f"{r['load_avg_before']:.1f}->{r['load_avg_after']:.1f} | "
             f"{'yes' if r['targets_met']['all'] else 'no: ' + ', '.join(k for k, v in r['targets_met'].items() if not v and k != 'all')} |"
         )
-    lines += ["", "Targets: photos (3 min) flower >= 24 dB, chelsea >= 28.5 dB, train perplexity "
-              ">= 350/512, no collapse; digits (90 s) PSNR >= 23.5 dB, usage >= 90%.",
-              "A load average above the CPU count means other jobs shared the cores: fewer steps "
-              "than on a quiet machine."]
+    lines += [
+        "",
+        "Targets: photos (3 min) flower >= 24 dB, chelsea >= 28.5 dB, train perplexity "
+        ">= 350/512, no collapse; digits (90 s) PSNR >= 23.5 dB, usage >= 90%.",
+        "A load average above the CPU count means other jobs shared the cores: fewer steps "
+        "than on a quiet machine.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["photos", "digits"],
-                   choices=["photos", "digits"])
-    p.add_argument("--backends", nargs="+", default=None,
-                   help="default: cpu (if built) and reference")
+    p.add_argument(
+        "--datasets", nargs="+", default=["photos", "digits"], choices=["photos", "digits"]
+    )
+    p.add_argument(
+        "--backends", nargs="+", default=None, help="default: cpu (if built) and reference"
+    )
     p.add_argument("--quick", action="store_true", help="10-second budgets (smoke test)")
     p.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--name", default="models_eval", help="result file stem")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: temp)")
-    p.add_argument("--train-arg", action="append", default=[],
-                   help="extra models.train argument (repeatable), e.g. --train-arg=--lr=5e-4")
+    p.add_argument(
+        "--train-arg",
+        action="append",
+        default=[],
+        help="extra models.train argument (repeatable), e.g. --train-arg=--lr=5e-4",
+    )
     args = p.parse_args(argv)
 
     import vqkernels
@@ -137,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="vqk-eval-")
     res = {
         "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": _commit(),
-            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "quick": args.quick, "cpu_backend_unavailable": vqkernels.available_backends()["cpu"],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "commit": _commit(),
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+            "cpu_backend_unavailable": vqkernels.available_backends()["cpu"],
         },
         "targets": TARGETS,
         "runs": [],
@@ -152,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[eval_models] {ds} / {be}: {minutes:.2f} min -> {out}", file=sys.stderr)
             row = run_one(ds, be, minutes, out, args.train_arg)
             res["runs"].append(row)
-            print(f"  steps={row['steps']} ({row['steps_per_second']:.2f}/s) psnr={row['psnr']:.2f} "
-                  f"per_image={ {k: round(v['psnr'], 2) for k, v in row['per_image'].items()} } "
-                  f"usage={row['codebook_usage']:.2f} train_ppl={row['train_perplexity']:.0f} "
-                  f"targets={row['targets_met']}", file=sys.stderr)
+            print(
+                f"  steps={row['steps']} ({row['steps_per_second']:.2f}/s) psnr={row['psnr']:.2f} "
+                f"per_image={ {k: round(v['psnr'], 2) for k, v in row['per_image'].items()} } "
+                f"usage={row['codebook_usage']:.2f} train_ppl={row['train_perplexity']:.0f} "
+                f"targets={row['targets_met']}",
+                file=sys.stderr,
+            )
     os.makedirs(args.results_dir, exist_ok=True)
     with open(os.path.join(args.results_dir, args.name + ".json"), "w") as f:
         json.dump(res, f, indent=2, sort_keys=True)

@@ -168,8 +168,12 @@ def save_reconstructions(pairs, path: str, scale: int | None = None) -> None:
 
     orig_all, recon_all = pairs
     rows = []
+
+    def strip(batch):  # tiles side by side, each followed by a 1-pixel mid-grey separator
+        return torch.cat([torch.nn.functional.pad(t, (0, 1, 0, 1), value=0.5) for t in batch], -1)
+
     for o, r in zip(orig_all, recon_all):
-        rows += [torch.cat(list(o), dim=-1), torch.cat(list(r), dim=-1)]
+        rows += [strip(o), strip(r)]
     width = max(r.shape[-1] for r in rows)
     rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]
     grid = torch.cat(rows, dim=-2)  # [C, H, W]
