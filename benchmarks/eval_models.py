@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="models_eval", help="result file stem")
     p.add_argument("--runs-dir", default=None, help="keep the run folders here (default: temp)")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per run (default: torch's; use 1 on a busy shared machine, where "
+        "OpenMP threads fighting for the cores make 2-thread steps far slower)",
+    )
+    p.add_argument(
         "--train-arg",
         action="append",
         default=[],
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         for be in backends:
             out = os.path.join(runs_dir, f"{ds}-{be}")
             print(f"[eval_models] {ds} / {be}: {minutes:.2f} min -> {out}", file=sys.stderr)
-            row = run_one(ds, be, minutes, out, args.train_arg)
+            extra = list(args.train_arg) + (["--threads", str(args.threads)] if args.threads else [])
+            row = run_one(ds, be, minutes, out, extra)
             res["runs"].append(row)
             print(
                 f"  steps={row['steps']} ({row['steps_per_second']:.2f}/s) psnr={row['psnr']:.2f} "
