@@ -106,6 +106,55 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_quan
 
 // ------------------------------------------------------------------------------ helpers
 
+// Elementwise / reduction loops (blend, gathers, sums) are written once as an always-inline
+// lambda and instantiated for the active ISA: inlined into a function carrying a target
+// attribute, the compiler vectorizes it for AVX2/AVX-512 and emits real FMA instructions
+// (std::fma would otherwise be a libm call in the baseline x86-64 build).  The arithmetic is
+// fixed by the source (no fast-math, -ffp-contract=off, explicit fma), so every ISA computes
+// the same bits; only the speed differs.
+#define VQK_INLINE __attribute__((always_inline))
+
+// Σ_d f(d)² in fp64 over 8 interleaved lanes (lane d mod 8) combined pairwise: a fixed order, so
+// deterministic, yet vectorizable (a single running sum would be a latency-bound chain).  f(d)
+// returns an fp32 value whose square is formed in fp32 (as the reference squares in fp32).
+template <class F>
+VQK_INLINE inline double sum_sq8(int64_t D, const F& f) {
+  double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const float v = f(d + j);
+      l[j] += static_cast<double>(v * v);
+    }
+  }
+  for (int j = 0; d + j < D; ++j) {
+    const float v = f(d + j);
+    l[j] += static_cast<double>(v * v);
+  }
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+template <class F>
+__attribute__((target("avx512f,avx2,fma"))) void run_avx512(const F& f) {
+  f();
+}
+template <class F>
+__attribute__((target("avx2,fma"))) void run_avx2(const F& f) {
+  f();
+}
+#endif
+
+template <class F>
+void with_isa(Isa isa, const F& f) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (isa == Isa::kAvx512) return run_avx512(f);
+  if (isa == Isa::kAvx2) return run_avx2(f);
+#endif
+  (void)isa;
+  f();
+}
+
 // Checks shared by the ops; messages name the argument.
 void check_cpu_float_2d(const at::Tensor& t, const char* name);
 void check_same_dtype_and_dim(const at::Tensor& x, const at::Tensor& codebook);

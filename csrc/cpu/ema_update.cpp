@@ -30,24 +30,28 @@ void compute_stats(const at::Tensor& x, const int64_t* idx, int64_t K, float* co
   const int64_t N = x.size(0), D = x.size(1);
   std::vector<int64_t> offsets, order;
   bucket_rows(idx, N, K, offsets, order);
+  const Isa isa = active_isa();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     // Codes are independent: any split over threads gives the same bits.
     at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
                      [&](int64_t k0, int64_t k1) {
-                       std::vector<double> acc(static_cast<size_t>(D));
-                       for (int64_t k = k0; k < k1; ++k) {
-                         const int64_t b = offsets[k], e = offsets[k + 1];
-                         counts[k] = static_cast<float>(e - b);
-                         std::fill(acc.begin(), acc.end(), 0.0);
-                         for (int64_t p = b; p < e; ++p) {
-                           const T* row = xp + order[p] * D;
-                           for (int64_t d = 0; d < D; ++d) acc[d] += to_f32(row[d]);
+                       std::vector<double> acc_buf(static_cast<size_t>(D));
+                       double* acc = acc_buf.data();
+                       with_isa(isa, [&]() VQK_INLINE {
+                         for (int64_t k = k0; k < k1; ++k) {
+                           const int64_t b = offsets[k], e = offsets[k + 1];
+                           counts[k] = static_cast<float>(e - b);
+                           for (int64_t d = 0; d < D; ++d) acc[d] = 0.0;
+                           for (int64_t p = b; p < e; ++p) {
+                             const T* row = xp + order[p] * D;
+                             for (int64_t d = 0; d < D; ++d) acc[d] += to_f32(row[d]);
+                           }
+                           float* out = sums + k * D;
+                           for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(acc[d]);
                          }
-                         float* out = sums + k * D;
-                         for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(acc[d]);
-                       }
+                       });
                      });
   });
 }
@@ -125,16 +129,14 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
   float* csp = cs.data_ptr<float>();
   float* esp = es.data_ptr<float>();
   float* cbp = cb.data_ptr<float>();
-  at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
-                   [&](int64_t k0, int64_t k1) {
-                     for (int64_t k = k0; k < k1; ++k) {
-                       csp[k] = std::fma(counts[k], omd_f, csp[k] * decay_f);
-                       for (int64_t d = 0; d < D; ++d) {
-                         const int64_t j = k * D + d;
-                         esp[j] = std::fma(sums[j], omd_f, esp[j] * decay_f);
-                       }
-                     }
-                   });
+  const Isa isa = active_isa();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+    with_isa(isa, [&]() VQK_INLINE {
+      for (int64_t k = k0; k < k1; ++k) csp[k] = std::fma(counts[k], omd_f, csp[k] * decay_f);
+      for (int64_t j = k0 * D; j < k1 * D; ++j) esp[j] = std::fma(sums[j], omd_f, esp[j] * decay_f);
+    });
+  });
   // n = Σ cluster_size: sequential fp64 sum (deterministic), rounded to fp32.
   double n64 = 0.0;
   for (int64_t k = 0; k < K; ++k) n64 += csp[k];
@@ -142,13 +144,14 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
   // Laplace smoothing, same fp32 order as the reference: (cs + eps) / (n + K·eps) · n.
   const float eps_f = static_cast<float>(eps);
   const float denom = n + static_cast<float>(static_cast<double>(K) * eps);
-  at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
-                   [&](int64_t k0, int64_t k1) {
-                     for (int64_t k = k0; k < k1; ++k) {
-                       const float smoothed = (csp[k] + eps_f) / denom * n;
-                       for (int64_t d = 0; d < D; ++d) cbp[k * D + d] = esp[k * D + d] / smoothed;
-                     }
-                   });
+  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
+    with_isa(isa, [&]() VQK_INLINE {
+      for (int64_t k = k0; k < k1; ++k) {
+        const float smoothed = (csp[k] + eps_f) / denom * n;
+        for (int64_t d = 0; d < D; ++d) cbp[k * D + d] = esp[k * D + d] / smoothed;
+      }
+    });
+  });
   if (!cb.is_same(codebook)) codebook.copy_(cb);
   if (!cs.is_same(cluster_size)) cluster_size.copy_(cs);
   if (!es.is_same(embed_sum)) embed_sum.copy_(es);

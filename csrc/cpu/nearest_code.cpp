@@ -388,18 +388,17 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
 
 void row_sq_norms(const at::Tensor& x, float* out) {
   const int64_t N = x.size(0), D = x.size(1);
+  const Isa isa = active_isa();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* p = reinterpret_cast<const T*>(x.data_ptr());
     at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        double s = 0.0;
-        for (int64_t d = 0; d < D; ++d) {
-          const double v = to_f32(p[i * D + d]);
-          s += v * v;
+      with_isa(isa, [&]() VQK_INLINE {
+        for (int64_t i = i0; i < i1; ++i) {
+          const T* row = p + i * D;
+          out[i] = static_cast<float>(sum_sq8(D, [&](int64_t d) VQK_INLINE { return to_f32(row[d]); }));
         }
-        out[i] = static_cast<float>(s);
-      }
+      });
     });
   });
 }

@@ -49,28 +49,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in,
 
   const int64_t nblocks = (N + kSseBlock - 1) / kSseBlock;
   std::vector<double> partial(static_cast<size_t>(nblocks), 0.0);
+  const Isa isa = active_isa();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     const T* cp = reinterpret_cast<const T*>(codebook.data_ptr());
     T* qp = reinterpret_cast<T*>(q.data_ptr());
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        double sse = 0.0;
-        const int64_t i1 = std::min(N, (b + 1) * kSseBlock);
-        for (int64_t i = b * kSseBlock; i < i1; ++i) {
-          const T* code = cp + idx[i] * D;
-          std::memcpy(qp + i * D, code, static_cast<size_t>(D) * sizeof(T));
-          // Each squared difference is formed in fp32 (as the reference's x.float() − q.float()),
-          // then accumulated in fp64.
-          const T* row = xp + i * D;
-          for (int64_t d = 0; d < D; ++d) {
-            const float diff = to_f32(row[d]) - to_f32(code[d]);
-            sse += static_cast<double>(diff * diff);
+      with_isa(isa, [&]() VQK_INLINE {
+        for (int64_t b = b0; b < b1; ++b) {
+          double sse = 0.0;
+          const int64_t i1 = std::min(N, (b + 1) * kSseBlock);
+          for (int64_t i = b * kSseBlock; i < i1; ++i) {
+            const T* code = cp + idx[i] * D;
+            const T* row = xp + i * D;
+            std::memcpy(qp + i * D, code, static_cast<size_t>(D) * sizeof(T));
+            // Each difference is formed and squared in fp32 (as the reference's
+            // (x.float() − q.float())²), then accumulated in fp64 in a fixed order.
+            sse += sum_sq8(D, [&](int64_t d) VQK_INLINE {
+              return to_f32(row[d]) - to_f32(code[d]);
+            });
           }
+          partial[b] = sse;
         }
-        partial[b] = sse;
-      }
+      });
     });
   });
   double sse = 0.0;
@@ -120,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
     grad_cb32 = at::zeros({K, D}, x.options().dtype(at::kFloat));
   }
 
+  const Isa isa = active_isa();
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
@@ -129,14 +132,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
       using G = decltype(gtag);
       const G* gqp = reinterpret_cast<const G*>(gq.data_ptr());
       at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const T* row = xp + i * D;
-          const T* code = cp + idx[i] * D;
-          for (int64_t d = 0; d < D; ++d) {
-            const float diff = to_f32(row[d]) - to_f32(code[d]);
-            gxp[i * D + d] = static_cast<T>(to_f32(gqp[i * D + d]) + coef_x * diff);
+        with_isa(isa, [&]() VQK_INLINE {
+          for (int64_t i = i0; i < i1; ++i) {
+            const T* row = xp + i * D;
+            const T* code = cp + idx[i] * D;
+            const G* gqr = gqp + i * D;
+            T* gxr = gxp + i * D;
+            for (int64_t d = 0; d < D; ++d) {
+              const float diff = to_f32(row[d]) - to_f32(code[d]);
+              gxr[d] = static_cast<T>(to_f32(gqr[d]) + coef_x * diff);
+            }
           }
-        }
+        });
       });
     });
     if (codebook_loss && N > 0) {
@@ -148,16 +155,18 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
       float* gcp = grad_cb32.data_ptr<float>();
       at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
                        [&](int64_t k0, int64_t k1) {
-                         for (int64_t k = k0; k < k1; ++k) {
-                           float* out = gcp + k * D;
-                           const T* code = cp + k * D;
-                           for (int64_t p = offsets[k]; p < offsets[k + 1]; ++p) {
-                             const T* row = xp + order[p] * D;
-                             for (int64_t d = 0; d < D; ++d) {
-                               out[d] += coef_c * (to_f32(row[d]) - to_f32(code[d]));
+                         with_isa(isa, [&]() VQK_INLINE {
+                           for (int64_t k = k0; k < k1; ++k) {
+                             float* out = gcp + k * D;
+                             const T* code = cp + k * D;
+                             for (int64_t p = offsets[k]; p < offsets[k + 1]; ++p) {
+                               const T* row = xp + order[p] * D;
+                               for (int64_t d = 0; d < D; ++d) {
+                                 out[d] += coef_c * (to_f32(row[d]) - to_f32(code[d]));
+                               }
                              }
                            }
-                         }
+                         });
                        });
     }
   });
