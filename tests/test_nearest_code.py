@@ -320,3 +320,29 @@ def test_cpu_same_result_for_any_thread_count(cpu_backend, restore_threads, metr
         out.append(run(cpu_backend, x, cb, metric))
     assert torch.equal(out[0][0], out[1][0])
     assert torch.equal(out[0][1], out[1][1])
+
+
+# ----------------------------------------------------------------------- C++ ISA variants
+
+ISA_SHAPES = [(64, 7, 1), (37, 16, 3), (257, 130, 33), (300, 2049, 5), (513, 1025, 129)]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_cpu_isa_variants(cpu_backend, monkeypatch, isa):
+    """Every register kernel of the C++ backend (VQKERNELS_CPU_ISA caps the ISA; capped to what
+    this CPU has) obeys the fp32 rule, the bf16 rule and the lowest-index tie rule."""
+    monkeypatch.setenv("VQKERNELS_CPU_ISA", isa)
+    for n, k, d in ISA_SHAPES:
+        for metric in METRICS:
+            x, cb = make_inputs(n, k, d, seed=n * k, kind="gaussian")
+            idx, dist = run(cpu_backend, x, cb, metric)
+            check_indices(x, cb, idx, metric)
+            check_distances(x, cb, idx, dist, metric)
+            xb, cbb = x.bfloat16(), cb.bfloat16()
+            idx, dist = run(cpu_backend, xb, cbb, metric)
+            check_low_precision(xb, cbb, idx, dist, metric)
+    x, cb = make_inputs(150, 70, 9, seed=7, kind="integer")
+    cb[69], cb[40], cb[33] = cb[0], cb[5], cb[5]
+    dist = exact_distances(x, cb)
+    want = (dist == dist.min(1, keepdim=True).values).float().argmax(1)
+    assert torch.equal(vqkernels.nearest_code(x, cb, backend="cpu"), want)
