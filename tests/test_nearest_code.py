@@ -158,18 +158,30 @@ def test_noncontiguous_inputs(backend, x_layout, cb_layout):
 # ---------------------------------------------------------------------------- ties: lowest index
 
 
-def test_duplicated_codes_integer_data(backend):
+@pytest.mark.parametrize(
+    "n, k, d, pairs",
+    [
+        (150, 70, 9, ((0, 69), (3, 64), (5, 33), (10, 11), (31, 32), (40, 63), (7, 68))),
+        # Few rows, many codes: kernels that split the codes across threads/programs must fold
+        # the partial minima with the same lowest-index rule.
+        (4, 3001, 3, ((0, 3000), (1, 1500), (2, 2047), (700, 2999), (1024, 1025))),
+    ],
+    ids=["N150-K70-D9", "N4-K3001-D3"],
+)
+def test_duplicated_codes_integer_data(backend, n, k, d, pairs):
     """Integer data makes every score exact in fp32 whatever the summation order, so duplicated
     codes tie exactly and the lowest index must win."""
-    n, k, d = 150, 70, 9
+    backend.require_small(n, k, d)
     x, cb = make_inputs(n, k, d, seed=7, kind="integer")
     # Copy codes forward (the copy sits at a higher index), across any block boundary.
-    for src, dst in ((0, 69), (3, 64), (5, 33), (10, 11), (31, 32), (40, 63), (7, 68)):
+    for src, dst in pairs:
         cb[dst] = cb[src]
+    if n < 10:  # make the rows hit the duplicated codes exactly
+        x = cb[torch.tensor([p[0] for p in pairs[:n]])].clone()
     dist = exact_distances(x, cb)
     best = dist.min(1, keepdim=True).values
     want = (dist == best).float().argmax(1)  # first (lowest) index attaining the minimum
-    assert int((dist == best).sum(1).gt(1).sum()) > 20, "the test data should contain many ties"
+    assert int((dist == best).sum(1).gt(1).sum()) >= min(n, 20), "the data should contain ties"
     idx, d_out = run(backend, x.to(backend.device), cb.to(backend.device))
     assert torch.equal(idx.cpu(), want)
     assert torch.equal(d_out.cpu().double(), best.squeeze(1)), "integer distances must be exact"
@@ -312,8 +324,10 @@ def test_deterministic_across_runs(backend, metric):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_cpu_same_result_for_any_thread_count(cpu_backend, restore_threads, metric):
-    x, cb = make_inputs(3001, 515, 37, seed=17)
+@pytest.mark.parametrize("shape", [(3001, 515, 37), (5, 9000, 24)], ids=lambda s: case_id(*s))
+def test_cpu_same_result_for_any_thread_count(cpu_backend, restore_threads, metric, shape):
+    """Row-block and code-split parallelism give the same bits for 1 and 2 threads."""
+    x, cb = make_inputs(*shape, seed=17)
     out = []
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -65,8 +65,8 @@ U_TF32 = 2.0**-11
 LOWP_FLOOR = 1e-3
 
 #: (N, K, D) shapes every backend is tested on: D not a power of two, N not a multiple of any
-#: block size, K = 1, K > N, N = 0, D = 1, a large K with a tiny D (the "direct kernel" regime)
-#: and a GEMM-sized case.
+#: block size, K = 1, K > N, N = 0, D = 1, a large K with a tiny D (the "direct kernel" regime),
+#: a few rows against many codes (kernels split the codes then) and a GEMM-sized case.
 CORE_SHAPES: tuple[tuple[int, int, int], ...] = (
     (0, 5, 3),
     (1, 1, 1),
@@ -76,6 +76,7 @@ CORE_SHAPES: tuple[tuple[int, int, int], ...] = (
     (100, 65, 17),
     (257, 130, 33),
     (300, 2049, 5),
+    (3, 4099, 20),
     (513, 1025, 129),
     (1000, 512, 64),
 )
