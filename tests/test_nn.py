@@ -218,6 +218,21 @@ def test_kmeans_init_finds_clusters(seeding):
     assert torch.allclose(cb[used], vq.codebook[used], atol=0.05)
 
 
+def test_batched_kmeanspp_seeding_beats_random_on_many_clusters():
+    # K > 128: k-means++ draws its centers in rounds (see VectorQuantizer._seed); it must still
+    # cover the clusters far better than random seeding (random: ~63% coverage by chance)
+    k = 256
+    centers, pts = _clustered(k, 4, 8)
+    found = {}
+    for seeding in ("kmeans++", "random"):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(8, k, kmeans_init=True, kmeans_seeding=seeding)
+        vq.init_codebook_(pts.unsqueeze(0))
+        found[seeding] = int((torch.cdist(centers, vq.codebook).min(dim=1).values < 0.5).sum())
+    assert found["kmeans++"] >= 0.95 * k
+    assert found["kmeans++"] > found["random"] + 0.2 * k
+
+
 def test_kmeans_init_ignores_masked_rows():
     torch.manual_seed(0)
     k, d = 4, 3

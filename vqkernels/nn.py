@@ -61,6 +61,7 @@ __all__ = ["VectorQuantizer", "ResidualVectorQuantizer"]
 _METRICS = ("l2", "cosine")
 _SEEDINGS = ("kmeans++", "random")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KMEANSPP_ROUNDS = 128  # k-means++ seeding rounds (see VectorQuantizer._seed)
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -523,21 +524,35 @@ class VectorQuantizer(nn.Module):
             else:
                 pick = torch.randint(0, n, (k,), device=data.device)
             return data[pick].clone()
-        # k-means++: each new center is drawn with probability ∝ squared distance to the nearest
-        # center chosen so far.  O(K·n·D) total, one [n] distance update per center.
+        # k-means++ (D² sampling): centers are drawn with probability ∝ the squared distance to
+        # the nearest center chosen so far.  Drawn in rounds of `per_round` centers (exact
+        # k-means++ for K <= _KMEANSPP_ROUNDS; beyond, each round samples a batch without
+        # replacement from the same D² distribution, as k-means|| oversampling does), and the
+        # distances are updated with the fused search against the round's new centers: O(n·K·D)
+        # in all, the cost of one Lloyd step, in at most _KMEANSPP_ROUNDS + 1 rounds.
         pts = F.normalize(data, dim=-1) if self.metric == "cosine" else data
         centers = torch.empty(k, data.shape[1], dtype=data.dtype, device=data.device)
         first = int(torch.randint(0, n, (1,)))
         centers[0] = data[first]
         d2 = ((pts - pts[first]) ** 2).sum(dim=1)
-        for j in range(1, k):
-            total = d2.sum()
-            if float(total) > 0.0:
-                pick = int(torch.multinomial(d2, 1))
-            else:  # every point is already a center (n < K or duplicates): uniform draw
-                pick = int(torch.randint(0, n, (1,)))
-            centers[j] = data[pick]
-            d2 = torch.minimum(d2, ((pts - pts[pick]) ** 2).sum(dim=1))
+        per_round = max(1, math.ceil((k - 1) / _KMEANSPP_ROUNDS))
+        filled = 1
+        while filled < k:
+            b = min(per_round, k - filled)
+            positive = int((d2 > 0).sum())
+            if positive >= b:
+                pick = torch.multinomial(d2, b, replacement=False)
+            elif positive > 0:  # fewer distinct candidates than centers to draw: duplicates
+                pick = torch.multinomial(d2, b, replacement=True)
+            else:  # every point is already a center (n < K or duplicated data): uniform draw
+                pick = torch.randint(0, n, (b,), device=data.device)
+            centers[filled : filled + b] = data[pick]
+            _, dist = vqf.nearest_code(
+                pts, pts[pick].contiguous(), "l2", return_distance=True,
+                backend=self.backend, check_inputs=False,
+            )
+            d2 = torch.minimum(d2, dist)
+            filled += b
         return centers
 
     def _kmeans_init_flat(self, flat: torch.Tensor, valid: torch.Tensor | None) -> None:
