@@ -73,19 +73,25 @@ def interpreting() -> bool:
 
 # ------------------------------------------------------------------------------ autotuning
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages).  H100/H200: 228 KB of shared memory per SM, wgmma
-# tiles of 64 rows per warpgroup; 128x128 and 128x256 accumulators with 8 warps are the usual
-# sweet spot for bf16 GEMM-like loops, 64-wide tiles serve small K/N and the fp32 "ieee" path
-# (FMA units, no tensor cores: smaller tiles keep register pressure down).
+# (BLOCK_N, BLOCK_K, num_warps, num_stages).  H100/H200: 227 KB of shared memory per block,
+# wgmma tiles of 64 rows per warpgroup.  Every config keeps the fp32 score accumulator at
+# BLOCK_N·BLOCK_K / (32·num_warps) <= 64 registers per thread: compiled for sm_90 (Triton 3.9,
+# ahead of time, cuobjdump -res-usage), 128x128 tiles with 4 warps and 128x256 / 256x128 tiles
+# with 8 warps hit the 255-register cap and spill (local-memory LDL/STL in the SASS), while these
+# stay under it and use HGMMA for bf16/fp16/tf32 (the 32-row config uses mma.sync).  The fp32
+# "ieee" (FMA) path is pruned further to <= 32 accumulator registers per thread (the last four).
+# tests/test_triton.py::test_sm90_* recompiles them and checks for spills (marker slow).
 _HOPPER_SHAPES = [
     (128, 128, 8, 3),
-    (128, 128, 4, 4),
-    (128, 256, 8, 3),
-    (256, 128, 8, 3),
+    (128, 128, 8, 4),
+    (128, 64, 4, 3),
     (128, 64, 4, 4),
+    (256, 64, 8, 3),
     (64, 128, 4, 4),
-    (64, 64, 4, 3),
     (64, 256, 8, 3),
+    (128, 64, 8, 3),
+    (64, 128, 8, 3),
+    (64, 64, 4, 3),
     (32, 64, 4, 2),
 ]
 # Under the interpreter every program runs in numpy: one small config, no benchmarking.
@@ -113,6 +119,11 @@ def prune_search_configs(configs, named_args, **kwargs):
     elsize = named_args["x_ptr"].element_size()
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     single = kwargs.get("IS_SINGLE_D_TILE", named_args.get("IS_SINGLE_D_TILE"))
+    use_tf32 = kwargs.get("USE_TF32", named_args.get("USE_TF32"))
+    # fp32 "ieee" products run on the FMA units with both operands in registers: only tiles
+    # with <= 32 accumulator registers per thread compile without spilling (sm_90, measured);
+    # tensor-core (wgmma) tiles keep <= 64.
+    acc_cap = 32 if (elsize == 4 and not use_tf32) else 64
     k_cap = max(16, triton.next_power_of_2(k))
     n_cap = max(16, size_hint(named_args["N_BUCKET"]))
     kept = []
@@ -120,12 +131,11 @@ def prune_search_configs(configs, named_args, **kwargs):
         bn, bk = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         if bk > k_cap or bn > n_cap:
             continue
+        if bn * bk > acc_cap * 32 * c.num_warps:
+            continue
         x_tile = bn * block_d * elsize * (1 if single else c.num_stages)
         smem = c.num_stages * bk * block_d * elsize + x_tile
         if smem > _SMEM_BUDGET:
-            continue
-        # a register-resident x tile of more than 64 KB per program spills
-        if single and bn * block_d * elsize > 64 * 1024:
             continue
         kept.append(c)
     if not kept:
@@ -142,7 +152,9 @@ def search_meta(x: torch.Tensor, d: int, precision: str, interpret: bool | None 
     interpret = interpreting() if interpret is None else interpret
     elsize = x.element_size()
     d_pow2 = max(16, triton.next_power_of_2(d))
-    single_cap = 256 if elsize == 2 else 128
+    # Caps measured for sm_90 (see _HOPPER_SHAPES): wider single tiles either exceed the
+    # shared-memory budget with the x tile resident or spill registers.
+    single_cap = 128 if elsize == 2 else 64
     if interpret:
         single_cap = 64  # keep the numpy tiles small
     if d_pow2 <= single_cap:
