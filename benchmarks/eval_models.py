@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         for be in backends:
             out = os.path.join(runs_dir, f"{ds}-{be}")
             print(f"[eval_models] {ds} / {be}: {minutes:.2f} min -> {out}", file=sys.stderr)
-            extra = list(args.train_arg) + (["--threads", str(args.threads)] if args.threads else [])
+            extra = list(args.train_arg) + (
+                ["--threads", str(args.threads)] if args.threads else []
+            )
             row = run_one(ds, be, minutes, out, extra)
             res["runs"].append(row)
             print(

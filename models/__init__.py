@@ -14,8 +14,15 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .vqgan import VQGAN, vqgan_config
 from .vqvae import VQVAE, vqvae_config
 
-__all__ = ["load", "build_model", "VQVAE", "VQGAN", "vqvae_config", "vqgan_config",
-           "CheckpointError"]
+__all__ = [
+    "load",
+    "build_model",
+    "VQVAE",
+    "VQGAN",
+    "vqvae_config",
+    "vqgan_config",
+    "CheckpointError",
+]
 
 _MODELS = {"vqvae": VQVAE, "vqgan": VQGAN}
 

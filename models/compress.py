@@ -32,8 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CompressError", "pack_indices", "unpack_indices", "model_fingerprint", "encode_images",
-           "decode_bytes", "main"]
+__all__ = [
+    "CompressError",
+    "pack_indices",
+    "unpack_indices",
+    "model_fingerprint",
+    "encode_images",
+    "decode_bytes",
+    "main",
+]
 
 MAGIC = b"VQKC"
 VERSION = 1
@@ -64,7 +71,7 @@ def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
     if len(data) < need:
         raise CompressError(f"payload holds {len(data)} bytes, {need} needed for {count} indices")
     flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits]
-    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
     return flat.reshape(count, bits).astype(np.int64) @ weights
 
 
@@ -102,21 +109,45 @@ def encode_images(model, images: list[torch.Tensor], names: list[str]) -> tuple[
         x = _pad_to(img, f).unsqueeze(0)
         idx = model.encode(x)[0]  # [h, w]
         rec = model.decode_indices(idx.unsqueeze(0))[0, :, :hgt, :wid]
-        entries.append({"name": name, "height": hgt, "width": wid,
-                        "h": int(idx.shape[0]), "w": int(idx.shape[1])})
+        entries.append(
+            {
+                "name": name,
+                "height": hgt,
+                "width": wid,
+                "h": int(idx.shape[0]),
+                "w": int(idx.shape[1]),
+            }
+        )
         all_idx.append(idx.reshape(-1).numpy())
         nbits = bits * idx.numel()
-        reports.append({"name": name, "height": hgt, "width": wid, "bits": nbits,
-                        "bpp": nbits / (hgt * wid),
-                        "psnr": psnr(rec.unsqueeze(0), img.unsqueeze(0))})
+        reports.append(
+            {
+                "name": name,
+                "height": hgt,
+                "width": wid,
+                "bits": nbits,
+                "bpp": nbits / (hgt * wid),
+                "psnr": psnr(rec.unsqueeze(0), img.unsqueeze(0)),
+            }
+        )
     header = {
-        "model_type": model.config["model"], "codebook_size": k, "bits": bits,
-        "downsample": f, "channels": model.config["in_channels"],
-        "fingerprint": model_fingerprint(model), "images": entries,
+        "model_type": model.config["model"],
+        "codebook_size": k,
+        "bits": bits,
+        "downsample": f,
+        "channels": model.config["in_channels"],
+        "fingerprint": model_fingerprint(model),
+        "images": entries,
     }
     hb = json.dumps(header, sort_keys=True).encode()
     payload = pack_indices(np.concatenate(all_idx) if all_idx else np.zeros(0, np.int64), bits)
-    body = MAGIC + struct.pack("<BI", VERSION, len(hb)) + hb + struct.pack("<I", len(payload)) + payload
+    body = (
+        MAGIC
+        + struct.pack("<BI", VERSION, len(hb))
+        + hb
+        + struct.pack("<I", len(payload))
+        + payload
+    )
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF), reports
 
 
@@ -197,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .metrics import psnr
 
-    p = argparse.ArgumentParser(prog="python -m models.compress", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m models.compress", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="images -> packed code file")
     e.add_argument("--checkpoint", required=True)
@@ -208,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--checkpoint", required=True)
     d.add_argument("file")
     d.add_argument("--out", required=True, help="output folder for the PNGs")
-    d.add_argument("--originals", nargs="*", default=None,
-                   help="original images (same order) to report PSNR against")
+    d.add_argument(
+        "--originals",
+        nargs="*",
+        default=None,
+        help="original images (same order) to report PSNR against",
+    )
     d.add_argument("--backend", default="auto")
     args = p.parse_args(argv)
     try:
@@ -224,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(data)
             os.replace(tmp, args.out)
             for r in reports:
-                print(f"{r['name']}: {r['width']}x{r['height']}  {r['bits']} bits  "
-                      f"{r['bpp']:.4f} bpp  PSNR {r['psnr']:.2f} dB")
+                print(
+                    f"{r['name']}: {r['width']}x{r['height']}  {r['bits']} bits  "
+                    f"{r['bpp']:.4f} bpp  PSNR {r['psnr']:.2f} dB"
+                )
             pixels = sum(r["width"] * r["height"] for r in reports)
-            print(f"wrote {args.out}: {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp with header")
+            print(
+                f"wrote {args.out}: {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp with header"
+            )
         else:
             with open(args.file, "rb") as fh:
                 data = fh.read()
@@ -246,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                 if origs:
                     ref = _read_image(origs[i], c)
                     if ref.shape != img.shape:
-                        raise ValueError(f"original {origs[i]} has shape {tuple(ref.shape)}, "
-                                         f"decoded image {tuple(img.shape)}")
+                        raise ValueError(
+                            f"original {origs[i]} has shape {tuple(ref.shape)}, "
+                            f"decoded image {tuple(img.shape)}"
+                        )
                     msg += f"  PSNR {psnr(img.unsqueeze(0), ref.unsqueeze(0)):.2f} dB"
                 print(msg)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -18,8 +18,10 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         raise TypeError("a and b must be torch.Tensors")
     if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"a and b must both be [B, C, H, W] with equal shapes, got {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
+        raise ValueError(
+            f"a and b must both be [B, C, H, W] with equal shapes, got {tuple(a.shape)} "
+            f"and {tuple(b.shape)}"
+        )
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +45,9 @@ def _gaussian_window(size: int, sigma: float, channels: int, device) -> torch.Te
     return w.expand(channels, 1, size, size).contiguous()
 
 
-def ssim_map(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim_map(
+    a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Per-pixel SSIM ``[B, C, H', W']`` (valid Gaussian filtering, Wang et al. 2004 constants for a
     dynamic range of 1).  The window shrinks to the largest odd size that fits small images (e.g.
     7 for 8x8 digits) and sigma scales with it.  Differentiable (used by the perceptual loss)."""

@@ -36,8 +36,14 @@ import torch.nn.functional as F
 
 from .metrics import ssim_map
 
-__all__ = ["build_perceptual", "resolve_perceptual", "PERCEPTUAL_KINDS", "VGG16Features",
-           "LPIPSLoss", "SSIMGradientLoss"]
+__all__ = [
+    "build_perceptual",
+    "resolve_perceptual",
+    "PERCEPTUAL_KINDS",
+    "VGG16Features",
+    "LPIPSLoss",
+    "SSIMGradientLoss",
+]
 
 PERCEPTUAL_KINDS = ("auto", "lpips", "stlpips", "ssim", "none")
 
@@ -117,8 +123,9 @@ class _BlurPool(nn.Module):
         self.register_buffer("filt", (filt / filt.sum()).expand(channels, 1, 3, 3).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt, stride=2,
-                        groups=x.shape[1])
+        return F.conv2d(
+            F.pad(x, (2, 2, 2, 2), mode="reflect"), self.filt, stride=2, groups=x.shape[1]
+        )
 
 
 class VGG16Features(nn.Module):
@@ -184,8 +191,12 @@ class LPIPSLoss(nn.Module):
         # The 4 poolings need a minimum size (reflect padding in the anti-aliased net); upsample
         # tiny images (e.g. 8x8 digits) instead of failing.
         if min(x.shape[-2:]) < self.min_size:
-            x = F.interpolate(x, size=(max(self.min_size, x.shape[-2]), max(self.min_size, x.shape[-1])),
-                              mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(max(self.min_size, x.shape[-2]), max(self.min_size, x.shape[-1])),
+                mode="bilinear",
+                align_corners=False,
+            )
         return ((2.0 * x - 1.0) - self.shift) / self.scale
 
     def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -219,8 +230,11 @@ class _Zero(nn.Module):
 
 
 def _build_stlpips() -> LPIPSLoss:
-    sd = _load_weights(stlpips_weights_path(), "ST-LPIPS (stlpips-pytorch wheel)",
-                       "VQKERNELS_STLPIPS_PATH (or `pip install --no-deps stlpips-pytorch==0.0.2`)")
+    sd = _load_weights(
+        stlpips_weights_path(),
+        "ST-LPIPS (stlpips-pytorch wheel)",
+        "VQKERNELS_STLPIPS_PATH (or `pip install --no-deps stlpips-pytorch==0.0.2`)",
+    )
     feats = VGG16Features(anti_aliased=True)
     # The file names layers net.slice{1..5}.{i}.*, i being the index in the full feature stack.
     mapped = {}
@@ -231,8 +245,10 @@ def _build_stlpips() -> LPIPSLoss:
     missing, unexpected = feats.load_state_dict(mapped, strict=False)
     # The blur filters are recomputed identically; the weights/biases must all be present.
     if [m for m in missing if not m.endswith(".filt")] or unexpected:
-        raise ValueError(f"ST-LPIPS weight file has an unexpected layout (missing {missing}, "
-                         f"unexpected {unexpected})")
+        raise ValueError(
+            f"ST-LPIPS weight file has an unexpected layout (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
     heads = [sd[f"lin{i}.model.1.weight"] for i in range(5)]
     return LPIPSLoss(feats, heads, min_size=32)
 
@@ -240,8 +256,11 @@ def _build_stlpips() -> LPIPSLoss:
 def _build_lpips() -> LPIPSLoss:
     vgg_path, heads_path = lpips_paths()
     vgg = _load_weights(vgg_path, "VGG16 backbone", "VQKERNELS_VGG16_PATH")
-    heads_sd = _load_weights(heads_path, "LPIPS linear heads",
-                             "VQKERNELS_LPIPS_HEADS_PATH (or install the `lpips` package)")
+    heads_sd = _load_weights(
+        heads_path,
+        "LPIPS linear heads",
+        "VQKERNELS_LPIPS_HEADS_PATH (or install the `lpips` package)",
+    )
     feats = VGG16Features(anti_aliased=False)
     sub = {k: v for k, v in vgg.items() if k.startswith("features.")}
     feats.load_state_dict(sub, strict=True)

@@ -46,32 +46,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", choices=("vqvae", "vqgan"), default="vqvae")
     p.add_argument("--dataset", default="photos", help="digits | photos | a folder of PNG/JPEG")
-    p.add_argument("--steps", type=int, default=100_000, help="total optimizer steps (default: "
-                   "effectively unlimited; use --minutes)")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="wall-clock budget for this invocation; stops at whichever of "
-                        "--steps/--minutes comes first")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=100_000,
+        help="total optimizer steps (default: effectively unlimited; use --minutes)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for this invocation; stops at whichever of "
+        "--steps/--minutes comes first",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", choices=("tiny", "base"), default="base")
-    p.add_argument("--backend", default="auto",
-                   help="vqkernels backend: auto | cpu | reference | cuda | triton")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt (model config and seed come from it)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="vqkernels backend: auto | cpu | reference | cuda | triton",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt (model config and seed come from it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="training crop / eval tile size (default 32; 8 for digits)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="training crop / eval tile size (default 32; 8 for digits)",
+    )
     p.add_argument("--codebook-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--eval-every", type=int, default=500,
-                   help="evaluate on held-out images and checkpoint every E steps")
-    p.add_argument("--perceptual", choices=PERCEPTUAL_KINDS, default=None,
-                   help="perceptual loss (default: none for vqvae, auto for vqgan)")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=500,
+        help="evaluate on held-out images and checkpoint every E steps",
+    )
+    p.add_argument(
+        "--perceptual",
+        choices=PERCEPTUAL_KINDS,
+        default=None,
+        help="perceptual loss (default: none for vqvae, auto for vqgan)",
+    )
     p.add_argument("--perceptual-weight", type=float, default=None)
     p.add_argument("--disc-start", type=int, default=None, help="VQGAN: step the GAN loss starts")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                   help="override any model config key, e.g. --set hidden=64 --set "
-                        "kmeans_init=false (values parsed as JSON)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override any model config key, e.g. --set hidden=64 --set "
+        "kmeans_init=false (values parsed as JSON)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -178,7 +209,9 @@ def save_reconstructions(pairs, path: str, scale: int | None = None) -> None:
     rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]
     grid = torch.cat(rows, dim=-2)  # [C, H, W]
     if scale is None:
-        scale = max(1, 256 // max(1, orig_all[0].shape[-1] * 2)) if orig_all[0].shape[-1] < 32 else 2
+        scale = (
+            max(1, 256 // max(1, orig_all[0].shape[-1] * 2)) if orig_all[0].shape[-1] < 32 else 2
+        )
     grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     arr = (grid.clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).numpy()
     if arr.shape[2] == 1:
@@ -242,7 +275,9 @@ def train(argv: list[str] | None = None) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     sampler = load_dataset(args.dataset, "train", args.image_size, seed=seed)
-    args.image_size = args.image_size or sampler.size if hasattr(sampler, "size") else args.image_size
+    args.image_size = (
+        args.image_size or sampler.size if hasattr(sampler, "size") else args.image_size
+    )
     groups = eval_groups(args.dataset, args.image_size)
     if args.batch_size is None:
         args.batch_size = 32 if args.model == "vqvae" else 16
@@ -284,9 +319,11 @@ def train(argv: list[str] | None = None) -> dict:
         step, elapsed_before = int(st["step"]), float(st["seconds"])
         log(f"resumed from {ckpt_path} at step {step}")
 
-    log(f"model={args.model} dataset={args.dataset} config={args.config} backend={backend} "
+    log(
+        f"model={args.model} dataset={args.dataset} config={args.config} backend={backend} "
         f"perceptual={perc_kind} batch={args.batch_size} image={args.image_size} "
-        f"params={sum(p.numel() for p in model.parameters())}")
+        f"params={sum(p.numel() for p in model.parameters())}"
+    )
     run_args = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "set")}
     run_args["perceptual_resolved"] = perc_kind
     run_args["backend_resolved"] = backend
@@ -295,8 +332,11 @@ def train(argv: list[str] | None = None) -> dict:
 
     def checkpoint(metrics: dict | None):
         state = {
-            "format": "vqkernels-models", "version": 1,
-            "model_type": args.model, "config": config, "model": model.state_dict(),
+            "format": "vqkernels-models",
+            "version": 1,
+            "model_type": args.model,
+            "config": config,
+            "model": model.state_dict(),
             "perceptual": perc_kind,
             "train": {
                 "step": step,
@@ -361,8 +401,13 @@ def train(argv: list[str] | None = None) -> dict:
             ppl = float(getattr(q, "perplexity", float("nan")))
             tr_psnr = psnr(recon.detach(), images)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_v:.4f}", psnr=f"{tr_psnr:.2f}", usage=f"{usage:.2f}",
-                                ppl=f"{ppl:.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_v:.4f}",
+                    psnr=f"{tr_psnr:.2f}",
+                    usage=f"{usage:.2f}",
+                    ppl=f"{ppl:.0f}",
+                    refresh=False,
+                )
             if tb is not None:
                 tb.add_scalar("train/loss", loss_v, step)
                 tb.add_scalar("train/rec_loss", rec_v, step)
@@ -373,13 +418,21 @@ def train(argv: list[str] | None = None) -> dict:
             bar.update(1)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             ev = do_eval()
-            history.append({"step": step, "psnr": ev["psnr"], "perplexity": ev["perplexity"],
-                            "train_perplexity": ev["train_perplexity"],
-                            "per_image_psnr": {k: v["psnr"] for k, v in ev["per_image"].items()}})
+            history.append(
+                {
+                    "step": step,
+                    "psnr": ev["psnr"],
+                    "perplexity": ev["perplexity"],
+                    "train_perplexity": ev["train_perplexity"],
+                    "per_image_psnr": {k: v["psnr"] for k, v in ev["per_image"].items()},
+                }
+            )
             per = " ".join(f"{k}={v['psnr']:.2f}" for k, v in ev["per_image"].items())
-            log(f"\n[eval step {step}] psnr={ev['psnr']:.2f} ({per}) ssim={ev['ssim']:.3f} "
+            log(
+                f"\n[eval step {step}] psnr={ev['psnr']:.2f} ({per}) ssim={ev['ssim']:.3f} "
                 f"usage={ev['codebook_usage']:.2f} ppl={ev['perplexity']:.0f} "
-                f"train_ppl={ev['train_perplexity']:.0f}")
+                f"train_ppl={ev['train_perplexity']:.0f}"
+            )
             if tb is not None:
                 tb.add_scalar("eval/psnr", ev["psnr"], step)
                 tb.add_scalar("eval/ssim", ev["ssim"], step)
@@ -422,11 +475,13 @@ def train(argv: list[str] | None = None) -> dict:
     if tb is not None:
         tb.add_scalar("eval/psnr", ev["psnr"], step)
         tb.close()
-    log(f"done: {step} steps in {metrics['seconds']:.0f}s ({metrics['steps_per_second']:.2f} steps/s) "
+    log(
+        f"done: {step} steps in {metrics['seconds']:.0f}s ({metrics['steps_per_second']:.2f} steps/s) "
         f"held-out psnr={metrics['psnr']:.2f} dB ssim={metrics['ssim']:.3f} "
         f"usage={metrics['codebook_usage']:.2f} ppl={metrics['perplexity']:.0f} "
         f"train_ppl={metrics['train_perplexity']:.0f}\n"
-        f"  {os.path.join(args.out, 'metrics.json')}\n  {os.path.join(args.out, 'reconstructions.png')}")
+        f"  {os.path.join(args.out, 'metrics.json')}\n  {os.path.join(args.out, 'reconstructions.png')}"
+    )
     return metrics
 
 

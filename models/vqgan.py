@@ -101,8 +101,11 @@ class _Encoder(nn.Module):
                 prev = ch * m
             if i < len(mult) - 1:
                 blocks.append(Downsample(prev))
-        blocks += [ResnetBlock(prev, prev, cfg["dropout"]), AttnBlock(prev),
-                   ResnetBlock(prev, prev, cfg["dropout"])]
+        blocks += [
+            ResnetBlock(prev, prev, cfg["dropout"]),
+            AttnBlock(prev),
+            ResnetBlock(prev, prev, cfg["dropout"]),
+        ]
         self.blocks = nn.Sequential(*blocks)
         self.norm_out = group_norm(prev)
         self.conv_out = nn.Conv2d(prev, cfg["z_channels"], 3, padding=1)
@@ -117,8 +120,11 @@ class _Decoder(nn.Module):
         ch, mult = cfg["ch"], cfg["ch_mult"]
         prev = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg["z_channels"], prev, 3, padding=1)
-        blocks: list[nn.Module] = [ResnetBlock(prev, prev, cfg["dropout"]), AttnBlock(prev),
-                                   ResnetBlock(prev, prev, cfg["dropout"])]
+        blocks: list[nn.Module] = [
+            ResnetBlock(prev, prev, cfg["dropout"]),
+            AttnBlock(prev),
+            ResnetBlock(prev, prev, cfg["dropout"]),
+        ]
         for i, m in reversed(list(enumerate(mult))):
             for _ in range(cfg["num_res_blocks"] + 1):
                 blocks.append(ResnetBlock(prev, ch * m, cfg["dropout"]))
@@ -225,8 +231,9 @@ def make_vqgan_optimizers(model: VQGAN, loss: VQGANLoss):
     return opt_g, opt_d
 
 
-def vqgan_train_step(model: VQGAN, loss: VQGANLoss, opt_g, opt_d, images: torch.Tensor,
-                     step: int) -> dict:
+def vqgan_train_step(
+    model: VQGAN, loss: VQGANLoss, opt_g, opt_d, images: torch.Tensor, step: int
+) -> dict:
     """One VQGAN training step (generator update, then discriminator update when it is on).
 
     Args:
@@ -238,7 +245,11 @@ def vqgan_train_step(model: VQGAN, loss: VQGANLoss, opt_g, opt_d, images: torch.
     """
     recon, indices, vq_loss = model(images)
     rec = loss.reconstruction(recon, images)
-    p = loss.perceptual(recon, images) if loss.config["perceptual_weight"] > 0 else rec.new_zeros(())
+    p = (
+        loss.perceptual(recon, images)
+        if loss.config["perceptual_weight"] > 0
+        else rec.new_zeros(())
+    )
     nll = rec + loss.config["perceptual_weight"] * p
     factor = loss.disc_factor(step)
     if factor > 0:

@@ -151,7 +151,11 @@ class _QuantizerHost(nn.Module):
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``indices [B, h, w] int64`` in [0, K) -> ``images [B, C, h·f, w·f]`` float in [0, 1]."""
-        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 3:
+        if (
+            not isinstance(indices, torch.Tensor)
+            or indices.dtype != torch.int64
+            or indices.dim() != 3
+        ):
             raise ValueError("indices must be an int64 tensor [B, h, w]")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size})")
@@ -178,8 +182,11 @@ class VQVAE(_QuantizerHost):
 
     def __init__(self, config: dict | None = None, backend: str = "auto"):
         super().__init__()
-        cfg = vqvae_config("base") if config is None else vqvae_config("base", **{
-            k: v for k, v in config.items() if k != "model"})
+        cfg = (
+            vqvae_config("base")
+            if config is None
+            else vqvae_config("base", **{k: v for k, v in config.items() if k != "model"})
+        )
         self.config = copy.deepcopy(cfg)
         c, h, rh, d = cfg["in_channels"], cfg["hidden"], cfg["res_hidden"], cfg["embedding_dim"]
         n = _num_down(cfg["downsample"])
@@ -220,7 +227,9 @@ class VQVAE(_QuantizerHost):
         return self.decoder(q) + 0.5
 
     def last_layer_weight(self) -> torch.Tensor:
-        return [m for m in self.decoder if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1].weight
+        return [m for m in self.decoder if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][
+            -1
+        ].weight
 
 
 def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

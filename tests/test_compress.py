@@ -19,6 +19,16 @@ from models.compress import (
 from models.vqvae import VQVAE, vqvae_config
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP threads
+    competing for the cores make each step many times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("bits", [1, 3, 5, 9, 12])
 def test_pack_unpack_round_trip(bits):
     rng = np.random.default_rng(bits)
@@ -52,14 +62,15 @@ def test_round_trip_matches_direct_decode_and_odd_sizes():
     for (_, rec), img, rep in zip(out, imgs, reports):
         assert rec.shape == img.shape
         # direct path: pad to a multiple of 4, encode, decode, crop
-        x = torch.nn.functional.pad(img.unsqueeze(0), (0, (-img.shape[2]) % 4,
-                                    0, (-img.shape[1]) % 4), mode="replicate")
+        x = torch.nn.functional.pad(
+            img.unsqueeze(0), (0, (-img.shape[2]) % 4, 0, (-img.shape[1]) % 4), mode="replicate"
+        )
         direct = model.decode_indices(model.encode(x))[0, :, : img.shape[1], : img.shape[2]]
         torch.testing.assert_close(rec, direct)
         h, w = -(-img.shape[1] // 4), -(-img.shape[2] // 4)
-        assert rep["bits"] == 5 * h * w and rep["bpp"] == pytest.approx(rep["bits"] / (13 * 10)
-                                                                          if rep["name"] == "a.png"
-                                                                          else rep["bits"] / 96)
+        assert rep["bits"] == 5 * h * w and rep["bpp"] == pytest.approx(
+            rep["bits"] / (13 * 10) if rep["name"] == "a.png" else rep["bits"] / 96
+        )
 
 
 def test_corrupt_truncated_and_mismatched_files_fail_clearly():
@@ -82,21 +93,48 @@ def test_cli_encode_decode(tmp_path, capsys):
 
     model = _model()
     ckpt = tmp_path / "checkpoint.pt"
-    ck.atomic_save({"format": ck.FORMAT, "version": ck.VERSION, "model_type": "vqvae",
-                    "config": model.config, "model": model.state_dict()}, str(ckpt))
+    ck.atomic_save(
+        {
+            "format": ck.FORMAT,
+            "version": ck.VERSION,
+            "model_type": "vqvae",
+            "config": model.config,
+            "model": model.state_dict(),
+        },
+        str(ckpt),
+    )
     paths = []
     for i, img in enumerate(_images()):
         p = tmp_path / f"img{i}.png"
         Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy()).save(p)
         paths.append(str(p))
     f = tmp_path / "codes.vqc"
-    assert main(["encode", "--checkpoint", str(ckpt), *paths, "--out", str(f),
-                 "--backend", "reference"]) == 0
+    assert (
+        main(
+            ["encode", "--checkpoint", str(ckpt), *paths, "--out", str(f), "--backend", "reference"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bpp" in out and "PSNR" in out
     dec = tmp_path / "dec"
-    assert main(["decode", "--checkpoint", str(ckpt), str(f), "--out", str(dec),
-                 "--originals", *paths, "--backend", "reference"]) == 0
+    assert (
+        main(
+            [
+                "decode",
+                "--checkpoint",
+                str(ckpt),
+                str(f),
+                "--out",
+                str(dec),
+                "--originals",
+                *paths,
+                "--backend",
+                "reference",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "PSNR" in out
     files = sorted(p.name for p in dec.iterdir())

@@ -24,6 +24,16 @@ from models.vqvae import VQVAE, reconstruction_loss, vqvae_config
 CPU_WHY = vqkernels.available_backends()["cpu"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP threads
+    competing for the cores make each step many times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _digits_batches(n: int, batch: int = 16, seed: int = 0) -> list[torch.Tensor]:
     sampler = load_dataset("digits", "train")
     g = torch.Generator().manual_seed(seed)
@@ -56,8 +66,9 @@ def test_parity_cpu_backend_vs_reference_step_by_step():
     ref, sd_ref = _vqvae_losses("reference", batches)
     cpu, sd_cpu = _vqvae_losses("cpu", batches)
     torch.testing.assert_close(torch.tensor(cpu), torch.tensor(ref), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(sd_cpu["quantizer.codebook"], sd_ref["quantizer.codebook"],
-                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        sd_cpu["quantizer.codebook"], sd_ref["quantizer.codebook"], rtol=1e-3, atol=1e-4
+    )
 
 
 def test_reference_training_is_deterministic():
@@ -137,8 +148,13 @@ def test_vqgan_short_toy_run_reconstruction_decreases(norm, gan):
 
 def test_atomic_save_crash_mid_write_keeps_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    old = {"format": ck.FORMAT, "version": ck.VERSION, "model_type": "vqvae", "config": {},
-           "model": {"w": torch.arange(5.0)}}
+    old = {
+        "format": ck.FORMAT,
+        "version": ck.VERSION,
+        "model_type": "vqvae",
+        "config": {},
+        "model": {"w": torch.arange(5.0)},
+    }
     ck.atomic_save(old, path)
 
     real_save = torch.save
@@ -171,8 +187,18 @@ def _set_ran():
 def test_safe_loading_never_executes_code(tmp_path):
     path = str(tmp_path / "evil.pt")
     with open(path, "wb") as f:
-        torch.save({"format": ck.FORMAT, "version": 1, "model_type": "vqvae", "config": {},
-                    "model": {}, "x": _Evil()}, f, pickle_module=pickle)
+        torch.save(
+            {
+                "format": ck.FORMAT,
+                "version": 1,
+                "model_type": "vqvae",
+                "config": {},
+                "model": {},
+                "x": _Evil(),
+            },
+            f,
+            pickle_module=pickle,
+        )
     with pytest.raises(ck.CheckpointError, match="safely"):
         models.load(path)
     assert _Evil.ran is False
@@ -188,9 +214,26 @@ def test_safe_loading_never_executes_code(tmp_path):
 
 
 def _cli(out, *extra, model="vqvae", dataset="digits", steps=3):
-    argv = ["--model", model, "--dataset", dataset, "--config", "tiny", "--steps", str(steps),
-            "--batch-size", "8", "--out", str(out), "--backend", "reference", "--quiet",
-            "--eval-every", "0", *extra]
+    argv = [
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--config",
+        "tiny",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--backend",
+        "reference",
+        "--quiet",
+        "--eval-every",
+        "0",
+        *extra,
+    ]
     return train(argv)
 
 
@@ -199,8 +242,17 @@ def test_cli_smoke_writes_outputs_and_model_round_trips(tmp_path):
     for name in ("checkpoint.pt", "metrics.json", "config.json", "reconstructions.png"):
         assert (tmp_path / name).is_file(), name
     disk = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("psnr", "ssim", "codebook_usage", "perplexity", "bits_per_image", "steps",
-                "seconds", "backend", "perceptual"):
+    for key in (
+        "psnr",
+        "ssim",
+        "codebook_usage",
+        "perplexity",
+        "bits_per_image",
+        "steps",
+        "seconds",
+        "backend",
+        "perceptual",
+    ):
         assert key in disk and key in m
     assert disk["steps"] == 3 and disk["backend"] == "reference" and disk["perceptual"] == "none"
     model = models.load(str(tmp_path / "checkpoint.pt"), backend="reference")
@@ -226,12 +278,25 @@ def test_cli_vqgan_on_a_folder_records_perceptual_choice(tmp_path):
         arr = (torch.rand(20, 24, 3, generator=g) * 255).byte().numpy()
         Image.fromarray(arr).save(folder / f"im{i}.png")
     out = tmp_path / "run"
-    m = _cli(out, "--image-size", "8", "--perceptual", "auto", "--disc-start", "1",
-             model="vqgan", dataset=str(folder), steps=2)
+    m = _cli(
+        out,
+        "--image-size",
+        "8",
+        "--perceptual",
+        "auto",
+        "--disc-start",
+        "1",
+        model="vqgan",
+        dataset=str(folder),
+        steps=2,
+    )
     assert m["perceptual"] in ("ssim", "lpips", "stlpips")
     ckpt = ck.load_checkpoint(str(out / "checkpoint.pt"))
     assert ckpt["perceptual"] == m["perceptual"]
-    assert json.loads((out / "config.json").read_text())["train"]["perceptual_resolved"] == m["perceptual"]
+    assert (
+        json.loads((out / "config.json").read_text())["train"]["perceptual_resolved"]
+        == m["perceptual"]
+    )
     assert "discriminator" in ckpt["train"] and set(ckpt["train"]["optimizers"]) == {"g", "d"}
 
 

@@ -9,6 +9,16 @@ import torch
 from models import perceptual as P
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP threads
+    competing for the cores make each step many times slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def no_weights(monkeypatch):
     for env in ("VQKERNELS_STLPIPS_PATH", "VQKERNELS_VGG16_PATH", "VQKERNELS_LPIPS_HEADS_PATH"):
@@ -42,14 +52,19 @@ def test_missing_files_are_clear_errors_not_downloads(no_weights, tmp_path, monk
 
 
 def _heads():
-    return {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
-            for i, c in enumerate((64, 128, 256, 512, 512))}
+    return {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
+        for i, c in enumerate((64, 128, 256, 512, 512))
+    }
 
 
 def test_stlpips_layout_loads_with_our_network(no_weights, tmp_path, monkeypatch):
     torch.manual_seed(0)
     feats = P.VGG16Features(anti_aliased=True)
-    sd = {"scaling_layer.shift": torch.zeros(1, 3, 1, 1), "scaling_layer.scale": torch.ones(1, 3, 1, 1)}
+    sd = {
+        "scaling_layer.shift": torch.zeros(1, 3, 1, 1),
+        "scaling_layer.scale": torch.ones(1, 3, 1, 1),
+    }
     # the wheel's file names layers net.slice{s}.{index in the full stack}.*
     bounds = [(0, 4), (4, 10), (10, 18), (18, 26), (26, 34)]
     for k, v in feats.state_dict().items():
