@@ -286,6 +286,16 @@ def test_config_pruning(k, d, elsize, precision):
         assert len(kept) >= (2 if fma else 3)  # something left to tune
 
 
+def test_autotune_off_keeps_first_fitting_config(monkeypatch):
+    meta = TNC.search_meta(torch.empty(0, dtype=torch.float32), 64, "exact", interpret=False)
+    named = {"K": 4096, "x_ptr": _FakeX(4), "N_BUCKET": 65536}
+    on = TNC.prune_search_configs(_hopper_configs(), named, **meta)
+    monkeypatch.setenv("VQKERNELS_TRITON_AUTOTUNE", "0")
+    off = TNC.prune_search_configs(_hopper_configs(), named, **meta)
+    assert len(on) > 1 and len(off) == 1 and str(off[0]) == str(on[0])
+    assert off[0].kwargs == {"BLOCK_N": 128, "BLOCK_K": 64} and off[0].num_warps == 8
+
+
 def test_block_d_is_not_autotuned():
     """BLOCK_D (the reduction split) comes from the launcher, so every autotuned config sums each
     dot product in the same order: no config key may carry it."""

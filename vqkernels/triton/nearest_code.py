@@ -81,7 +81,7 @@ def interpreting() -> bool:
 # stay under it and use HGMMA for bf16/fp16/tf32 (the 32-row config uses mma.sync).  The fp32
 # "ieee" (FMA) path is pruned further to <= 32 accumulator registers per thread (the last four).
 # tests/test_triton.py::test_sm90_* recompiles them and checks for spills (marker slow).
-_HOPPER_SHAPES = [
+_HOPPER_SHAPES = [  # in order of preference (VQKERNELS_TRITON_AUTOTUNE=0 takes the first fit)
     (128, 128, 8, 3),
     (128, 128, 8, 4),
     (128, 64, 4, 3),
@@ -140,7 +140,15 @@ def prune_search_configs(configs, named_args, **kwargs):
         kept.append(c)
     if not kept:
         kept = [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    if not autotune_enabled():
+        kept = kept[:1]  # the list is in order of preference: no benchmarking at all
     return kept
+
+
+def autotune_enabled() -> bool:
+    """``VQKERNELS_TRITON_AUTOTUNE=0`` skips the timing runs of the search kernels and uses the
+    first (preferred) config that fits: faster first calls, one config in every process."""
+    return os.environ.get("VQKERNELS_TRITON_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
 def search_meta(x: torch.Tensor, d: int, precision: str, interpret: bool | None = None) -> dict:
