@@ -108,12 +108,14 @@ def cluster_stats(
     d = x.shape[1]
     counts = torch.zeros(num_codes, dtype=torch.float32, device=x.device)
     sums = torch.zeros(num_codes, d, dtype=torch.float32, device=x.device)
+    # Fixed shapes (no boolean indexing) so torch.compile traces this without graph breaks:
+    # ignored (-1) rows are sent to code 0 with weight 0 / a zero row, which adds exactly 0.
     keep = indices >= 0
-    idx = indices[keep]
-    counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))
+    idx = indices.clamp_min(0)
+    counts.index_add_(0, idx, keep.to(torch.float32))
     # fp64 accumulation so the reference itself is order-independent to fp32 rounding.
     sums64 = torch.zeros(num_codes, d, dtype=torch.float64, device=x.device)
-    sums64.index_add_(0, idx, x[keep].to(torch.float64))
+    sums64.index_add_(0, idx, torch.where(keep.unsqueeze(1), x.to(torch.float64), 0.0))
     sums.copy_(sums64)
     return counts, sums
 
