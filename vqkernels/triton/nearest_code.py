@@ -22,9 +22,15 @@ equal score in a later block never displaces an earlier (lower) index.  Together
 index among exact ties, as ``torch.argmin``.  NaN scores (a NaN code) are mapped to ``+inf`` so a
 NaN code is never chosen; a NaN row keeps index 0 and gets a NaN distance.
 
-When ``D`` fits one tile (``D <= 256`` half / ``128`` fp32) the x tile is loaded once, kept on
-chip and the K loop is the innermost loop (software-pipelined codebook loads); otherwise the
-products loop over D tiles inside each K block (x tiles come back from L1/L2).
+When ``D`` fits one tile (``D <= 128`` half / ``64`` fp32) the x tile is loaded once, kept on
+chip (shared memory) and the K loop is the innermost loop (software-pipelined codebook loads);
+otherwise the products loop over 128-byte D tiles inside each K block (x tiles come back from
+L1/L2), the structure of a GEMM main loop.
+
+Hopper: bf16/fp16 and tf32 products compile to wgmma (HGMMA in the SASS), fp32 "ieee" to FMA;
+the autotuned configs were chosen from sm_90 ahead-of-time compiles (registers, spills, shared
+memory: see ``_HOPPER_SHAPES``), not yet from timings on the device.  Rows whose stride is not a
+multiple of 16 elements cannot use 16-byte loads (more address registers, possible spills).
 
 Split-K: with few rows (fewer row tiles than multiprocessors) the grid gets a second axis of up
 to 16 code ranges; each program stores its range's (best, index) and a small combine kernel folds
