@@ -222,8 +222,10 @@ def _segments(indices: torch.Tensor, k: int, chunk: int):
     ``K`` for padding pieces) with the static ``P = K + ceil(N / chunk)``."""
     n = indices.shape[0]
     dev = indices.device
-    sorted_idx, perm = torch.sort(indices, stable=True)
-    codes = torch.arange(k, dtype=indices.dtype, device=dev)
+    # 32-bit keys halve the radix-sort passes of 64-bit ones (codes < 2^31 always).
+    keys = indices.to(torch.int32) if k < 2**31 - 1 else indices
+    sorted_idx, perm = torch.sort(keys, stable=True)
+    codes = torch.arange(k, dtype=keys.dtype, device=dev)
     start = torch.searchsorted(sorted_idx, codes, right=False)
     end = torch.searchsorted(sorted_idx, codes, right=True)
     npieces = torch.clamp(torch.div(end - start + (chunk - 1), chunk, rounding_mode="floor"), min=1)
