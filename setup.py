@@ -47,7 +47,8 @@ def _env_flag(name):
 CPU_CXX_FLAGS = [
     "-O3",
     "-fopenmp",
-    "-std=c++17",
+    # torch 2.13 is built as C++20 and its headers use C++20 features (warnings under c++17).
+    "-std=c++20",
     "-Wall",
     "-Wno-unknown-pragmas",
     # No contraction of a*b+c into FMA behind our back: the elementwise fp32 formulas then round

@@ -76,12 +76,9 @@ SearchKernel search_kernel_for(Isa isa, int64_t D);
 // Never allocates anything of size N x K: extra memory is the packed codebook (K·D fp32), one
 // packed row block per thread and, when rows are too few to occupy the threads, per-split
 // partial results ([splits, N]).
+// row_sq (optional, [N]) receives ‖x_i‖² (fp64 sum, rounded), computed while packing.
 void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_t* indices,
-            float* best_score);
-
-// Per-row squared norm of x [N, D] (contiguous) in fp64, rounded to fp32: the ‖x‖² that turns a
-// best L2 score into a distance, and the ‖x‖ of the cosine distance.
-void row_sq_norms(const at::Tensor& x, float* out);
+            float* best_score, float* row_sq = nullptr);
 
 // ------------------------------------------------------------------------------ the ops
 // (registered for the CPU dispatch key in module.cpp)

@@ -258,10 +258,12 @@ void pack_codebook(const T* c, int64_t K, int64_t D, int64_t CT, bool cosine, fl
 }
 
 // Packs rows [r0, r0 + nrows) of x [N, D] into ntiles transposed tiles xt[t][d][RT], fp32, with
-// zero padding rows (their results are discarded).
+// zero padding rows (their results are discarded).  When row_sq is given, also writes ‖x_i‖²
+// (fp64 sum in a fixed order, see sum_sq8) for these rows while they are in cache: x is read
+// from memory once per call.
 template <typename T>
-void pack_rows(const T* x, int64_t r0, int64_t nrows, int64_t ntiles, int64_t D, int64_t RT,
-               float* xt) {
+VQK_INLINE inline void pack_rows(const T* x, int64_t r0, int64_t nrows, int64_t ntiles, int64_t D,
+                                 int64_t RT, float* xt, float* row_sq) {
   for (int64_t t = 0; t < ntiles; ++t) {
     float* tile = xt + t * D * RT;
     for (int64_t r = 0; r < RT; ++r) {
@@ -269,6 +271,10 @@ void pack_rows(const T* x, int64_t r0, int64_t nrows, int64_t ntiles, int64_t D,
       if (i < nrows) {
         const T* src = x + (r0 + i) * D;
         for (int64_t d = 0; d < D; ++d) tile[d * RT + r] = to_f32(src[d]);
+        if (row_sq != nullptr) {
+          row_sq[r0 + i] = static_cast<float>(
+              sum_sq8(D, [&](int64_t d) VQK_INLINE { return to_f32(src[d]); }));
+        }
       } else {
         for (int64_t d = 0; d < D; ++d) tile[d * RT + r] = 0.f;
       }
@@ -281,7 +287,7 @@ void pack_rows(const T* x, int64_t r0, int64_t nrows, int64_t ntiles, int64_t D,
 // ============================================================================== driver
 
 void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_t* indices,
-            float* best_score) {
+            float* best_score, float* row_sq) {
   const int64_t N = x.size(0), D = x.size(1), K = codebook.size(0);
   if (N == 0) return;
   const SearchKernel ker = search_kernel_for(active_isa(), D);
@@ -325,6 +331,7 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
 
   const auto st = x.scalar_type();
   const void* xraw = x.data_ptr();
+  const Isa isa = active_isa();
   at::parallel_for(0, ngroups * splits, 1, [&](int64_t w0, int64_t w1) {
     AlignedBuf xt(rb_tiles * RT * D);
     std::vector<float> bval(static_cast<size_t>(rb_tiles * RT));
@@ -337,9 +344,13 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
       const int64_t r0 = t_begin * RT;
       const int64_t nrows = std::min(ntiles * RT, N - r0);
       if (packed_group != g) {  // consecutive splits of one group reuse the packed rows
+        // Only split 0 writes the norms (every split of a group packs the same rows).
+        float* sq = s == 0 ? row_sq : nullptr;
         dispatch_float(st, [&](auto tag) {
           using T = decltype(tag);
-          pack_rows(reinterpret_cast<const T*>(xraw), r0, nrows, ntiles, D, RT, xt.p);
+          with_isa(isa, [&]() VQK_INLINE {
+            pack_rows(reinterpret_cast<const T*>(xraw), r0, nrows, ntiles, D, RT, xt.p, sq);
+          });
         });
         packed_group = g;
       }
@@ -386,23 +397,6 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
   }
 }
 
-void row_sq_norms(const at::Tensor& x, float* out) {
-  const int64_t N = x.size(0), D = x.size(1);
-  const Isa isa = active_isa();
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T* p = reinterpret_cast<const T*>(x.data_ptr());
-    at::parallel_for(0, N, 1024, [&](int64_t i0, int64_t i1) {
-      with_isa(isa, [&]() VQK_INLINE {
-        for (int64_t i = i0; i < i1; ++i) {
-          const T* row = p + i * D;
-          out[i] = static_cast<float>(sum_sq8(D, [&](int64_t d) VQK_INLINE { return to_f32(row[d]); }));
-        }
-      });
-    });
-  });
-}
-
 // ============================================================================== the op
 
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x_in, const at::Tensor& cb_in,
@@ -416,12 +410,11 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x_in, const at
   auto distance = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {indices, distance};
   float* dist = distance.data_ptr<float>();
-  search(x, codebook, cosine, indices.data_ptr<int64_t>(), dist);
+  std::vector<float> xsq(static_cast<size_t>(N));
+  search(x, codebook, cosine, indices.data_ptr<int64_t>(), dist, xsq.data());
 
   // Best score -> distance.  ‖x‖² is added back only here (it does not change the argmin);
   // cancellation can leave a tiny negative L2 value, clamped at 0 like the reference.
-  std::vector<float> xsq(static_cast<size_t>(N));
-  row_sq_norms(x, xsq.data());
   at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (!cosine) {
