@@ -179,6 +179,8 @@ def search_meta(x: torch.Tensor, d: int, precision: str, interpret: bool | None 
         "BLOCK_D": block_d,
         "IS_SINGLE_D_TILE": single,
         "USE_TF32": precision == "fast" and x.dtype == torch.float32,
+        # PTX inline asm: not available to the interpreter (which multiplies in fp32 anyway)
+        "IS_ROUND_TF32": precision == "fast" and x.dtype == torch.float32 and not interpret,
         # Triton 3.9's interpreter multiplies bf16 tiles as raw uint16 bit patterns; upcast there
         # (bf16 x bf16 products are exact in fp32, so this is the same arithmetic).
         "IS_UPCAST_DOT": interpret and x.dtype == torch.bfloat16,
@@ -228,6 +230,18 @@ def _code_aux_kernel(
 
 
 @triton.jit
+def round_tf32(v):
+    """Round fp32 to the nearest tf32 value (10-bit mantissa; ties away from zero).  The tensor
+    cores read only the top 19 bits of an fp32 operand, i.e. they truncate: rounding first
+    halves the worst-case input error (2^-11 instead of 2^-10 relative), the figure the
+    "fast" tolerance of vqkernels.testing assumes.  One cvt per loaded element: negligible
+    next to the BLOCK_N·BLOCK_K·BLOCK_D products it feeds."""
+    return tl.inline_asm_elementwise(
+        "cvt.rna.tf32.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
 def _fold_block(
     acc, aux_ptr, k0, K, best, best_idx,
     BLOCK_K: tl.constexpr,
@@ -263,7 +277,7 @@ def search_rows(
     k_lo, k_hi, K, D,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
-    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_ROUND_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """Running (best score, best index) over codes ``[k_lo, k_hi)`` for a tile of rows.
 
@@ -283,6 +297,8 @@ def search_rows(
         )
         if IS_UPCAST_DOT:
             a = a.to(tl.float32)
+        if IS_ROUND_TF32:
+            a = round_tf32(a)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             b = tl.load(
@@ -292,6 +308,8 @@ def search_rows(
             )
             if IS_UPCAST_DOT:
                 b = b.to(tl.float32)
+            if IS_ROUND_TF32:
+                b = round_tf32(b)
             if USE_TF32:
                 acc = tl.dot(a, b, input_precision="tf32")
             else:
@@ -319,6 +337,9 @@ def search_rows(
                 if IS_UPCAST_DOT:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
+                if IS_ROUND_TF32:
+                    a = round_tf32(a)
+                    b = round_tf32(b)
                 if USE_TF32:
                     acc = tl.dot(a, b, acc, input_precision="tf32")
                 else:
@@ -407,7 +428,7 @@ def _nearest_code_kernel(
     EPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
-    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_ROUND_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), NUM_SPLITS).  One split: search + epilogue.  Several: each
@@ -420,7 +441,8 @@ def _nearest_code_kernel(
     best, best_idx = search_rows(
         x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
         k_lo, k_hi, K, D,
-        BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
+        BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_ROUND_TF32,
+        IS_UPCAST_DOT,
     )  # fmt: skip
     if NUM_SPLITS == 1:
         _nearest_epilogue(

@@ -89,7 +89,7 @@ def _quantize_fwd_kernel(
     N, K, D, N_BUCKET,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
-    USE_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
+    USE_TF32: tl.constexpr, IS_ROUND_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(N, BLOCK_N), NUM_SPLITS): search (of this split's code range), then with one
@@ -101,7 +101,8 @@ def _quantize_fwd_kernel(
     best, best_idx = search_rows(
         x_ptr, stride_xn, stride_xd, cb_ptr, stride_ck, stride_cd, aux_ptr, row_off, mask_n,
         k_lo, k_hi, K, D,
-        BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_UPCAST_DOT,
+        BLOCK_N, BLOCK_K, BLOCK_D, IS_COSINE, IS_SINGLE_D_TILE, USE_TF32, IS_ROUND_TF32,
+        IS_UPCAST_DOT,
     )  # fmt: skip
     if NUM_SPLITS == 1:
         _quantize_epilogue(
