@@ -12,7 +12,10 @@ launchers (they only allocate).  The functions exported here are what
         -> (quantized[N,D], indices[N] i64, loss[] f32)                              (autograd)
 
 The kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
-triton was imported (slow; used by the tests).  Importing this module raises ImportError only
+triton was imported (slow; used by the tests).  The search kernels autotune their row/code tiles
+per (K, D, N bucket, dtype, metric, precision); ``VQKERNELS_TRITON_AUTOTUNE=0`` skips the timing
+runs and takes the first config that fits (results are the same bits either way: the tiles
+never change the order of any sum).  Importing this module raises ImportError only
 when triton itself (or torch's triton_op support) is unusable; ``vqkernels.dispatch`` reports it.
 """
 
