@@ -14,8 +14,9 @@ launchers (they only allocate).  The functions exported here are what
 The kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (slow; used by the tests).  The search kernels autotune their row/code tiles
 per (K, D, N bucket, dtype, metric, precision); ``VQKERNELS_TRITON_AUTOTUNE=0`` skips the timing
-runs and takes the first config that fits (results are the same bits either way: the tiles
-never change the order of any sum).  Importing this module raises ImportError only
+runs and takes the first config that fits.  The tuned tiles do not change the order of any sum
+in the kernels (BLOCK_D is fixed by D), so every config should give the same bits; the GPU tests
+compare eager and compiled runs, which may pick different configs.  Importing this module raises ImportError only
 when triton itself (or torch's triton_op support) is unusable; ``vqkernels.dispatch`` reports it.
 """
 
