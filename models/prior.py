@@ -362,12 +362,19 @@ def load_prior(path: str | os.PathLike, device: str | torch.device = "cpu") -> I
 # --------------------------------------------------------------------------------- training
 
 
-def _lr_at(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over the first 5% of steps (at least 1), then cosine decay to 10% of lr."""
-    warm = max(1, steps // 20)
+def _lr_at(step: int, steps: int, lr: float, time_progress: float = 0.0) -> float:
+    """Learning rate: linear warm-up over the first ``min(100, steps / 20)`` steps (at least 1),
+    then cosine decay to 10% of ``lr``.
+
+    The decay follows ``max(step progress, time_progress)``: under a wall-clock budget
+    (``--minutes``) the run usually stops long before ``steps``, and a purely step-based
+    schedule would then never leave its warm-up (so the LR would stay tiny).
+    """
+    warm = max(1, min(100, steps // 20))
     if step < warm:
         return lr * (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, steps - warm))
+    progress = max((step - warm) / max(1, steps - warm), time_progress)
+    progress = min(1.0, progress)
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -398,7 +405,9 @@ def run_training(
         eval_indices: same layout, held out (or ``None``): scored in bits per index.
         steps: total optimizer steps (the schedule's length; ``--resume`` continues to it).
         minutes: wall-clock budget for this invocation; training stops at whichever of
-            ``steps``/``minutes`` comes first and the checkpoint allows resuming.
+            ``steps``/``minutes`` comes first and the checkpoint allows resuming. The learning
+            rate then decays with elapsed time too (a step-based cosine would never leave its
+            warm-up when the clock stops the run at a small fraction of ``steps``).
         stop: optional ``stop(step) -> bool`` checked after every step (an interruption hook).
 
     Returns the metrics dict written to ``out_dir/metrics.json``.
@@ -487,8 +496,11 @@ def run_training(
         while step < steps:
             if minutes is not None and time.perf_counter() - t_run >= 60.0 * minutes:
                 break
+            # Under a wall-clock budget the schedule also follows the clock (see _lr_at); a
+            # step-limited run is exactly reproducible, including across --resume.
+            frac = (time.perf_counter() - t_run) / (60.0 * minutes) if minutes else 0.0
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, steps, lr)
+                group["lr"] = _lr_at(step, steps, lr, frac)
             batch = train_flat[torch.randint(0, n, (batch_size,), generator=gen)]
             logits = prior(batch)
             loss = F.cross_entropy(logits.reshape(-1, codebook_size), batch.reshape(-1))

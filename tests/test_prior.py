@@ -394,3 +394,14 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2
     assert "error: prior checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lr_schedule_warms_up_then_follows_steps_or_clock():
+    assert P._lr_at(0, 1000, 1.0) == pytest.approx(1 / 50)  # warm-up: min(100, 1000 // 20) = 50
+    assert P._lr_at(49, 1000, 1.0) == pytest.approx(1.0)
+    assert P._lr_at(1000, 1000, 1.0) == pytest.approx(0.1)
+    mid = P._lr_at(525, 1000, 1.0)
+    assert 0.5 < mid < 0.6  # half-way through the cosine: 0.1 + 0.45
+    # A huge step target with the clock nearly out: the decay follows the clock.
+    assert P._lr_at(300, 100_000, 1.0, time_progress=1.0) == pytest.approx(0.1)
+    assert P._lr_at(300, 100_000, 1.0, time_progress=0.0) > 0.99
