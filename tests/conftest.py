@@ -42,7 +42,7 @@ else:
 # ---------------------------------------------------------------------------------- backends
 
 #: Largest N·K·D (and N·D) a test may hand to the Triton interpreter on CPU.
-INTERPRET_BUDGET = 400_000
+INTERPRET_BUDGET = 200_000
 
 
 @dataclass(frozen=True)
