@@ -35,7 +35,9 @@ void compute_stats(const at::Tensor& x, const int64_t* idx, int64_t K, float* co
     using T = decltype(tag);
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     // Codes are independent: any split over threads gives the same bits.
-    at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
+    // Grain ≈ 64 Ki summed values per chunk (small problems stay on the calling thread).
+    const int64_t rows_per_code = N / K + 1;
+    at::parallel_for(0, K, std::max<int64_t>(1, 65536 / (std::max<int64_t>(D, 1) * rows_per_code)),
                      [&](int64_t k0, int64_t k1) {
                        std::vector<double> acc_buf(static_cast<size_t>(D));
                        double* acc = acc_buf.data();
@@ -130,7 +132,7 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
   float* esp = es.data_ptr<float>();
   float* cbp = cb.data_ptr<float>();
   const Isa isa = active_isa();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1));
   at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t k = k0; k < k1; ++k) csp[k] = std::fma(counts[k], omd_f, csp[k] * decay_f);

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -223,7 +224,9 @@ template <typename T>
 void pack_codebook(const T* c, int64_t K, int64_t D, int64_t CT, bool cosine, float* cb,
                    float* bias) {
   const int64_t nct = (K + CT - 1) / CT;
-  at::parallel_for(0, nct, 16, [&](int64_t t0, int64_t t1) {
+  // Grain: ≥ 64 Ki packed values per chunk, so small codebooks are packed without waking threads.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(CT * D, 1));
+  at::parallel_for(0, nct, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> row(static_cast<size_t>(D));
     for (int64_t t = t0; t < t1; ++t) {
       float* tile = cb + t * D * CT;
@@ -332,47 +335,70 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
   const auto st = x.scalar_type();
   const void* xraw = x.data_ptr();
   const Isa isa = active_isa();
-  at::parallel_for(0, ngroups * splits, 1, [&](int64_t w0, int64_t w1) {
-    AlignedBuf xt(rb_tiles * RT * D);
-    std::vector<float> bval(static_cast<size_t>(rb_tiles * RT));
-    std::vector<int32_t> bidx(static_cast<size_t>(rb_tiles * RT));
-    int64_t packed_group = -1;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t g = w / splits, s = w % splits;
-      const int64_t t_begin = g * rb_tiles;
-      const int64_t ntiles = std::min(rb_tiles, nrt - t_begin);
-      const int64_t r0 = t_begin * RT;
-      const int64_t nrows = std::min(ntiles * RT, N - r0);
-      if (packed_group != g) {  // consecutive splits of one group reuse the packed rows
-        // Only split 0 writes the norms (every split of a group packs the same rows).
-        float* sq = s == 0 ? row_sq : nullptr;
-        dispatch_float(st, [&](auto tag) {
-          using T = decltype(tag);
-          with_isa(isa, [&]() VQK_INLINE {
-            pack_rows(reinterpret_cast<const T*>(xraw), r0, nrows, ntiles, D, RT, xt.p, sq);
-          });
+  const int64_t nitems = ngroups * splits;
+  // Small problems run on the calling thread: waking a pool thread costs microseconds on a
+  // quiet machine and can cost a scheduler time slice (milliseconds) on a busy one, so each
+  // extra worker must bring ≥ 2^22 multiply-adds (~40 µs of one core) of its own.
+  const int64_t macs = N * nct * CT * std::max<int64_t>(D, 1);
+  const int64_t by_work = std::max<int64_t>(macs >> 22, 1);
+  const int64_t nworkers =
+      at::in_parallel_region() ? 1 : std::min({nthreads, nitems, by_work});
+  // Per-worker scratch, allocated up front (nothing inside the parallel region may throw).
+  const int64_t xt_stride = rb_tiles * RT * std::max<int64_t>(D, 1);  // multiple of 16 floats
+  AlignedBuf xt_all(nworkers * xt_stride);
+  std::vector<float> bval_all(static_cast<size_t>(nworkers * rb_tiles * RT));
+  std::vector<int32_t> bidx_all(static_cast<size_t>(nworkers * rb_tiles * RT));
+  std::vector<int64_t> packed_group(static_cast<size_t>(nworkers), -1);
+
+  auto work_item = [&](int64_t worker, int64_t w) {
+    float* xt = xt_all.p + worker * xt_stride;
+    float* bval = bval_all.data() + worker * rb_tiles * RT;
+    int32_t* bidx = bidx_all.data() + worker * rb_tiles * RT;
+    const int64_t g = w / splits, s = w % splits;
+    const int64_t t_begin = g * rb_tiles;
+    const int64_t ntiles = std::min(rb_tiles, nrt - t_begin);
+    const int64_t r0 = t_begin * RT;
+    const int64_t nrows = std::min(ntiles * RT, N - r0);
+    if (packed_group[worker] != g) {  // consecutive splits of one group reuse the packed rows
+      // Only split 0 writes the norms.  Items are handed out in increasing order, so the worker
+      // that takes split 0 of a group always packs it (with the norms) itself.
+      float* sq = s == 0 ? row_sq : nullptr;
+      dispatch_float(st, [&](auto tag) {
+        using T = decltype(tag);
+        with_isa(isa, [&]() VQK_INLINE {
+          pack_rows(reinterpret_cast<const T*>(xraw), r0, nrows, ntiles, D, RT, xt, sq);
         });
-        packed_group = g;
-      }
-      // Running best starts at +inf with index 0: a row whose scores are all NaN (NaN in x)
-      // keeps index 0, a valid index (documented unchecked behaviour).
-      std::fill(bval.begin(), bval.end(), std::numeric_limits<float>::infinity());
-      std::fill(bidx.begin(), bidx.end(), 0);
-      const int64_t c_begin = s * nct / splits, c_end = (s + 1) * nct / splits;
-      for (int64_t c = c_begin; c < c_end; c += chunk_tiles) {
-        ker.fn(xt.p, ntiles, cb.p, bias.p, D, c, std::min(c + chunk_tiles, c_end), bval.data(),
-               bidx.data());
-      }
+      });
+      packed_group[worker] = g;
+    }
+    // Running best starts at +inf with index 0: a row whose scores are all NaN (NaN in x)
+    // keeps index 0, a valid index (documented unchecked behaviour).
+    std::fill(bval, bval + rb_tiles * RT, std::numeric_limits<float>::infinity());
+    std::fill(bidx, bidx + rb_tiles * RT, 0);
+    const int64_t c_begin = s * nct / splits, c_end = (s + 1) * nct / splits;
+    for (int64_t c = c_begin; c < c_end; c += chunk_tiles) {
+      ker.fn(xt, ntiles, cb.p, bias.p, D, c, std::min(c + chunk_tiles, c_end), bval, bidx);
+    }
+    float* out_v = splits == 1 ? best_score : pval.data() + s * N;
+    for (int64_t i = 0; i < nrows; ++i) {
+      out_v[r0 + i] = bval[i];
       if (splits == 1) {
-        for (int64_t i = 0; i < nrows; ++i) {
-          best_score[r0 + i] = bval[i];
-          indices[r0 + i] = bidx[i];
-        }
+        indices[r0 + i] = bidx[i];
       } else {
-        for (int64_t i = 0; i < nrows; ++i) {
-          pval[s * N + r0 + i] = bval[i];
-          pidx[s * N + r0 + i] = bidx[i];
-        }
+        pidx[s * N + r0 + i] = bidx[i];
+      }
+    }
+  };
+
+  // Dynamic scheduling: torch's pool runs one worker per thread and the workers take items from
+  // a shared counter, so on a shared machine a descheduled thread does not hold the others up
+  // at the end of a static partition.  Items are handed out in increasing order; which worker
+  // runs which item does not change any result.
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, nworkers, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t worker = b0; worker < b1; ++worker) {
+      for (int64_t w = next_item.fetch_add(1); w < nitems; w = next_item.fetch_add(1)) {
+        work_item(worker, w);
       }
     }
   });
@@ -380,7 +406,7 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
   if (splits > 1) {
     // Merge in code order with a strict comparison: on equal scores the earlier split (lower
     // indices) wins, so the result is the lexicographic (score, index) minimum.
-    at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, N, 65536, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         float v = pval[i];
         int32_t k = pidx[i];
@@ -415,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x_in, const at
 
   // Best score -> distance.  ‖x‖² is added back only here (it does not change the argmin);
   // cancellation can leave a tiny negative L2 value, clamped at 0 like the reference.
-  at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, N, 65536, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (!cosine) {
         dist[i] = std::max(dist[i] + xsq[i], 0.f);

@@ -55,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in,
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     const T* cp = reinterpret_cast<const T*>(codebook.data_ptr());
     T* qp = reinterpret_cast<T*>(q.data_ptr());
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nblocks, std::max<int64_t>(1, 64 / std::max<int64_t>(D, 1)),
+                     [&](int64_t b0, int64_t b1) {
       with_isa(isa, [&]() VQK_INLINE {
         for (int64_t b = b0; b < b1; ++b) {
           double sse = 0.0;
@@ -131,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
     dispatch_float(gq.scalar_type(), [&](auto gtag) {
       using G = decltype(gtag);
       const G* gqp = reinterpret_cast<const G*>(gq.data_ptr());
-      at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, N, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)),
+                       [&](int64_t i0, int64_t i1) {
         with_isa(isa, [&]() VQK_INLINE {
           for (int64_t i = i0; i < i1; ++i) {
             const T* row = xp + i * D;
@@ -153,7 +155,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
       std::vector<int64_t> offsets, order;
       bucket_rows(idx, N, K, offsets, order);
       float* gcp = grad_cb32.data_ptr<float>();
-      at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)),
+      const int64_t rows_per_code = N / K + 1;
+      at::parallel_for(0, K,
+                       std::max<int64_t>(1, 65536 / (std::max<int64_t>(D, 1) * rows_per_code)),
                        [&](int64_t k0, int64_t k1) {
                          with_isa(isa, [&]() VQK_INLINE {
                            for (int64_t k = k0; k < k1; ++k) {
