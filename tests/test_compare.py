@@ -167,6 +167,7 @@ def test_tiny_comparison_end_to_end(tmp_path):
     text = (out / "report.md").read_text()
     # The report quotes the measured numbers, not canned ones.
     assert f"{models['vqvae']['psnr']:.2f}" in text and f"{models['vqgan']['psnr']:.2f}" in text
+    assert "| load average while training (start → end) |" in text
     # VQGAN tiny: discriminator from step 5, 6 steps run -> on for the last one.
     assert "so the adversarial loss was on for the last 1 (17%) of them" in text
     for sentence in report["differences"]["sentences"]:
