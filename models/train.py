@@ -82,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codebook-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument(
+        "--lr-schedule",
+        choices=("cosine", "constant"),
+        default="cosine",
+        help="cosine: decay the learning rate to 5%% along a half cosine over the run's progress, "
+        "max(step/--steps, elapsed/--minutes) (with --minutes the schedule spans this "
+        "invocation's budget, so it depends on the machine's speed); constant: no decay",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many steps in this invocation, as if interrupted (tests --resume)",
+    )
+    p.add_argument(
         "--eval-every",
         type=int,
         default=500,
@@ -268,8 +282,9 @@ def train(argv: list[str] | None = None) -> dict:
             )
         # The run's identity comes from the checkpoint; only steps/minutes/backend/eval/quiet
         # may change.
-        for key in ("seed", "batch_size", "image_size", "config", "perceptual"):
-            setattr(args, key, saved[key])
+        for key in ("seed", "batch_size", "image_size", "config", "perceptual", "lr_schedule"):
+            if key in saved:
+                setattr(args, key, saved[key])
 
     seed = args.seed
     torch.manual_seed(seed)
@@ -324,7 +339,9 @@ def train(argv: list[str] | None = None) -> dict:
         f"perceptual={perc_kind} batch={args.batch_size} image={args.image_size} "
         f"params={sum(p.numel() for p in model.parameters())}"
     )
-    run_args = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "set")}
+    run_args = {
+        k: v for k, v in vars(args).items() if k not in ("resume", "quiet", "set", "stop_after")
+    }
     run_args["perceptual_resolved"] = perc_kind
     run_args["backend_resolved"] = backend
     _write_json({"model": config, "train": run_args}, os.path.join(args.out, "config.json"))
@@ -360,6 +377,19 @@ def train(argv: list[str] | None = None) -> dict:
         return ev
 
     budget = args.minutes * 60.0 if args.minutes is not None else math.inf
+    base_lr = {"g": config["lr"], "d": config.get("disc_lr", config["lr"])}
+
+    def set_lr(now: float) -> float:
+        """Cosine decay to 5% of the base rate over the run's progress; returns the factor."""
+        if args.lr_schedule == "constant":
+            return 1.0
+        prog = min(1.0, max(step / max(args.steps, 1), (now - t0) / budget))
+        factor = 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * prog))
+        for name, opt in opts.items():
+            for group in opt.param_groups:
+                group["lr"] = base_lr[name] * factor
+        return factor
+
     t0 = time.perf_counter()
     last_losses: list[float] = []
     bar = None
@@ -373,7 +403,10 @@ def train(argv: list[str] | None = None) -> dict:
     steps_this_run, train_time = 0, 0.0
     history = []
     while step < args.steps and (time.perf_counter() - t0) < budget:
+        if args.stop_after is not None and steps_this_run >= args.stop_after:
+            break
         ts = time.perf_counter()
+        set_lr(ts)
         images = sampler.sample(args.batch_size, gen)
         if gan is not None:
             out = vqgan_train_step(model, gan, opts["g"], opts["d"], images, step)

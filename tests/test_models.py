@@ -301,9 +301,10 @@ def test_cli_vqgan_on_a_folder_records_perceptual_choice(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """Run 3 steps, resume to 5; the resumed steps equal an uninterrupted 5-step run."""
+    """A 5-step run interrupted after 3 steps and resumed equals an uninterrupted 5-step run
+    (the cosine learning-rate schedule included)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    _cli(a, steps=3)
+    _cli(a, "--stop-after", "3", steps=5)
     resumed = _cli(a, "--resume", steps=5)
     straight = _cli(b, steps=5)
     assert resumed["steps"] == 5 and resumed["steps_this_run"] == 2
