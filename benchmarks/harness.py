@@ -607,6 +607,18 @@ def metadata(device: str = "cpu", **extra: Any) -> dict[str, Any]:
         meta["vqkernels_backends"] = {
             b: (why or "available") for b, why in vqkernels.available_backends().items()
         }
+        # The built extension can differ from the commit (uncommitted sources in a shared
+        # checkout): record which binary was measured.
+        import hashlib
+
+        for so in sorted(Path(vqkernels.__file__).parent.glob("_C*.so")):
+            st = so.stat()
+            meta.setdefault("vqkernels_binaries", {})[so.name] = {
+                "mtime_utc": _dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+                "sha256_12": hashlib.sha256(so.read_bytes()).hexdigest()[:12],
+            }
     except Exception as exc:
         meta["vqkernels"] = f"unavailable ({type(exc).__name__}: {exc})"
     if _is_cuda(device) and torch.cuda.is_available():
