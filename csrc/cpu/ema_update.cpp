@@ -37,7 +37,8 @@ void compute_stats(const at::Tensor& x, const int64_t* idx, int64_t K, float* co
     // Codes are independent: any split over threads gives the same bits.
     // Grain ≈ 64 Ki summed values per chunk (small problems stay on the calling thread).
     const int64_t rows_per_code = N / K + 1;
-    at::parallel_for(0, K, std::max<int64_t>(1, 65536 / (std::max<int64_t>(D, 1) * rows_per_code)),
+    const int64_t grain = std::max<int64_t>(1, 65536 / (std::max<int64_t>(D, 1) * rows_per_code));
+    at::parallel_for(0, K, grain,
                      [&](int64_t k0, int64_t k1) {
                        std::vector<double> acc_buf(static_cast<size_t>(D));
                        double* acc = acc_buf.data();

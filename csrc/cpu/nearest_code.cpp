@@ -202,7 +202,9 @@ void scalar_block(const float* xt, int64_t ntiles, const float* cb, const float*
 
 }  // namespace
 
-SearchKernel scalar_search_kernel(int64_t /*D*/) { return {Isa::kScalar, kScalarRT, kScalarCT, &scalar_block}; }
+SearchKernel scalar_search_kernel(int64_t /*D*/) {
+  return {Isa::kScalar, kScalarRT, kScalarCT, &scalar_block};
+}
 
 // ============================================================================== packing
 
@@ -323,7 +325,8 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
   int64_t splits = 1;
   if (ngroups < want_items && nthreads > 1) {
     // Only split when each split keeps a reasonable run of code tiles (≥ 8).
-    splits = std::clamp<int64_t>((want_items + ngroups - 1) / ngroups, 1, std::max<int64_t>(nct / 8, 1));
+    splits = std::clamp<int64_t>((want_items + ngroups - 1) / ngroups, 1,
+                                 std::max<int64_t>(nct / 8, 1));
   }
   std::vector<float> pval;
   std::vector<int32_t> pidx;

@@ -71,7 +71,8 @@ void block(const float* xt, int64_t ntiles, const float* cb, const float* bias, 
         // Rare: update in code order; strict '<' keeps the lowest index among equal scores.
 #pragma GCC unroll 16
         for (int j = 0; j < CT; ++j) {
-          const __m256 kj = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(c * CT + j)));
+          const __m256 kj =
+              _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(c * CT + j)));
 #pragma GCC unroll 8
           for (int g = 0; g < G; ++g) {
             const __m256 l = _mm256_cmp_ps(a[g][j], bv[g], _CMP_LT_OQ);
