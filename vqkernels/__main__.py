@@ -22,6 +22,13 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001
         print(f"triton    not importable ({type(exc).__name__})")
     print(f"threads   {torch.get_num_threads()}")
+    try:
+        from vqkernels import _C
+
+        print(f"cpu isa   {_C.cpu_isa()} (best this CPU supports: {_C.best_cpu_isa()}; "
+              f"cap with VQKERNELS_CPU_ISA=scalar|avx2|avx512)")
+    except Exception:  # noqa: BLE001 - the backend table below says why it is missing
+        pass
     print()
     print("backends (import-level):")
     for name, why in dispatch.available_backends().items():
