@@ -274,6 +274,11 @@ def ema_update_(
         x: ``[..., D]`` float (accumulated in fp32).
         indices: ``[...]`` int64 with ``x.shape[:-1]`` elements in ``[-1, K)``; ``-1`` = ignore.
         decay: in ``[0, 1]``.  eps: ``> 0``.
+
+    Edge case (documented, identical on every backend): when ``n = Σ cluster_size`` is 0 after the
+    blend (an all-zero state and no kept rows, or ``decay = 0`` with every row ignored) the
+    smoothing is 0/0 and the codebook becomes NaN, as in the usual formulation.  Start
+    ``cluster_size`` above 0 (``VectorQuantizer`` starts it at 1) to rule this out.
     """
     _check_ema_state(codebook, cluster_size, embed_sum)
     x = _check_x(x)
