@@ -662,9 +662,23 @@ def render_report(report: dict) -> str:
         "- Codebook usage = fraction of the K codes used at least once; perplexity = exp(entropy) "
         "of the code histogram (the effective number of codes).",
         "- Bits per image: ⌈log2 K⌉ bits per index × h·w; under the prior: its held-out "
-        "negative log-likelihood × h·w (what an entropy coder driven by the prior would need).",
+        "negative log-likelihood × h·w (what an entropy coder driven by the prior would need). "
+        "The two priors model different code vocabularies: a lower NLL means more predictable "
+        "code grids, which is not by itself better reconstructions (codes that carry less "
+        "detail are also easier to predict).",
         "- Training steps/s from each run's own metrics (steps / seconds, same machine, same "
         "budget).",
+        *(
+            [
+                "- The ST-LPIPS weight file ships in the `stlpips-pytorch` wheel: `pip install "
+                "--no-deps --target /tmp/stlpips_pkg stlpips-pytorch==0.0.2`, then pass "
+                "`--perceptual-weights /tmp/stlpips_pkg/stlpips_pytorch/weights/vST0.0/"
+                "vgg_shift_tolerant.pth` (read with weights_only=True; nothing is downloaded "
+                "at run time)."
+            ]
+            if s["perceptual"] == "stlpips"
+            else []
+        ),
         "",
     ]
     return "\n".join(lines)
