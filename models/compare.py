@@ -346,6 +346,19 @@ def _pick_tiles(groups: dict[str, torch.Tensor], n: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _redact_paths(args: list[str]) -> list[str]:
+    """The command line as recorded in reports: absolute paths outside the working directory
+    (local weight files, temp dirs) become ``<name>`` so no machine path is committed."""
+    cwd = os.path.abspath(os.getcwd())
+    out = []
+    for a in args:
+        if os.path.isabs(a) and not os.path.abspath(a).startswith(cwd + os.sep):
+            out.append(f"<{os.path.basename(a.rstrip(os.sep)) or 'path'}>")
+        else:
+            out.append(a)
+    return out
+
+
 def run_comparison(argv: list[str] | None = None) -> dict:
     """Programmatic entry point (same flags as the CLI); returns the metrics dict."""
     args = build_parser().parse_args(argv)
@@ -495,7 +508,7 @@ def run_comparison(argv: list[str] | None = None) -> dict:
         "top_k": args.top_k,
         "checkpoints": {k: str(v) for k, v in ckpts.items()},
         "command": "python -m models.compare "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        + " ".join(_redact_paths(argv if argv is not None else sys.argv[1:])),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     report = {"setup": setup, "env": env, "models": results, "differences": words}
@@ -671,8 +684,8 @@ def render_report(report: dict) -> str:
         *(
             [
                 "- The ST-LPIPS weight file ships in the `stlpips-pytorch` wheel: `pip install "
-                "--no-deps --target /tmp/stlpips_pkg stlpips-pytorch==0.0.2`, then pass "
-                "`--perceptual-weights /tmp/stlpips_pkg/stlpips_pytorch/weights/vST0.0/"
+                "--no-deps --target DIR stlpips-pytorch==0.0.2`, then pass "
+                "`--perceptual-weights DIR/stlpips_pytorch/weights/vST0.0/"
                 "vgg_shift_tolerant.pth` (read with weights_only=True; nothing is downloaded "
                 "at run time)."
             ]
