@@ -308,21 +308,11 @@ def sample(
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then os.replace: a crash mid-write never
-    leaves a truncated checkpoint behind (rename is atomic on one filesystem)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic torch.save (temp file + fsync + os.replace, shared with the training CLI): a crash
+    mid-write never leaves a truncated checkpoint behind."""
+    from .checkpoint import atomic_save
+
+    atomic_save(obj, str(path))
 
 
 def _write_json(obj: dict, path: Path) -> None:
