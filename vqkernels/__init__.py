@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import warnings
 
-from . import _ops  # noqa: F401  registers the schemas first: the C++ kernels attach to them
-from . import dispatch, reference
+from . import (
+    _ops,  # noqa: F401  registers the schemas first: the C++ kernels attach to them
+    dispatch,
+    reference,
+)
 from .dispatch import BackendUnavailableError, available_backends, explain
 from .functional import cluster_stats, ema_blend_, ema_update_, nearest_code, quantize
 

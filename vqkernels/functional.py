@@ -19,8 +19,11 @@ import os
 
 import torch
 
-from . import _ops  # noqa: F401  (registers the schemas)
-from . import dispatch, reference
+from . import (
+    _ops,  # noqa: F401  (registers the schemas)
+    dispatch,
+    reference,
+)
 
 __all__ = ["nearest_code", "cluster_stats", "ema_update_", "ema_blend_", "quantize"]
 
