@@ -216,48 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     name = "ema_update" if device == "cpu" else "gpu_ema_update"
     name += args.suffix
-    written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
-    if args.out is not None:
-        written.append(
-            harness.plot_rows(
-                rows,
-                args.out / f"{name}.png",
-                title=f"ema_update_ fp32 (decay {DECAY}), "
-                f"{meta['cpu'] if device == 'cpu' else meta.get('gpu')}, {args.threads} threads "
-                f"(commit {meta['commit'][:8]})",
-            )
-        )
-    written.append(
-        harness.write_markdown(
-            name,
-            args.out,
-            meta,
-            [
-                (
-                    "Time per update (ms; median, 20/80 %), fp32",
-                    rows,
-                    ["case", "provider", "median_ms", "p20_ms", "p80_ms", "max_abs_err", "reason"],
-                ),
-                (
-                    "vqkernels speedup",
-                    summary,
-                    [
-                        "case",
-                        "ours",
-                        "ours_ms",
-                        "reference_ms",
-                        "onehot_ms",
-                        "vs_reference",
-                        "vs_onehot",
-                    ],
-                ),
-                ("Peak extra memory (MiB)", mem_rows, ["case", "provider", "extra_mib", "reason"]),
-            ],
-        )
+    harness.save_op_results(
+        name,
+        args,
+        meta,
+        rows,
+        mem_rows,
+        summary,
+        label=f"ema_update_ fp32 (decay {DECAY})",
+        time_section=(
+            "Time per update (ms; median, 20/80 %), fp32",
+            ["case", "provider", "median_ms", "p20_ms", "p80_ms", "max_abs_err", "reason"],
+        ),
+        summary_section=(
+            "vqkernels speedup",
+            ["case", "ours", "ours_ms", "reference_ms", "onehot_ms", "vs_reference", "vs_onehot"],
+        ),
     )
-    for pth in written:
-        if pth is not None:
-            print(f"wrote {pth}")
     return 0
 
 

@@ -393,45 +393,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     name = "nearest_code" if device == "cpu" else "gpu_nearest_code"
     name += args.suffix
-    written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
-    if args.out is not None:
-        written.append(
-            harness.plot_rows(
-                rows,
-                args.out / f"{name}.png",
-                title=f"nearest_code fp32 L2, {meta['cpu'] if device == 'cpu' else meta.get('gpu')}, "
-                f"{args.threads} threads (commit {meta['commit'][:8]})",
-            )
-        )
-    md_cols = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "gflops", "floor_x", "agree"]
-    written.append(
-        harness.write_markdown(
-            name,
-            args.out,
-            meta,
+    harness.save_op_results(
+        name,
+        args,
+        meta,
+        rows,
+        mem_rows,
+        summary,
+        label="nearest_code fp32 L2",
+        time_section=(
+            "Time per call (ms; median, 20/80 %), fp32 L2",
+            ["case", "provider", "median_ms", "p20_ms", "p80_ms", "gflops", "floor_x", "agree"],
+        ),
+        summary_section=(
+            "vqkernels vs the best other provider (speedup = best_other_ms / ours_ms)",
             [
-                ("Time per call (ms; median, 20/80 %), fp32 L2", rows, md_cols),
-                (
-                    "vqkernels vs the best other provider (speedup = best_other_ms / ours_ms)",
-                    summary,
-                    [
-                        "case",
-                        "ours",
-                        "ours_ms",
-                        "best_other",
-                        "best_other_ms",
-                        "speedup",
-                        "ours_floor_x",
-                        "vs_mm_bf16",
-                    ],
-                ),
-                ("Peak extra memory (MiB)", mem_rows, ["case", "provider", "extra_mib", "reason"]),
+                "case",
+                "ours",
+                "ours_ms",
+                "best_other",
+                "best_other_ms",
+                "speedup",
+                "ours_floor_x",
+                "vs_mm_bf16",
             ],
-        )
+        ),
     )
-    for pth in written:
-        if pth is not None:
-            print(f"wrote {pth}")
     return 0
 
 

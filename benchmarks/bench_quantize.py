@@ -235,57 +235,40 @@ def main(argv: list[str] | None = None) -> int:
     )
     name = "quantize" if device == "cpu" else "gpu_quantize"
     name += args.suffix
-    written = harness.write_results(name, rows + mem_rows, meta, args.out, summary=summary)
-    if args.out is not None:
-        written.append(
-            harness.plot_rows(
-                rows,
-                args.out / f"{name}.png",
-                title=f"quantize fwd+bwd fp32 L2, learnable codebook, "
-                f"{meta['cpu'] if device == 'cpu' else meta.get('gpu')}, {args.threads} threads "
-                f"(commit {meta['commit'][:8]})",
-            )
-        )
-    written.append(
-        harness.write_markdown(
-            name,
-            args.out,
-            meta,
+    harness.save_op_results(
+        name,
+        args,
+        meta,
+        rows,
+        mem_rows,
+        summary,
+        label="quantize fwd+bwd fp32 L2, learnable codebook",
+        time_section=(
+            "Forward + backward (ms; median, 20/80 %), fp32, learnable codebook",
             [
-                (
-                    "Forward + backward (ms; median, 20/80 %), fp32, learnable codebook",
-                    rows,
-                    [
-                        "case",
-                        "provider",
-                        "median_ms",
-                        "p20_ms",
-                        "p80_ms",
-                        "agree",
-                        "grad_x_max_err",
-                        "grad_cb_max_err",
-                    ],
-                ),
-                (
-                    "vqkernels speedup",
-                    summary,
-                    [
-                        "case",
-                        "ours",
-                        "ours_ms",
-                        "reference_ms",
-                        "plain_torch_ms",
-                        "vs_reference",
-                        "vs_plain_torch",
-                    ],
-                ),
-                ("Peak extra memory (MiB)", mem_rows, ["case", "provider", "extra_mib", "reason"]),
+                "case",
+                "provider",
+                "median_ms",
+                "p20_ms",
+                "p80_ms",
+                "agree",
+                "grad_x_max_err",
+                "grad_cb_max_err",
             ],
-        )
+        ),
+        summary_section=(
+            "vqkernels speedup",
+            [
+                "case",
+                "ours",
+                "ours_ms",
+                "reference_ms",
+                "plain_torch_ms",
+                "vs_reference",
+                "vs_plain_torch",
+            ],
+        ),
     )
-    for pth in written:
-        if pth is not None:
-            print(f"wrote {pth}")
     return 0
 
 

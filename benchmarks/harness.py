@@ -786,6 +786,55 @@ def write_markdown(
     return path
 
 
+MEMORY_SECTION_COLUMNS = ["case", "provider", "extra_mib", "reason"]
+
+
+def save_op_results(
+    name: str,
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    rows: list[dict[str, Any]],
+    mem_rows: list[dict[str, Any]],
+    summary: list[dict[str, Any]],
+    *,
+    label: str,
+    time_section: tuple[str, list[str]],
+    summary_section: tuple[str, list[str]],
+) -> None:
+    """Everything an op benchmark writes at the end of a run, in one place: ``<name>.json/.csv``
+    (rows + memory rows + summary), the PNG of the timing rows (titled ``label``, the device and
+    thread count, and the commit), ``<name>.md`` with the timing, summary and memory tables, and
+    a ``wrote PATH`` line per file.  Nothing is written when ``args.out`` is None (``--quick``)."""
+    out = args.out
+    written: list[Path | None] = list(
+        write_results(name, rows + mem_rows, meta, out, summary=summary)
+    )
+    if out is not None:
+        where = meta["cpu"] if meta.get("device", "cpu") == "cpu" else meta.get("gpu")
+        written.append(
+            plot_rows(
+                rows,
+                Path(out) / f"{name}.png",
+                title=f"{label}, {where}, {args.threads} threads (commit {meta['commit'][:8]})",
+            )
+        )
+    written.append(
+        write_markdown(
+            name,
+            out,
+            meta,
+            [
+                (time_section[0], rows, time_section[1]),
+                (summary_section[0], summary, summary_section[1]),
+                ("Peak extra memory (MiB)", mem_rows, MEMORY_SECTION_COLUMNS),
+            ],
+        )
+    )
+    for pth in written:
+        if pth is not None:
+            print(f"wrote {pth}")
+
+
 def plot_rows(
     rows: list[dict[str, Any]],
     path: Path | None,
