@@ -445,6 +445,23 @@ def _cuda_include() -> str | None:
     return None
 
 
+def _emulator_sources(out: Path) -> list[str]:
+    """Each csrc/cuda/*.cu rewritten for the host emulator into ``out/<name>.cpp``: launches
+    become ``vqk_emu::launch`` calls, the CUB include goes, the runtime calls it stands in for
+    are renamed.  ``#line`` keeps compiler and sanitizer reports pointing at the .cu file."""
+    srcs = []
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        text = cu.read_text().replace("#include <cub/device/device_radix_sort.cuh>", "")
+        text = _LAUNCH.sub(lambda m: f"vqk_emu::launch({m.group(2)}, {m.group(1)}, ", text)
+        assert "<<<" not in text, f"unconverted launch in {cu.name}"
+        text = text.replace("cudaGetLastError()", "vqk_emu::get_last_error()")
+        text = text.replace("cudaMemsetAsync(", "vqk_emu::memset_async(")
+        dst = out / f"{cu.stem}.cpp"
+        dst.write_text(f'#include "host_emulation.h"\n#line 1 "{cu}"\n{text}')
+        srcs.append(str(dst))
+    return srcs
+
+
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     """The CUDA launchers compiled for the host emulator (ctypes library), or skip."""
@@ -453,18 +470,7 @@ def emu(tmp_path_factory):
     if inc is None or cxx is None:
         pytest.skip("host emulation needs the CUDA headers (cuda_fp16.h) and g++")
     out = tmp_path_factory.mktemp("cuda_emu")
-    srcs = []
-    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        text = cu.read_text().replace("#include <cub/device/device_radix_sort.cuh>", "")
-        text, nlaunch = _LAUNCH.subn(
-            lambda m: f"vqk_emu::launch({m.group(2)}, {m.group(1)}, ", text
-        )
-        assert "<<<" not in text, f"unconverted launch in {cu.name}"
-        text = text.replace("cudaGetLastError()", "vqk_emu::get_last_error()")
-        text = text.replace("cudaMemsetAsync(", "vqk_emu::memset_async(")
-        dst = out / f"{cu.stem}.cpp"
-        dst.write_text(f'#include "host_emulation.h"\n#line 1 "{cu}"\n{text}')
-        srcs.append(str(dst))
+    srcs = _emulator_sources(out)
     lib_path = out / "libvq_emu.so"
     cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
            f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs, "-o",
@@ -641,6 +647,45 @@ def test_emulated_quantize(emu, dtype):
         assert torch.equal(gx, rgx)  # the same fp32 operations elementwise
         if cb_loss:
             torch.testing.assert_close(gcb, rgcb, rtol=1e-5, atol=1e-7)
+
+
+# The host emulator runs each block's threads as OS threads, so ThreadSanitizer sees what
+# compute-sanitizer's racecheck would on a GPU: two threads of a block touching the same shared or
+# global location with no __syncthreads (or shuffle) between them.  tests/emu_race_driver.cpp
+# calls every launcher on shapes that take every tile, split and segment path.  Measured: ~40 s
+# (2 cores); deleting the __syncthreads that ends a search step in search.cu makes it report the
+# race at the shared-tile read.
+
+
+def _tsan_works(cxx: str, tmp: Path) -> bool:
+    src = tmp / "probe.cpp"
+    src.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
+    exe = tmp / "probe"
+    built = subprocess.run([cxx, "-fsanitize=thread", "-pthread", str(src), "-o", str(exe)],
+                           capture_output=True, timeout=120)  # fmt: skip
+    return built.returncode == 0 and subprocess.run([str(exe)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_emulated_kernels_have_no_data_races(tmp_path):
+    inc = _cuda_include()
+    cxx = shutil.which("g++")
+    if inc is None or cxx is None:
+        pytest.skip("host emulation needs the CUDA headers (cuda_fp16.h) and g++")
+    if not _tsan_works(cxx, tmp_path):
+        pytest.skip("g++ -fsanitize=thread does not build or run here (no libtsan)")
+    srcs = _emulator_sources(tmp_path)
+    exe = tmp_path / "emu_race_driver"
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-ffp-contract=off",
+           "-w", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs,
+           str(ROOT / "tests" / "emu_race_driver.cpp"), "-o", str(exe)]  # fmt: skip
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-4000:]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 history_size=4")
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900, env=env)
+    report = res.stdout[-3000:] + res.stderr[:6000]
+    assert "ThreadSanitizer" not in res.stderr, report
+    assert res.returncode == 0 and "done, 0 failure(s)" in res.stdout, report
 
 
 # ----------------------------------------------------------------- nvcc compile (no GPU needed)

@@ -8,9 +8,14 @@
 // compiles the result with the host C++ compiler into a shared library whose extern "C" launchers
 // it drives through ctypes on CPU tensors.  So the kernels' own index arithmetic, workspace
 // carving, tiling, split merging, sorting/segment logic and rounding steps run for real.
+// test_emulated_kernels_have_no_data_races links the same sources with tests/emu_race_driver.cpp
+// under -fsanitize=thread: a missing __syncthreads shows up as a data race between the OS threads
+// that stand for one block's CUDA threads (what compute-sanitizer's racecheck reports on a GPU).
 //
 // Model: blocks run one after another; each block runs blockDim.x OS threads (1-D blocks, a
-// multiple of 32), so __shared__ (here: function-static) storage is per block as on a GPU.
+// multiple of 32), so __shared__ (here: function-static) storage is per block as on a GPU.  The
+// threads come from a pool that lives as long as the process (creating hundreds of threads per
+// block dominated the run time, tenfold so under a thread sanitizer).
 // __syncthreads is a block barrier, __shfl_xor_sync exchanges through a per-warp buffer between
 // two warp barriers; a thread that returns leaves both barriers (as exited GPU threads do).
 // fp32 intrinsics map to correctly rounded host operations (compile with -ffp-contract=off).
@@ -27,9 +32,12 @@
 #include <array>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -67,12 +75,66 @@ inline cudaError_t memset_async(void* p, int value, size_t bytes, cudaStream_t) 
   return cudaSuccess;
 }
 
+// Worker threads kept for the life of the process.  run(n, body) calls body(0) ... body(n - 1),
+// each on its own worker (they must all be alive at once: the block's threads meet at barriers),
+// and returns when every call has returned.  The mutex/condition-variable hand-offs order each
+// block's memory accesses after the previous block's, as the end of a grid does on a GPU.
+class Pool {
+ public:
+  void run(unsigned n, const std::function<void(unsigned)>& body) {
+    std::unique_lock<std::mutex> lk(mu_);
+    while (workers_.size() < n) {
+      const unsigned id = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, id, seen = generation_] { loop(id, seen); });
+    }
+    body_ = &body;
+    active_ = n;
+    remaining_ = n;
+    ++generation_;
+    wake_.notify_all();
+    done_.wait(lk, [this] { return remaining_ == 0; });
+    body_ = nullptr;
+  }
+
+ private:
+  void loop(unsigned id, uint64_t seen) {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      wake_.wait(lk, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (id >= active_) continue;  // not needed by this block
+      const auto* body = body_;
+      lk.unlock();
+      (*body)(id);
+      lk.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* body_ = nullptr;
+  uint64_t generation_ = 0;
+  unsigned active_ = 0, remaining_ = 0;
+};
+
+// Never destroyed: the workers wait on the condition variable until the process exits (joining
+// them from a static destructor of a dlopen()ed library can deadlock at interpreter exit).
+inline Pool& pool() {
+  static Pool* p = new Pool;
+  return *p;
+}
+
+inline std::mutex launch_mutex;  // one emulated launch at a time (globals below are per launch)
+
 template <typename... KArgs, typename... Args>
 void launch(dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/,
             void (*kernel)(KArgs...), Args&&... args) {
   const unsigned nthreads = block.x;
   if (block.y != 1 || block.z != 1 || nthreads == 0 || nthreads % 32 != 0 || nthreads > 1024)
     std::abort();  // the kernels use 1-D blocks of whole warps
+  std::lock_guard<std::mutex> guard(launch_mutex);
   blockDim = block;
   gridDim = grid;
   const unsigned nwarps = nthreads / 32;
@@ -84,18 +146,13 @@ void launch(dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/,
         for (unsigned w = 0; w < nwarps; ++w)
           warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
         warp_buffers.assign(nwarps, {});
-        std::vector<std::thread> threads;
-        threads.reserve(nthreads);
-        for (unsigned t = 0; t < nthreads; ++t) {
-          threads.emplace_back([&, t] {
-            blockIdx = uint3{bx, by, bz};
-            threadIdx = uint3{t, 0, 0};
-            kernel(args...);
-            warp_barriers[t / 32]->arrive_and_drop();
-            block_barrier->arrive_and_drop();
-          });
-        }
-        for (auto& th : threads) th.join();
+        pool().run(nthreads, [&](unsigned t) {
+          blockIdx = uint3{bx, by, bz};
+          threadIdx = uint3{t, 0, 0};
+          kernel(args...);
+          warp_barriers[t / 32]->arrive_and_drop();
+          block_barrier->arrive_and_drop();
+        });
       }
 }
 
