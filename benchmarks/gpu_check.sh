@@ -18,6 +18,16 @@
 #      logs and a results archive are copied there).
 # Exit status: non-zero when any stage failed; every stage runs regardless, and a summary of
 # the stages with their status and duration ends the output (and $OUT/gpu_check_summary.txt).
+#
+# A session with a lent GPU (device tool: 10 minutes a call, ~30 minutes in all; the machine
+# has no network, and build outputs stay on it between calls while it is warm):
+#   here:  bash benchmarks/gpu_wheels.sh          # vector-quantize-pytorch & co. into .whl/
+#   run(carry=[".whl"]): bash benchmarks/gpu_check.sh --wheels .whl env build test-cuda
+#   run(carry=[".whl"]): VQKERNELS_TEST_ARGS=-x bash benchmarks/gpu_check.sh --wheels .whl test
+#   run(carry=[".whl"]): VQKERNELS_BENCHES=bench_nearest_code \
+#                        bash benchmarks/gpu_check.sh --wheels .whl bench collect
+#   (then bench_ema_update bench_quantize, and bench_layer, likewise), and commit the
+#   benchmarks/results/gpu_* files unpacked from the returned gpu_results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -36,7 +46,7 @@ while [[ $# -gt 0 ]]; do
         --quick) QUICK="--quick"; shift ;;
         env|build|test-cuda|test|bench|collect) STAGES+=("$1"); shift ;;
         all) STAGES+=(env build test-cuda test bench collect); shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
