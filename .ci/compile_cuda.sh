@@ -38,7 +38,7 @@ trap 'rm -rf "$TMP"' EXIT
 
 # The flags setup.py uses for the extension, plus warnings as errors for host and device code.
 # The -D flags are the ones torch's CUDAExtension adds (no implicit half/bf16 conversions).
-FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo -Icsrc
+FLAGS=(-O3 -std=c++17 -lineinfo -Icsrc
        -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
@@ -56,6 +56,23 @@ printf '%s\n' "${SOURCES[@]}" | xargs -P "$JOBS" -I{} bash -c '
     else
         echo "[compile_cuda] FAIL $src"; cat "$TMP/$name.log"; touch "$TMP/$name.failed"
     fi' _ "${FLAGS[@]}"
+
+# IEEE fp32 everywhere (DESIGN.md §3; the host emulator and the reference assume it): no
+# flush-to-zero (.ftz, e.g. from --use_fast_math or -ftz=true) and no approximate division,
+# square root or reciprocal (.approx) in the sm_90 PTX of any kernel.
+PTX_FLAGS=()
+for f in "${FLAGS[@]}"; do [[ $f == -gencode=* ]] || PTX_FLAGS+=("$f"); done
+for src in "${SOURCES[@]}"; do
+    name=$(basename "$src" .cu)
+    if ! "$NVCC" "${PTX_FLAGS[@]}" -arch=sm_90 -ptx "$src" -o "$TMP/$name.ptx" >"$TMP/$name.ptx.log" 2>&1; then
+        echo "[compile_cuda] FAIL $src (PTX)"; cat "$TMP/$name.ptx.log"; touch "$TMP/$name.ptx.failed"
+    elif grep -nE '\.ftz|\.approx' "$TMP/$name.ptx" >"$TMP/$name.inexact" 2>/dev/null; then
+        echo "[compile_cuda] FAIL $src: non-IEEE fp32 ops in its PTX (flush-to-zero or approximate):"
+        head -n 5 "$TMP/$name.inexact"; touch "$TMP/$name.ptx.failed"
+    fi
+done
+ptx_failed=("$TMP"/*.ptx.failed)
+[[ ${#ptx_failed[@]} -eq 0 ]] && echo "[compile_cuda] ok   PTX of every kernel: IEEE fp32 (no .ftz / .approx ops)"
 
 # Syntax-check the torch binding (it cannot be linked without a CUDA torch).
 PY=${PYTHON:-python3}

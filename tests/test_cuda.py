@@ -724,3 +724,18 @@ def test_compile_script_compiles_every_cu():
     assert res.returncode == 0, res.stdout + res.stderr
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         assert f"ok   csrc/cuda/{cu.name}" in res.stdout, res.stdout
+    assert "IEEE fp32 (no .ftz / .approx ops)" in res.stdout, res.stdout
+
+
+def test_cuda_extension_is_built_with_ieee_fp32():
+    """setup.py's nvcc flags keep IEEE fp32: --use_fast_math (or -ftz/-prec-*/-fmad flags) would
+    flush subnormals in every fp32 op, the _rn intrinsics included, and the GPU would no longer
+    compute what the reference and the host emulator compute.  (.ci/compile_cuda.sh checks the
+    PTX of its own build for .ftz/.approx ops; this keeps the extension's flags in line.)"""
+    text = (ROOT / "setup.py").read_text()
+    m = re.search(r"nvcc_flags\s*=\s*\[([^\]]*)\]", text)
+    assert m, "setup.py: nvcc_flags = [...] not found"
+    flags = re.findall(r'"([^"]*)"', m.group(1))
+    assert "-O3" in flags, flags
+    bad = [f for f in flags if re.match(r"-?-(use_fast_math|ftz|prec-div|prec-sqrt|fmad)", f)]
+    assert not bad, f"setup.py builds the CUDA extension with non-IEEE fp32 flags: {bad}"
