@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks.harness import Skip
 
 OP = "ema_update_"
 MODULE = "benchmarks.bench_ema_update"
@@ -67,14 +66,6 @@ def make_state(n: int, d: int, k: int, device: str, seed: int = 0):
     return [t.to(device) for t in (codebook, cluster_size, embed_sum, x, idx)]
 
 
-def _need_backend(backend: str, device: str) -> None:
-    import vqkernels
-
-    why = vqkernels.available_backends(device)[backend]
-    if why:
-        raise Skip(f"vqkernels backend {backend!r} unavailable: {why}")
-
-
 def onehot_ema_update_(codebook, cluster_size, embed_sum, x, idx, decay, eps):
     """The one-hot matmul formulation (what vqkernels replaces), same blend as the reference."""
     from vqkernels import reference
@@ -102,7 +93,7 @@ def make_provider(provider: str, n: int, d: int, k: int, device: str = "cpu", se
             "reference": "reference",
         }[provider]
         if backend != "reference":
-            _need_backend(backend, device)
+            harness.need_backend(backend, device)
 
         def fn(*a):
             vqkernels.ema_update_(*a, backend=backend, check_inputs=False)
@@ -128,18 +119,10 @@ def make_check(n: int, d: int, k: int, device: str):
     return check
 
 
-def label(n: int, d: int, k: int) -> str:
-    return f"N{n}-D{d}-K{k}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
     device = args.device
-    providers = [
-        p
-        for p in (CUDA_PROVIDERS if device == "cuda" else CPU_PROVIDERS)
-        if harness.wanted(args, p)
-    ]
+    providers = harness.selected_providers(args, CPU_PROVIDERS, CUDA_PROVIDERS)
     t_start = time.time()
     rows: list[dict[str, Any]] = []
     for n, d, k in QUICK_SHAPES if args.quick else SHAPES:
@@ -150,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             if est > MEMORY_LIMIT_BYTES:
                 skipped.append(_skipped_row(p, params, est))
             else:
-                cases.append((p, params, {"case": label(n, d, k)}, make_check(n, d, k, device)))
+                cases.append(
+                    (p, params, {"case": harness.shape_label(n, d, k)}, make_check(n, d, k, device))
+                )
         # Round-robin timing: every provider of a shape sees the same machine load.
         for row in harness.bench_group(OP, MODULE, "make_provider", cases, args=args) + skipped:
             rows.append(row)
@@ -176,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                         args=args,
                         time_it=False,
                         memory=True,
-                        extra={"case": label(n, d, k)},
+                        extra={"case": harness.shape_label(n, d, k)},
                     )
                 row["measure"] = "memory"
                 mem_rows.append(row)
@@ -242,7 +227,7 @@ def _skipped_row(provider: str, params: dict[str, Any], est: int) -> dict[str, A
         "op": OP,
         "provider": provider,
         **params,
-        "case": label(n, d, k),
+        "case": harness.shape_label(n, d, k),
         "status": "skipped",
         "median_ms": None,
         "extra_mib": None,

@@ -118,14 +118,6 @@ def estimated_extra_bytes(provider: str, n: int, d: int, k: int) -> int:
 _compiled_reference = None
 
 
-def _need_backend(backend: str, device: str) -> None:
-    import vqkernels
-
-    why = vqkernels.available_backends(device)[backend]
-    if why:
-        raise Skip(f"vqkernels backend {backend!r} unavailable: {why}")
-
-
 def make_provider(provider: str, n: int, d: int, k: int, device: str = "cpu", seed: int = 0) -> Any:
     """Build inputs and return a zero-argument callable that runs ``provider`` once and returns
     the ``[n] int64`` indices (see the module docstring for the providers)."""
@@ -136,18 +128,18 @@ def make_provider(provider: str, n: int, d: int, k: int, device: str = "cpu", se
     x, cb = make_inputs(n, d, k, device, dtype, seed)
 
     if provider == "vqkernels-cpu":
-        _need_backend("cpu", device)
+        harness.need_backend("cpu", device)
         return lambda: vqkernels.nearest_code(
             x, cb, return_distance=True, backend="cpu", check_inputs=False
         )[0]
     if provider in ("vqkernels-triton", "vqkernels-triton-fast-bf16"):
-        _need_backend("triton", device)
+        harness.need_backend("triton", device)
         precision = "fast" if provider.endswith("bf16") else "exact"
         return lambda: vqkernels.nearest_code(
             x, cb, return_distance=True, backend="triton", precision=precision, check_inputs=False
         )[0]
     if provider == "vqkernels-cuda":
-        _need_backend("cuda", device)
+        harness.need_backend("cuda", device)
         return lambda: vqkernels.nearest_code(
             x, cb, return_distance=True, backend="cuda", check_inputs=False
         )[0]
@@ -239,10 +231,6 @@ def make_check(provider: str, n: int, d: int, k: int, device: str):
     return check
 
 
-def shape_label(n: int, d: int, k: int) -> str:
-    return f"N{n}-D{d}-K{k}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
     device = args.device
@@ -272,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             (
                 p,
                 dict(provider=p, n=n, d=d, k=k, device=device),
-                {"case": shape_label(n, d, k), "dtype": "bfloat16" if "bf16" in p else "float32"},
+                {
+                    "case": harness.shape_label(n, d, k),
+                    "dtype": "bfloat16" if "bf16" in p else "float32",
+                },
                 make_check(p, n, d, k, device),
             )
             for p in providers
@@ -298,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_memory:
         n, d, k = mem_shape
         print(
-            f"peak extra memory at {shape_label(n, d, k)} (child process per provider) ...",
+            f"peak extra memory at {harness.shape_label(n, d, k)} (child process per provider) ...",
             flush=True,
         )
         for p in providers:
@@ -309,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     "op": OP,
                     "provider": p,
                     **params,
-                    "case": shape_label(n, d, k),
+                    "case": harness.shape_label(n, d, k),
                     "status": "skipped",
                     "extra_mib": None,
                     "reason": f"would need ~{est / 1024**3:.0f} GiB (N x K fp32 buffers) "
@@ -325,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                     args=args,
                     time_it=False,
                     memory=True,
-                    extra={"case": shape_label(n, d, k)},
+                    extra={"case": harness.shape_label(n, d, k)},
                 )
             row["nk_fp32_mib"] = 4.0 * n * k / harness.MIB
             mem_rows.append(row)

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
-from benchmarks.harness import Skip
 
 OP = "quantize"
 MODULE = "benchmarks.bench_quantize"
@@ -52,14 +51,6 @@ def plain_quantize(x: torch.Tensor, codebook: torch.Tensor, beta: float):
     return x + (q - x).detach(), idx, loss
 
 
-def _need_backend(backend: str, device: str) -> None:
-    import vqkernels
-
-    why = vqkernels.available_backends(device)[backend]
-    if why:
-        raise Skip(f"vqkernels backend {backend!r} unavailable: {why}")
-
-
 def make_provider(provider: str, n: int, d: int, k: int, device: str = "cpu", seed: int = 0):
     """Inputs (``x [n,d]`` and ``codebook [k,d]``, fp32, both requiring grad) and a callable
     running forward + backward once; it returns ``(indices, loss, x.grad, codebook.grad)``."""
@@ -82,7 +73,7 @@ def make_provider(provider: str, n: int, d: int, k: int, device: str = "cpu", se
             "reference": "reference",
         }[provider]
         if backend != "reference":
-            _need_backend(backend, device)
+            harness.need_backend(backend, device)
 
         def fwd():
             return vqkernels.quantize(x, codebook, BETA, backend=backend, check_inputs=False)
@@ -120,18 +111,10 @@ def make_check(n: int, d: int, k: int, device: str):
     return check
 
 
-def label(n: int, d: int, k: int) -> str:
-    return f"N{n}-D{d}-K{k}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
     device = args.device
-    providers = [
-        p
-        for p in (CUDA_PROVIDERS if device == "cuda" else CPU_PROVIDERS)
-        if harness.wanted(args, p)
-    ]
+    providers = harness.selected_providers(args, CPU_PROVIDERS, CUDA_PROVIDERS)
     t_start = time.time()
     rows: list[dict[str, Any]] = []
     for n, d, k in QUICK_SHAPES if args.quick else SHAPES:
@@ -139,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             (
                 p,
                 dict(provider=p, n=n, d=d, k=k, device=device),
-                {"case": label(n, d, k)},
+                {"case": harness.shape_label(n, d, k)},
                 make_check(n, d, k, device),
             )
             for p in providers
@@ -164,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     args=args,
                     time_it=False,
                     memory=True,
-                    extra={"case": label(n, d, k)},
+                    extra={"case": harness.shape_label(n, d, k)},
                 )
                 row["measure"] = "memory"
                 mem_rows.append(row)

@@ -677,6 +677,27 @@ def wanted(args: argparse.Namespace, provider: str) -> bool:
     return args.provider_set is None or provider in args.provider_set
 
 
+def selected_providers(
+    args: argparse.Namespace, cpu: Sequence[str], cuda: Sequence[str]
+) -> list[str]:
+    """The providers of ``args.device``'s list that ``--providers`` selects, in list order."""
+    return [p for p in (cuda if args.device == "cuda" else cpu) if wanted(args, p)]
+
+
+def need_backend(backend: str, device: str) -> None:
+    """Raise :class:`Skip` (with vqkernels' reason) when ``backend`` cannot run on ``device``."""
+    import vqkernels
+
+    why = vqkernels.available_backends(device)[backend]
+    if why:
+        raise Skip(f"vqkernels backend {backend!r} unavailable: {why}")
+
+
+def shape_label(n: int, d: int, k: int) -> str:
+    """The ``case`` column of the op benchmarks: ``N{n}-D{d}-K{k}``."""
+    return f"N{n}-D{d}-K{k}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Output: files, table, plot
 # ---------------------------------------------------------------------------------------------
