@@ -151,6 +151,16 @@ def prune_search_configs(configs, named_args, **kwargs):
     return kept
 
 
+# The autotuning of every kernel that runs the search (nearest_code and the quantize forward):
+# one decorator, so both kernels tune over the same configs, pruned alike, keyed on the same
+# arguments (N only through its power-of-two bucket).
+search_autotune = triton.autotune(
+    configs=SEARCH_CONFIGS,
+    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32", "NUM_SPLITS"],
+    prune_configs_by={"early_config_prune": prune_search_configs},
+)
+
+
 def autotune_enabled() -> bool:
     """``VQKERNELS_TRITON_AUTOTUNE=0`` skips the timing runs of the search kernels and uses the
     first (preferred) config that fits: faster first calls, one config in every process."""
@@ -411,11 +421,7 @@ def _nearest_epilogue(
     tl.store(dist_ptr + offs_n, dist, mask=mask_n)
 
 
-@triton.autotune(
-    configs=SEARCH_CONFIGS,
-    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32", "NUM_SPLITS"],
-    prune_configs_by={"early_config_prune": prune_search_configs},
-)
+@search_autotune
 @triton.jit
 def _nearest_code_kernel(
     x_ptr, stride_xn, stride_xd,

@@ -28,14 +28,13 @@ from torch.library import triton_op, wrap_triton
 
 from .ema_update import numel_f32, segment_sums
 from .nearest_code import (
-    SEARCH_CONFIGS,
     check_args,
     code_aux,
     fold_splits,
     interpreting,
     n_bucket,
     num_splits,
-    prune_search_configs,
+    search_autotune,
     search_meta,
     search_rows,
     split_buffers,
@@ -72,11 +71,7 @@ def _quantize_epilogue(
     tl.store(err_ptr + offs_n, err, mask=mask_n)
 
 
-@triton.autotune(
-    configs=SEARCH_CONFIGS,
-    key=["K", "D", "N_BUCKET", "IS_COSINE", "USE_TF32", "NUM_SPLITS"],
-    prune_configs_by={"early_config_prune": prune_search_configs},
-)
+@search_autotune
 @triton.jit
 def _quantize_fwd_kernel(
     x_ptr, stride_xn, stride_xd,
