@@ -48,10 +48,12 @@ echo "[compile_cuda] $("$NVCC" --version | tail -n 1)"
 echo "[compile_cuda] compiling ${#SOURCES[@]} file(s) for sm_80 + sm_90 with $JOBS job(s)"
 start=$SECONDS
 export NVCC TMP
-# One nvcc per file, $JOBS at a time; each writes its own log, printed on failure.
+# One nvcc per file, $JOBS at a time; each writes its own log, printed on failure, and keeps
+# its intermediate PTX (one per -gencode arch) in $TMP/keep_<name> for the check below.
 printf '%s\n' "${SOURCES[@]}" | xargs -P "$JOBS" -I{} bash -c '
-    src="{}"; name=$(basename "$src" .cu)
-    if "$NVCC" "$@" -c "$src" -o "$TMP/$name.o" >"$TMP/$name.log" 2>&1; then
+    src="{}"; name=$(basename "$src" .cu); mkdir -p "$TMP/keep_$name"
+    if "$NVCC" "$@" -keep -keep-dir "$TMP/keep_$name" -c "$src" -o "$TMP/$name.o" \
+            >"$TMP/$name.log" 2>&1; then
         echo "[compile_cuda] ok   $src"
     else
         echo "[compile_cuda] FAIL $src"; cat "$TMP/$name.log"; touch "$TMP/$name.failed"
@@ -59,14 +61,14 @@ printf '%s\n' "${SOURCES[@]}" | xargs -P "$JOBS" -I{} bash -c '
 
 # IEEE fp32 everywhere (DESIGN.md §3; the host emulator and the reference assume it): no
 # flush-to-zero (.ftz, e.g. from --use_fast_math or -ftz=true) and no approximate division,
-# square root or reciprocal (.approx) in the sm_90 PTX of any kernel.
-PTX_FLAGS=()
-for f in "${FLAGS[@]}"; do [[ $f == -gencode=* ]] || PTX_FLAGS+=("$f"); done
+# square root or reciprocal (.approx) in the PTX nvcc generated above, for every arch.
 for src in "${SOURCES[@]}"; do
     name=$(basename "$src" .cu)
-    if ! "$NVCC" "${PTX_FLAGS[@]}" -arch=sm_90 -ptx "$src" -o "$TMP/$name.ptx" >"$TMP/$name.ptx.log" 2>&1; then
-        echo "[compile_cuda] FAIL $src (PTX)"; cat "$TMP/$name.ptx.log"; touch "$TMP/$name.ptx.failed"
-    elif grep -nE '\.ftz|\.approx' "$TMP/$name.ptx" >"$TMP/$name.inexact" 2>/dev/null; then
+    [[ -e "$TMP/$name.failed" ]] && continue
+    ptx=("$TMP/keep_$name"/*.ptx)
+    if [[ ${#ptx[@]} -eq 0 ]]; then
+        echo "[compile_cuda] FAIL $src: nvcc kept no PTX to check"; touch "$TMP/$name.ptx.failed"
+    elif grep -nE '\.ftz|\.approx' "${ptx[@]}" >"$TMP/$name.inexact"; then
         echo "[compile_cuda] FAIL $src: non-IEEE fp32 ops in its PTX (flush-to-zero or approximate):"
         head -n 5 "$TMP/$name.inexact"; touch "$TMP/$name.ptx.failed"
     fi
