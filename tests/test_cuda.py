@@ -462,25 +462,39 @@ def _emulator_sources(out: Path) -> list[str]:
     return srcs
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    """The CUDA launchers compiled for the host emulator (ctypes library), or skip."""
+def _emulator_toolchain() -> tuple[str, str]:
+    """``(g++, CUDA include dir)`` for building the host emulator, or skip."""
     inc = _cuda_include()
     cxx = shutil.which("g++")
     if inc is None or cxx is None:
         pytest.skip("host emulation needs the CUDA headers (cuda_fp16.h) and g++")
-    out = tmp_path_factory.mktemp("cuda_emu")
-    srcs = _emulator_sources(out)
-    lib_path = out / "libvq_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-w",
-           f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs, "-o",
-           str(lib_path)]  # fmt: skip
-    # e.g. VQKERNELS_EMU_CFLAGS="-fsanitize=address" (with LD_PRELOAD=libasan.so) for bounds checks
-    cmd[1:1] = os.environ.get("VQKERNELS_EMU_CFLAGS", "").split()
+    return cxx, inc
+
+
+def _emulator_build(out: Path, *flags: str, extra_sources: tuple[str, ...] = ()) -> None:
+    """Compile the emulator-translated kernels (plus ``extra_sources``) into ``out``, or skip.
+
+    C++20 for <barrier>; -ffp-contract=off so that each of the kernels' _rn intrinsics stays a
+    separately rounded host operation (no contraction into an FMA)."""
+    cxx, inc = _emulator_toolchain()
+    srcs = _emulator_sources(out.parent)
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-w", *flags,
+           f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs, *extra_sources,
+           "-o", str(out)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode != 0 and "barrier: No such file" in res.stderr:
         pytest.skip("host emulation needs a C++20 standard library with <barrier> (GCC >= 11)")
     assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The CUDA launchers compiled for the host emulator (ctypes library), or skip."""
+    lib_path = tmp_path_factory.mktemp("cuda_emu") / "libvq_emu.so"
+    # e.g. VQKERNELS_EMU_CFLAGS="-fsanitize=address" (with LD_PRELOAD=libasan.so) for bounds checks
+    _emulator_build(
+        lib_path, "-fPIC", "-shared", *os.environ.get("VQKERNELS_EMU_CFLAGS", "").split()
+    )
     lib = ctypes.CDLL(str(lib_path))
     sigs = {
         "vq_nearest_code_workspace_bytes": (_SZ, [_I64, _I64, _INT]),
@@ -668,19 +682,12 @@ def _tsan_works(cxx: str, tmp: Path) -> bool:
 
 @pytest.mark.slow
 def test_emulated_kernels_have_no_data_races(tmp_path):
-    inc = _cuda_include()
-    cxx = shutil.which("g++")
-    if inc is None or cxx is None:
-        pytest.skip("host emulation needs the CUDA headers (cuda_fp16.h) and g++")
+    cxx, _ = _emulator_toolchain()
     if not _tsan_works(cxx, tmp_path):
         pytest.skip("g++ -fsanitize=thread does not build or run here (no libtsan)")
-    srcs = _emulator_sources(tmp_path)
     exe = tmp_path / "emu_race_driver"
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", "-ffp-contract=off",
-           "-w", f"-I{ROOT / 'csrc' / 'cuda'}", f"-I{ROOT / 'csrc'}", f"-I{inc}", *srcs,
-           str(ROOT / "tests" / "emu_race_driver.cpp"), "-o", str(exe)]  # fmt: skip
-    built = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, built.stderr[-4000:]
+    _emulator_build(exe, "-g", "-fsanitize=thread",
+                    extra_sources=(str(ROOT / "tests" / "emu_race_driver.cpp"),))  # fmt: skip
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 history_size=4")
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900, env=env)
     report = res.stdout[-3000:] + res.stderr[:6000]
