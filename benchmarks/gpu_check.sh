@@ -126,7 +126,7 @@ EOF
 
 stage_test_cuda() {
     # The CUDA backend's own tests first (fast feedback), failing if the extension is missing.
-    VQKERNELS_REQUIRE_CUDA=1 "$PY" -m pytest -q -ra tests/test_cuda.py
+    VQKERNELS_REQUIRE_CUDA=1 "$PY" -m pytest -q -ra tests/backends/test_cuda.py
 }
 
 stage_test() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, on a machine with package access, the pure-Python wheels that the GPU image lacks
 # and the GPU check needs (vector-quantize-pytorch and its small dependencies: the peer of the
-# layer/search benchmarks and of tests/test_compat.py), into .whl/ (git-ignored, ~0.4 MB).
+# layer/search benchmarks and of tests/compat/test_compat.py), into .whl/ (git-ignored, ~0.4 MB).
 # The GPU machine reaches no network: carry the folder there and install it with
 #     bash benchmarks/gpu_check.sh --wheels .whl STAGE ...
 # (the device tool's `run` takes carry=[".whl"]).  Versions are the ones CI tests against;

@@ -2,7 +2,7 @@
 # Run the Triton tests against another Triton release than the installed one (default 3.6.0,
 # the release the GPU image ships beside torch 2.11), without touching the main environment:
 # a throwaway venv layered over the installed torch and dependencies gets only that triton.
-# It runs tests/test_triton.py: the interpreter tests on CPU tensors and the sm_90
+# It runs tests/backends/test_triton.py: the interpreter tests on CPU tensors and the sm_90
 # ahead-of-time compiles (register spills, shared memory, wgmma use of every shipped config).
 # This catches language/API drift and codegen differences before a GPU session meets them.
 # It is not part of CI (it downloads a ~190 MB wheel); run it after changing a Triton kernel.
@@ -38,4 +38,4 @@ fi
 # CPU extension included), whatever the venv's site-packages hold.
 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} CI=${CI:-true} \
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-    tests/test_triton.py "$@"
+    tests/backends/test_triton.py "$@"

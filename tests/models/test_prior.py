@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from models import prior as P  # noqa: E402
 
@@ -386,7 +386,7 @@ def test_cli_train_then_sample(vq_checkpoint, tmp_path):
 def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run(
         [sys.executable, "-m", "models.prior", "sample", "--prior", str(tmp_path / "missing"),
          "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "x.png")],

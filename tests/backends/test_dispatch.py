@@ -14,7 +14,7 @@ import vqkernels
 from vqkernels import BackendUnavailableError, dispatch
 from vqkernels.testing import make_inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_available_backends_shape():

@@ -6,7 +6,7 @@ fake impl vs real outputs (shapes, dtypes, strides), autograd registration, AOT 
   fake impls and autograd formulas as ``vqkernels._ops``: this checks the fake impls against the
   specification itself, whatever backend is built;
 * not the Triton ops on CPU: under the interpreter opcheck fails in fake-tensor tracing
-  (DESIGN.md §5); tests/test_triton.py and tests/test_cuda.py opcheck the GPU ops on a GPU.
+  (DESIGN.md §5); tests/backends/test_triton.py and tests/backends/test_cuda.py opcheck the GPU ops on a GPU.
 """
 
 from __future__ import annotations

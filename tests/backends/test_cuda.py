@@ -45,7 +45,7 @@ from vqkernels.testing import (
     noncontiguous,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 OPS = torch.ops.vqkernels
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -439,7 +439,7 @@ def _cuda_include() -> str | None:
             return str(Path(home) / "include")
     nvcc = shutil.which("nvcc")
     if nvcc:
-        inc = Path(nvcc).resolve().parents[1] / "include"
+        inc = Path(nvcc).resolve().parents[2] / "include"
         if (inc / "cuda_fp16.h").exists():
             return str(inc)
     return None
@@ -665,7 +665,7 @@ def test_emulated_quantize(emu, dtype):
 
 # The host emulator runs each block's threads as OS threads, so ThreadSanitizer sees what
 # compute-sanitizer's racecheck would on a GPU: two threads of a block touching the same shared or
-# global location with no __syncthreads (or shuffle) between them.  tests/emu_race_driver.cpp
+# global location with no __syncthreads (or shuffle) between them.  tests/backends/emu_race_driver.cpp
 # calls every launcher on shapes that take every tile, split and segment path.  Measured: ~40 s
 # (2 cores); deleting the __syncthreads that ends a search step in search.cu makes it report the
 # race at the shared-tile read.
@@ -687,7 +687,7 @@ def test_emulated_kernels_have_no_data_races(tmp_path):
         pytest.skip("g++ -fsanitize=thread does not build or run here (no libtsan)")
     exe = tmp_path / "emu_race_driver"
     _emulator_build(exe, "-g", "-fsanitize=thread",
-                    extra_sources=(str(ROOT / "tests" / "emu_race_driver.cpp"),))  # fmt: skip
+                    extra_sources=(str(ROOT / "tests" / "backends" / "emu_race_driver.cpp"),))  # fmt: skip
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66 history_size=4")
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900, env=env)
     report = res.stdout[-3000:] + res.stderr[:6000]
