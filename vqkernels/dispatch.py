@@ -9,7 +9,15 @@ Backends
                ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
 
 ``backend="auto"`` picks, for CUDA tensors, ``cuda`` then ``triton`` then ``reference``; for CPU
-tensors ``cpu`` then ``reference``.  The environment variable ``VQKERNELS_BACKEND`` overrides
+tensors ``cpu`` then ``reference`` -- skipping any backend that has no implementation of the op.
+
+The op table
+------------
+:data:`OP_TABLE` is the one place that says which function runs op ``name`` on backend ``b``:
+``OP_TABLE[name][b]``, all with the op's flattened signature (the one of
+``vqkernels.reference.<name>``).  :func:`call` resolves the backend and runs the entry;
+``vqkernels.functional`` validates and flattens, then calls it.  A new op family adds one row here
+(and its kernels), never a per-op ``if backend == ...`` chain.  The environment variable ``VQKERNELS_BACKEND`` overrides
 ``auto`` (an explicit ``backend=`` argument wins over the variable).
 """
 
@@ -135,9 +143,19 @@ def validate_backend(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend name that runs a call on ``device`` for the requested ``backend``."""
+def _op_refusal(backend: str, op: str | None) -> str:
+    if op is None or backend in OP_TABLE.get(op, {}):
+        return ""
+    have = ", ".join(OP_TABLE.get(op, {})) or "none"
+    return f"op {op!r} has no {backend} implementation (implemented on: {have})"
+
+
+def resolve(backend: str, device: torch.device, op: str | None = None) -> str:
+    """The backend name that runs a call on ``device`` for the requested ``backend`` (and, when
+    ``op`` is given, one that implements it)."""
     validate_backend(backend)
+    if op is not None and op not in OP_TABLE:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(OP_TABLE)}")
     if backend == "auto":
         env = os.environ.get("VQKERNELS_BACKEND", "auto") or "auto"
         if env != "auto":
@@ -150,13 +168,13 @@ def resolve(backend: str, device: torch.device) -> str:
         p = _probe(backend)
         if not p.ok:
             raise BackendUnavailableError(f"backend {backend!r} is unavailable: {p.why}")
-        why = _device_refusal(backend, device)
+        why = _device_refusal(backend, device) or _op_refusal(backend, op)
         if why:
             raise BackendUnavailableError(f"backend {backend!r} cannot run this call: {why}")
         return backend
     order = _AUTO_ORDER.get(device.type, ("reference",))
     for b in order:
-        if _probe(b).ok and not _device_refusal(b, device):
+        if _probe(b).ok and not _device_refusal(b, device) and not _op_refusal(b, op):
             return b
     return "reference"  # pragma: no cover - reference always qualifies
 
@@ -178,3 +196,63 @@ def module(backend: str) -> ModuleType:
 
 
 OpFn = Callable[..., object]
+
+
+def call(op: str, backend: str, device: torch.device, *args):
+    """Run op ``op`` with its flattened arguments on the backend ``backend`` resolves to."""
+    return OP_TABLE[op][resolve(backend, device, op)](*args)
+
+
+def _triton(name: str) -> OpFn:
+    # Looked up at call time: the triton module is imported only when that backend runs.
+    return lambda *args: getattr(module("triton"), name)(*args)
+
+
+def _torch_op(name: str) -> OpFn:
+    # The C++ CPU and CUDA kernels are registered on the same schema (torch.ops.vqkernels.<name>);
+    # the dispatcher routes by device.
+    return lambda *args: getattr(torch.ops.vqkernels, name)(*args)
+
+
+def _drop_last(fn: OpFn) -> OpFn:
+    # For the backends without a ``precision`` choice (they always compute exactly in fp32).
+    return lambda *args: fn(*args[:-1])
+
+
+def _ref(name: str) -> OpFn:
+    from . import reference
+
+    return getattr(reference, name)
+
+
+# op -> {backend: impl}.  Signatures (flattened, validated inputs):
+#   nearest_code(x, codebook, metric, precision) -> (indices, distance)
+#   cluster_stats(x, indices, num_codes) -> (counts, sums)
+#   ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None
+#   quantize(x, codebook, beta, metric, codebook_loss, precision) -> (quantized, indices, loss)
+OP_TABLE: dict[str, dict[str, OpFn]] = {
+    "nearest_code": {
+        "reference": _drop_last(_ref("nearest_code")),
+        "cpu": _drop_last(_torch_op("nearest_code")),
+        "cuda": _drop_last(_torch_op("nearest_code")),
+        "triton": _triton("nearest_code"),
+    },
+    "cluster_stats": {
+        "reference": _ref("cluster_stats"),
+        "cpu": _torch_op("cluster_stats"),
+        "cuda": _torch_op("cluster_stats"),
+        "triton": _triton("cluster_stats"),
+    },
+    "ema_update_": {
+        "reference": _ref("ema_update_"),
+        "cpu": _torch_op("ema_update_"),
+        "cuda": _torch_op("ema_update_"),
+        "triton": _triton("ema_update_"),
+    },
+    "quantize": {
+        "reference": _drop_last(_ref("quantize")),
+        "cpu": _drop_last(_torch_op("quantize")),
+        "cuda": _drop_last(_torch_op("quantize")),
+        "triton": _triton("quantize"),
+    },
+}

@@ -173,13 +173,7 @@ def nearest_code(
         _check_finite("codebook", codebook)
     lead = x.shape[:-1]
     x2 = _flatten(x)
-    name = dispatch.resolve(backend, x.device)
-    if name == "reference":
-        indices, distance = reference.nearest_code(x2, codebook, metric)
-    elif name == "triton":
-        indices, distance = dispatch.module("triton").nearest_code(x2, codebook, metric, precision)
-    else:
-        indices, distance = torch.ops.vqkernels.nearest_code(x2, codebook, metric)
+    indices, distance = dispatch.call("nearest_code", backend, x.device, x2, codebook, metric, precision)
     indices = indices.reshape(lead)
     if return_distance:
         return indices, distance.reshape(lead)
@@ -213,12 +207,7 @@ def cluster_stats(
     if check:
         _check_finite("x", x2)
     idx = _check_indices(indices, x2.shape[0], num_codes, x.device, check)
-    name = dispatch.resolve(backend, x.device)
-    if name == "reference":
-        return reference.cluster_stats(x2, idx, num_codes)
-    if name == "triton":
-        return dispatch.module("triton").cluster_stats(x2, idx, num_codes)
-    return torch.ops.vqkernels.cluster_stats(x2, idx, num_codes)
+    return dispatch.call("cluster_stats", backend, x.device, x2, idx, num_codes)
 
 
 def _check_ema_state(codebook, cluster_size, embed_sum) -> None:
@@ -296,13 +285,9 @@ def ema_update_(
     if check:
         _check_finite("x", x2)
     idx = _check_indices(indices, x2.shape[0], k, x.device, check)
-    name = dispatch.resolve(backend, x.device)
-    if name == "reference":
-        reference.ema_update_(codebook, cluster_size, embed_sum, x2, idx, decay, eps)
-    elif name == "triton":
-        dispatch.module("triton").ema_update_(codebook, cluster_size, embed_sum, x2, idx, decay, eps)
-    else:
-        torch.ops.vqkernels.ema_update_(codebook, cluster_size, embed_sum, x2, idx, decay, eps)
+    dispatch.call(
+        "ema_update_", backend, x.device, codebook, cluster_size, embed_sum, x2, idx, decay, eps
+    )
 
 
 def ema_blend_(
@@ -368,13 +353,7 @@ def quantize(
         _check_finite("codebook", codebook)
     lead = x.shape
     x2 = _flatten(x)
-    name = dispatch.resolve(backend, x.device)
-    if name == "reference":
-        q, idx, loss = reference.quantize(x2, codebook, beta, metric, codebook_loss)
-    elif name == "triton":
-        q, idx, loss = dispatch.module("triton").quantize(
-            x2, codebook, beta, metric, bool(codebook_loss), precision
-        )
-    else:
-        q, idx, loss = torch.ops.vqkernels.quantize(x2, codebook, beta, metric, bool(codebook_loss))
+    q, idx, loss = dispatch.call(
+        "quantize", backend, x.device, x2, codebook, beta, metric, bool(codebook_loss), precision
+    )
     return q.reshape(lead), idx.reshape(lead[:-1]), loss

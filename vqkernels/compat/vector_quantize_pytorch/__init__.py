@@ -1,0 +1,6 @@
+"""Drop-ins for vector-quantize-pytorch (``vector_quantize_pytorch``), one module per upstream
+module: ``vector_quantize`` (``VectorQuantize``)."""
+
+from .vector_quantize import LossBreakdown, VectorQuantize
+
+__all__ = ["VectorQuantize", "LossBreakdown"]
