@@ -230,6 +230,8 @@ def _ref(name: str) -> OpFn:
 #   cluster_stats(x, indices, num_codes) -> (counts, sums)
 #   ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None
 #   quantize(x, codebook, beta, metric, codebook_loss, precision) -> (quantized, indices, loss)
+#   code_distribution(x, codebook, row_weight, temperature, metric) -> (lse, entropy, mean_probs)
+#   soft_quantize(x, keys, values, temperature, metric) -> (out, lse)
 OP_TABLE: dict[str, dict[str, OpFn]] = {
     "nearest_code": {
         "reference": _drop_last(_ref("nearest_code")),
@@ -254,5 +256,11 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
         "cpu": _drop_last(_torch_op("quantize")),
         "cuda": _drop_last(_torch_op("quantize")),
         "triton": _triton("quantize"),
+    },
+    "code_distribution": {
+        "reference": _ref("code_distribution"),
+    },
+    "soft_quantize": {
+        "reference": _ref("soft_quantize"),
     },
 }
