@@ -4,7 +4,8 @@
 // │     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)                               │
 // │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[0], x, codebook, row_weight, │
 // │     logsumexp, entropy, τ, metric) -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)   │
-// │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric) -> (out[N,D] dtype x, lse[N] f32) │
+// │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric)                                   │
+// │     -> (out[N,D] dtype x, lse[N] f32, indices[N] i64 = argmax_k l_ik, ties -> lowest)      │
 // │ soft_quantize_backward(grad_out, x, keys, values, out, lse, τ, metric)                     │
 // │     -> (grad_x, grad_keys, grad_values)                                                    │
 // │ metric: "l2" (−‖x−c‖²), "dot" (x·c), "euclidean" (−sqrt(max(‖x−c‖², 1e-8))); logits s/τ.   │
@@ -536,9 +537,11 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   return {gx32.to(x.scalar_type()), gc32.to(codebook.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::Tensor& keys,
-                                                 const at::Tensor& values, double temperature,
-                                                 c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x,
+                                                             const at::Tensor& keys,
+                                                             const at::Tensor& values,
+                                                             double temperature,
+                                                             c10::string_view metric_name) {
   check_2d_pair(x, keys, "soft_quantize");
   check_2d_pair(x, values, "soft_quantize");
   TORCH_CHECK(keys.sizes() == values.sizes(), "vqkernels.soft_quantize (cpu backend): keys ",
@@ -547,7 +550,9 @@ std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::
   const int64_t N = x.size(0), K = keys.size(0), D = x.size(1);
   auto f32 = x.options().dtype(at::kFloat);
   auto lse = at::empty({N}, f32);
-  if (N == 0) return {at::empty({0, D}, x.options()), lse};
+  auto indices = at::empty({N}, x.options().dtype(at::kLong));
+  if (N == 0) return {at::empty({0, D}, x.options()), lse, indices};
+  int64_t* ip = indices.data_ptr<int64_t>();
   const int64_t nb = (N + kRows - 1) / kRows;
   const Packed pk = pack(x, keys, nb);
   const Problem P = problem(pk, metric, temperature, N);
@@ -565,20 +570,34 @@ std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::
       for (int64_t b = b0; b < b1; ++b) {
         float m[kRows];
         double S[kRows];
+        int64_t best[kRows];
         for (int r = 0; r < kRows; ++r) {
           m[r] = -kInf;
           S[r] = 0.0;
+          best[r] = 0;
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t t = 0; t < P.nt; ++t) {
           const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
           logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
+          // Tile max and its first position (strict >: ties keep the lowest index, as
+          // torch.argmax), which becomes the row's argmax when it beats the running max.
           float tmax[kRows];
-          for (int r = 0; r < kRows; ++r) tmax[r] = -kInf;
-          for (int64_t j = 0; j < nc; ++j)
-            for (int r = 0; r < kRows; ++r) tmax[r] = std::max(tmax[r], l[j * kRows + r]);
+          int32_t targ[kRows];
+          for (int r = 0; r < kRows; ++r) {
+            tmax[r] = -kInf;
+            targ[r] = 0;
+          }
+          for (int64_t j = 0; j < nc; ++j) {
+            for (int r = 0; r < kRows; ++r) {
+              const float v = l[j * kRows + r];
+              targ[r] = v > tmax[r] ? static_cast<int32_t>(j) : targ[r];
+              tmax[r] = v > tmax[r] ? v : tmax[r];
+            }
+          }
           for (int r = 0; r < kRows; ++r) {
             if (tmax[r] > m[r]) {
+              best[r] = k0 + targ[r];
               if (m[r] != -kInf) {
                 const double alpha =
                     std::exp(static_cast<double>(m[r]) - static_cast<double>(tmax[r]));
@@ -607,11 +626,12 @@ std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::
           const double shift =
               P.metric == Metric::kL2 ? static_cast<double>(P.xsq[i]) * inv_tau_d : 0.0;
           lp[i] = static_cast<float>(static_cast<double>(m[r]) + std::log(S[r]) - shift);
+          ip[i] = best[r];
         }
       }
     });
   });
-  return {out32.to(x.scalar_type()), lse};
+  return {out32.to(x.scalar_type()), lse, indices};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
