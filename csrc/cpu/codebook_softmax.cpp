@@ -229,17 +229,30 @@ VQK_INLINE inline void accum_rows(const float* e, const float* m, int64_t D, int
   }
 }
 
-// part[j·D + d] = Σ_r e[j·R + r] · xrows[r·D + d]  (rows in increasing order).
+// part[j·D + d] = Σ_r e[j·R + r] · xrows[r·D + d]: four interleaved partial sums (rows r ≡ 0..3
+// mod 4, each in increasing order) combined as (s0 + s1) + (s2 + s3): a fixed order, so
+// deterministic, with four independent FMA chains instead of one latency-bound chain over 32 rows.
 VQK_INLINE inline void accum_codes(const float* e, const float* xrows, int64_t D, int64_t nc,
-                                   float* part) {
-  for (int64_t i = 0; i < nc * D; ++i) part[i] = 0.0f;
+                                   float* part, float* scratch /* [4·D] */) {
   for (int64_t j = 0; j < nc; ++j) {
-    float* pj = part + j * D;
-    for (int r = 0; r < kRows; ++r) {
-      const float w = e[j * kRows + r];
-      const float* xr = xrows + r * D;
-      for (int64_t d = 0; d < D; ++d) pj[d] = std::fma(w, xr[d], pj[d]);
+    float* s0 = scratch;
+    float* s1 = scratch + D;
+    float* s2 = scratch + 2 * D;
+    float* s3 = scratch + 3 * D;
+    for (int64_t i = 0; i < 4 * D; ++i) scratch[i] = 0.0f;
+    const float* ej = e + j * kRows;
+    for (int r = 0; r < kRows; r += 4) {
+      const float w0 = ej[r], w1 = ej[r + 1], w2 = ej[r + 2], w3 = ej[r + 3];
+      const float* x0 = xrows + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        s0[d] = std::fma(w0, x0[d], s0[d]);
+        s1[d] = std::fma(w1, x0[D + d], s1[d]);
+        s2[d] = std::fma(w2, x0[2 * D + d], s2[d]);
+        s3[d] = std::fma(w3, x0[3 * D + d], s3[d]);
+      }
     }
+    float* pj = part + j * D;
+    for (int64_t d = 0; d < D; ++d) pj[d] = (s0[d] + s1[d]) + (s2[d] + s3[d]);
   }
 }
 
@@ -510,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   auto gc32 = at::empty({K, D}, f32);
   float* gcp = gc32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D);
+    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acc(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
@@ -519,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           e_tile(b, k0, nc, l.data(), coef.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data());
+          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acc[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }
@@ -718,7 +731,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
   float *gkp = gk32.data_ptr<float>(), *gvp = gv32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
-        gv(kCodes * kRows), part(kCodes * D);
+        gv(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acck(kCodes * D), accv(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
@@ -728,9 +741,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           tiles(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data());
+          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acck[i] += part[i];
-          accum_codes(p.data(), gor + b * kRows * D, D, nc, part.data());
+          accum_codes(p.data(), gor + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) accv[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }
