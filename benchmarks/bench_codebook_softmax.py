@@ -42,16 +42,17 @@ TAU_SOFT = 1.0
 DIRECT_BUDGET_GIB = 10.0
 DIRECT_COPIES = 6
 
-# (workload, N, K, D).  The issue's grid is N = 8192, K = 16K/64K/256K, D = 8..256; on 2 shared
-# cores the largest D at the largest K would take minutes per call, so the grid is thinned there.
+# (workload, N, K, D).  The issue's grid is N = 8192, K = 16K/64K/256K, D = 8..256; on 2 cores
+# shared with other users (load average 5-130 during the runs) one call at K = 256K takes about a
+# minute, so the grid is thinned: D = 256 at N = 2048, and the K = 64K/256K points (where the direct
+# formula does not fit anyway) are timed with a single round.
 SHAPES = [
-    ("entropy", 8192, 16384, 8),
+    ("entropy", 8192, 16384, 16),
     ("entropy", 8192, 16384, 64),
-    ("entropy", 8192, 16384, 256),
+    ("entropy", 2048, 16384, 256),
     ("entropy", 8192, 65536, 16),
     ("entropy", 8192, 262144, 16),
     ("soft", 8192, 16384, 16),
-    ("soft", 8192, 16384, 64),
 ]
 QUICK_SHAPES = [("entropy", 1024, 4096, 16), ("soft", 1024, 4096, 16)]
 MEMORY_SHAPES = [("entropy", 4096, 262144, 16), ("entropy", 4096, 16384, 16)]
@@ -159,7 +160,7 @@ def make_check(workload: str, n: int, k: int, d: int, device: str):
     """Compare with the direct formula in float64 where it fits (error of the value and grads)."""
 
     def check(out) -> dict[str, Any]:
-        if 3 * n * k * 8 / 2**30 > 4.0:
+        if 3 * n * k * 8 / 2**30 > 1.0:  # the fp64 check itself would dominate the run
             return {}
         key = (workload, n, k, d)
         if key not in _gold:
@@ -202,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             params = dict(provider=p, workload=workload, n=n, k=k, d=d, device=device)
             extra = {"case": f"{workload} N{n} K{k} D{d}"}
             cases.append((p, params, extra, check))
-        for row in harness.bench_group(OP, MODULE, "make_provider", cases, args=args):
+        # Shapes with a single runnable provider (the direct formula skipped) need no rounds.
+        solo = n * k > 2**28
+        kw = dict(min_rounds=1, max_rounds=1, target_s=0.0) if solo and not args.quick else {}
+        for row in harness.bench_group(OP, MODULE, "make_provider", cases, args=args, **kw):
             rows.append(row)
             harness.progress(row)
         _gold.clear()
