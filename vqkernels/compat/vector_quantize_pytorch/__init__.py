@@ -1,5 +1,6 @@
 """Drop-ins for vector-quantize-pytorch (``vector_quantize_pytorch``), one module per upstream
-module: ``vector_quantize`` (``VectorQuantize``)."""
+module: ``vector_quantize`` (``VectorQuantize``), ``residual_vq`` (``ResidualVQ``,
+``GroupedResidualVQ``)."""
 
 from .vector_quantize import LossBreakdown, VectorQuantize
 
