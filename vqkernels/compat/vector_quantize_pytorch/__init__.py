@@ -2,6 +2,7 @@
 module: ``vector_quantize`` (``VectorQuantize``), ``residual_vq`` (``ResidualVQ``,
 ``GroupedResidualVQ``)."""
 
+from .residual_vq import GroupedResidualVQ, ResidualVQ
 from .vector_quantize import LossBreakdown, VectorQuantize
 
-__all__ = ["VectorQuantize", "LossBreakdown"]
+__all__ = ["VectorQuantize", "LossBreakdown", "ResidualVQ", "GroupedResidualVQ"]

@@ -130,6 +130,16 @@ def sample_codes(x: torch.Tensor, embed: torch.Tensor, kind: str, temperature: f
 # ------------------------------------------------------------------------------ rotation trick
 
 
+def _rotation_frame(xf, qf, xn):
+    """``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6: LR's safe_div), ``w = l2norm(u + q̂)``
+    (eps 1e-6), ``s = ‖q‖/‖x‖`` (clamped), all fp32 ``[..., d]`` / ``[..., 1]``."""
+    qn = qf.norm(dim=-1, keepdim=True)
+    u = xf / xn.clamp(min=1e-6)
+    qh = qf / qn.clamp(min=1e-6)
+    w = F.normalize(u + qh, dim=-1, eps=1e-6)
+    return u, qh, w, qn / xn.clamp(min=1e-6)
+
+
 class _RotateTo(torch.autograd.Function):
     """Forward: ``q`` (the chosen codes).  Backward (LR 1.32's ``rotate_to``, Fifty et al. 2024):
     with ``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6 as LR's ``safe_div``),
@@ -142,18 +152,23 @@ class _RotateTo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q):
         ctx.save_for_backward(x, q)
-        return q.clone()
+        # LR's value s·(x − 2(x·w)w + 2(x·u)q̂) equals q up to rounding wherever ‖x‖ >= 1e-6; below,
+        # its safe_div clamp scales it towards 0 (a zero residual in a residual stack gives 0, not
+        # q).  Return q exactly where it is q, and LR's value on those degenerate rows.
+        xf, qf = x.float(), q.float()
+        xn = xf.norm(dim=-1, keepdim=True)
+        tiny = xn < 1e-6
+        if not bool(tiny.any()):
+            return q.clone()
+        u, qh, w, s = _rotation_frame(xf, qf, xn)
+        lr_value = s * (xf - 2.0 * w * (xf * w).sum(-1, keepdim=True) + 2.0 * qh * (xf * u).sum(-1, keepdim=True))
+        return torch.where(tiny, lr_value, qf).to(q.dtype)
 
     @staticmethod
     def backward(ctx, g):
         x, q = ctx.saved_tensors
         xf, qf, gf = x.float(), q.float(), g.float()
-        xn = xf.norm(dim=-1, keepdim=True)
-        qn = qf.norm(dim=-1, keepdim=True)
-        u = xf / xn.clamp(min=1e-6)
-        qh = qf / qn.clamp(min=1e-6)
-        w = F.normalize(u + qh, dim=-1, eps=1e-6)
-        s = qn / xn.clamp(min=1e-6)
+        u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
         gx = s * (gf - 2.0 * w * (w * gf).sum(-1, keepdim=True) + 2.0 * u * (qh * gf).sum(-1, keepdim=True))
         return gx.to(x.dtype), None
 

@@ -296,7 +296,9 @@ class VectorQuantize(nn.Module):
     def expire_codes_(self, x):
         x = self._codebook.transform_input(x)
         x = self.maybe_split_heads_from_input(x)
-        self._codebook.expire_codes_(x if x.ndim == 4 else x.unsqueeze(0))
+        # as LR: the leading dim is taken as the codebook dim and zipped with the codebooks, so a
+        # [B, n, d] input replaces dead codes from its first element(s) only
+        self._codebook.expire_codes_(x)
 
     def _to_sequence(self, x):
         """Input layout -> ``[b, n, d]`` plus what is needed to undo it."""
