@@ -176,7 +176,7 @@ class Codebook(nn.Module):
                     vqf.nearest_code(flat[h].detach(), e.contiguous(), metric,
                                      backend=self.backend, check_inputs=False)
                 )
-        return torch.stack(out)
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
     # ------------------------------------------------------------------ k-means init
 
@@ -429,7 +429,10 @@ class Codebook(nn.Module):
         unit = self.use_cosine_sim and self.vq_bridge is None
         embed_ind = self.search(flatten, embed, temp, self.training, unit)
         # gather = LR's one-hot @ embed (same values, same gradient to a learnable codebook)
-        quantize = torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(embed.shape[0])])
+        # (one codebook: unsqueeze, not stack, so the [N, d] codes are not copied again)
+        heads = embed.shape[0]
+        quantize = (F.embedding(embed_ind[0], embed[0]).unsqueeze(0) if heads == 1 else
+                    torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(heads)]))
         if self.training and self.straight_through and temp > 0:
             kind = "dot" if self.use_cosine_sim else "neg_cdist"
             soft = torch.stack([
