@@ -7,6 +7,7 @@ Public API::
     vqkernels.ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps)
     vqkernels.quantize(x, codebook, beta=0.25, metric="l2")
     vqkernels.available_backends()
+    vqkernels.VectorQuantizer, vqkernels.ResidualVectorQuantizer      (native layers, vqkernels.nn)
 
 Importing the package registers the op schemas (``vqkernels._ops``) and loads the compiled C++
 extension when it is built; a missing extension is reported by a warning, never an import error
@@ -37,6 +38,8 @@ __all__ = [
     "explain",
     "BackendUnavailableError",
     "reference",
+    "VectorQuantizer",
+    "ResidualVectorQuantizer",
     "__version__",
 ]
 
@@ -59,3 +62,4 @@ def _load_extensions() -> None:
 _load_extensions()
 
 from . import nn  # noqa: E402,F401  (layers, after the ops exist)
+from .nn import ResidualVectorQuantizer, VectorQuantizer  # noqa: E402

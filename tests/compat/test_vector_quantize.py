@@ -270,3 +270,11 @@ def test_streamed_terms_equal_direct_formulas(monkeypatch):
                                    torch.logsumexp(full, -1))
         torch.testing.assert_close(_streamed.soft_codes(x.reshape(-1, 5), e, kind, 0.5),
                                    (full / 0.5).softmax(-1) @ e)
+
+
+def test_package_exports_and_one_line_switch():
+    import vqkernels
+    from vqkernels.compat import GroupedResidualVQ, ResidualVQ, VectorQuantize  # noqa: F401
+
+    assert vqkernels.VectorQuantizer is vqkernels.nn.VectorQuantizer
+    assert vqkernels.ResidualVectorQuantizer is vqkernels.nn.ResidualVectorQuantizer
