@@ -49,6 +49,24 @@ def _kaiming_uniform(*shape) -> torch.Tensor:
     return t
 
 
+def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
+    """Fused nearest-code search with LR's tie semantics.
+
+    LR picks ``argmax(-sqrt(clamp(‖x‖² + ‖c‖² − 2x·c, 1e-8)))``: every code closer than 1e-4
+    ties, and the lowest index wins.  That happens in earnest in residual stacks (a k-means code
+    equal to a batch vector leaves a ~1e-5 residual, and later depths see many near-zero vectors
+    and codes).  The fused search returns the exact nearest code and its squared distance; rows
+    whose best distance is below 1e-6 (a superset of LR's clamped region, allowing for rounding)
+    are re-decided with LR's own formula over all codes — only those rows, so O(rows·K)."""
+    if metric != "l2":
+        return vqf.nearest_code(x, codes, metric, backend=backend, check_inputs=False)
+    idx, dist = vqf.nearest_code(x, codes, "l2", return_distance=True, backend=backend, check_inputs=False)
+    near = (dist < 1e-6).nonzero().squeeze(-1)
+    if near.numel():
+        idx[near] = _streamed.logits(x[near], codes, "neg_cdist").argmax(dim=-1)
+    return idx
+
+
 class Codebook(nn.Module):
     """LR's ``Codebook`` (euclidean and cosine) on fused kernels; arguments as LR's."""
 
@@ -172,10 +190,7 @@ class Codebook(nn.Module):
             if stochastic or metric is None:
                 out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
             else:
-                out.append(
-                    vqf.nearest_code(flat[h].detach(), e.contiguous(), metric,
-                                     backend=self.backend, check_inputs=False)
-                )
+                out.append(_lr_nearest(flat[h].detach(), e.contiguous(), metric, self.backend))
         return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
     # ------------------------------------------------------------------ k-means init
@@ -203,8 +218,7 @@ class Codebook(nn.Module):
         for _ in range(self.kmeans_iters):
             new = []
             for h in range(data.shape[0]):
-                idx = vqf.nearest_code(data[h], means[h].contiguous(), metric,
-                                       backend=self.backend, check_inputs=False)
+                idx = _lr_nearest(data[h], means[h].contiguous(), metric, self.backend)
                 counts, sums = vqf.cluster_stats(data[h], idx, k, backend=self.backend)
                 if sync:
                     self._all_reduce(counts)
