@@ -241,8 +241,6 @@ def test_signature_errors_and_refusals():
     x = torch.randn(2, 3, 8)
     with pytest.raises(NotImplementedError, match="topk"):
         vq(x, topk=2)
-    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
-        vq(x, codebook_transform_fn=lambda e: e)
     with pytest.raises(ValueError, match="dim=8"):
         vq(torch.randn(2, 3, 7))
     with pytest.raises(ValueError, match="mask"):
