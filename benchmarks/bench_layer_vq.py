@@ -9,7 +9,8 @@ replacements draw alike; ``agree`` is the fraction of first-call indices equal t
 Modes: ``train`` = training-mode forward (search, rotation trick, losses, EMA / k-means / dead
 codes) + ``backward`` of ``(quantized, Σ losses)`` with a fixed upstream gradient;
 ``eval`` = ``eval()`` forward under ``no_grad``.  Peak memory: fresh child process per provider
-(see ``benchmarks/harness.py``), one call after a warm-up call (so k-means init is not counted).
+(see ``benchmarks/harness.py``), one call after a warm-up call.  Every layer first sees one
+other batch (k-means init, EMA / dead codes in train mode), so k-means init is never timed.
 
 Run as part of ``python -m benchmarks.bench_layer`` (suite ``vq``) or alone:
 ``python -m benchmarks.bench_layer_vq [--quick] [--threads N] [--out DIR]``.
@@ -100,10 +101,18 @@ def make_provider(provider: str, name: str, mode: str, device: str = "cpu"):
     """One provider on one config; returns a callable running one step (returns the indices)."""
     warnings.filterwarnings("ignore")
     layer = _build(provider, name, device)
-    x, grad_q = _inputs({**CONFIGS, **QUICK_CONFIGS}[name][2], device)
+    shape = {**CONFIGS, **QUICK_CONFIGS}[name][2]
+    x, grad_q = _inputs(shape, device)
     torch.manual_seed(2)  # same RNG state before the first (k-means) call on both sides
+    # The first call (k-means init, in any mode as LR) sees another batch than the timed calls,
+    # as in training: timing k-means' own batch would time the degenerate case where many
+    # vectors equal a code exactly (zero residuals, exact distance ties at every later depth).
+    first = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(device)
     if mode == "eval":
         layer.eval()
+    with torch.no_grad():
+        layer(first)
+    if mode == "eval":
 
         def run():
             with torch.no_grad():
