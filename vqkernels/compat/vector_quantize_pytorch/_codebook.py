@@ -450,9 +450,10 @@ class Codebook(nn.Module):
         if self.affine_param:
             self.update_affine(flatten.detach(), self.embed.detach(), mask=mask)
         embed = self.effective_embed()
-        will_update = self.training and update_usage and not freeze_codebook
-        if keep_embed and will_update and embed.data_ptr() == self.embed.data_ptr():
-            embed = embed.clone()  # differentiable copy: a learnable codebook keeps its gradient
+        if keep_embed and embed.data_ptr() == self.embed.data_ptr():
+            # differentiable copy (a learnable codebook keeps its gradient); also when this step
+            # does not update: a later forward may, before this step's backward reads the codes
+            embed = embed.clone()
         dist = None
         if codebook_transform_fn is not None:
             quantize, embed_ind, dist = self._transformed_lookup(flatten, embed, codebook_transform_fn, temp)
