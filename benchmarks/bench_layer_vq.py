@@ -6,7 +6,8 @@ Both layers start from the same weights (ours loads LR's ``state_dict``), see th
 the torch RNG is seeded the same way before the first call, so k-means inits and dead-code
 replacements draw alike; ``agree`` is the fraction of first-call indices equal to LR's.
 
-Modes: ``train`` = training-mode forward (search, rotation trick, losses, EMA / k-means / dead
+Providers are timed round-robin in one group per case (``harness.bench_group``), so their
+ratio is measured under the same load.  Modes: ``train`` = training-mode forward (search, rotation trick, losses, EMA / k-means / dead
 codes) + ``backward`` of ``(quantized, Σ losses)`` with a fixed upstream gradient;
 ``eval`` = ``eval()`` forward under ``no_grad``.  Peak memory: fresh child process per provider
 (see ``benchmarks/harness.py``), one call after a warm-up call.  Every layer first sees one
@@ -157,11 +158,12 @@ def run_suite(args) -> tuple[list[dict], list[dict], list[dict]]:
     mem_rows: list[dict[str, Any]] = []
     for name in QUICK_CONFIGS if args.quick else CONFIGS:
         for mode in MODES:
-            for p in providers:
-                params = dict(provider=p, name=name, mode=mode, device=device)
-                extra = {"case": f"{mode} {name}", "mode": mode}
-                row = harness.bench_case(OP, p, MODULE, "make_provider", params, args=args, extra=extra,
-                                         check=make_check(name, mode, device))
+            extra = {"case": f"{mode} {name}", "mode": mode}
+            cases = [(p, dict(provider=p, name=name, mode=mode, device=device), extra,
+                      make_check(name, mode, device)) for p in providers]
+            # round-robin timing: on this shared machine both providers see the same load
+            group = harness.bench_group(OP, MODULE, "make_provider", cases, args=args)
+            for (p, params, _, _), row in zip(cases, group):
                 rows.append(row)
                 harness.progress(row)
                 if not args.no_memory and row["status"] == "ok":
