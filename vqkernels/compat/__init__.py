@@ -8,7 +8,10 @@ One sub-module per upstream library, named after it; inside, one module per upst
 
 from .taming import VectorQuantizer2
 from .vector_quantize_pytorch import LossBreakdown, VectorQuantize
-from .vector_quantize_pytorch import FSQ, GroupedResidualFSQ, ResidualFSQ
+from .vector_quantize_pytorch.finite_scalar_quantization import FSQ
+from .vector_quantize_pytorch.lookup_free_quantization import LFQ
+from .vector_quantize_pytorch.residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .vector_quantize_pytorch.residual_lfq import GroupedResidualLFQ, ResidualLFQ
 
 __all__ = ["VectorQuantize", "LossBreakdown", "VectorQuantizer2"]
-__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
+__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ"]

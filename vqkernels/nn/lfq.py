@@ -127,6 +127,7 @@ def lfq_entropy_terms(
     inv_temperature: float,
     eps: float = 1e-5,
     per_row_batch_entropy: bool = False,
+    reduce_mean_probs=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LFQ's per-sample entropy and codebook (batch) entropy, never building ``N x 2^d``.
 
@@ -136,6 +137,8 @@ def lfq_entropy_terms(
         eps: upstream's clamp in ``log(max(p, eps))``.
         per_row_batch_entropy: compute the "batch" entropy per row (upstream's behaviour when a
             mask is given: its mean over rows collapses to the per-sample entropy).
+        reduce_mean_probs: optional ``[C, 2^d] -> [C, 2^d]`` applied to the mean distribution
+            before its entropy (e.g. the mean over ranks in distributed training).
 
     Returns:
         ``per_sample_entropy: []`` -- the mean over ``N·C`` rows of the clamped entropy of each
@@ -151,5 +154,8 @@ def lfq_entropy_terms(
     k1, k2 = p1.shape[-1], p2.shape[-1]
     # mean over rows of the outer products = one GEMM per codebook: [C, K1, N] @ [C, N, K2]
     avg = torch.bmm(p1.reshape(n, c, k1).permute(1, 2, 0), p2.reshape(n, c, k2).transpose(0, 1)) / n
-    codebook_entropy = clamped_entropy(avg.reshape(c, k1 * k2), eps).mean()
+    avg = avg.reshape(c, k1 * k2)
+    if reduce_mean_probs is not None:
+        avg = reduce_mean_probs(avg)
+    codebook_entropy = clamped_entropy(avg, eps).mean()
     return per_sample, codebook_entropy

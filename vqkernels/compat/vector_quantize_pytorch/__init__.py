@@ -1,10 +1,13 @@
 """Drop-ins for vector-quantize-pytorch (``vector_quantize_pytorch``), one module per upstream
 module: ``vector_quantize`` (``VectorQuantize``), ``finite_scalar_quantization`` (``FSQ``),
-``residual_fsq`` (``ResidualFSQ``, ``GroupedResidualFSQ``)."""
+``residual_fsq`` (``ResidualFSQ``, ``GroupedResidualFSQ``), ``lookup_free_quantization`` (``LFQ``),
+``residual_lfq`` (``ResidualLFQ``, ``GroupedResidualLFQ``)."""
 
 from .finite_scalar_quantization import FSQ
+from .lookup_free_quantization import LFQ
 from .residual_fsq import GroupedResidualFSQ, ResidualFSQ
+from .residual_lfq import GroupedResidualLFQ, ResidualLFQ
 from .vector_quantize import LossBreakdown, VectorQuantize
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
-__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ"]
+__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ"]

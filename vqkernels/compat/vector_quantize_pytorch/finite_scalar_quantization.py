@@ -15,7 +15,12 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from ...nn.fsq import codes_to_indices, fsq_quantize, indices_to_level_indices, level_indices_to_codes
+from ...nn.fsq import (
+    codes_to_indices,
+    fsq_quantize,
+    indices_to_level_indices,
+    level_indices_to_codes,
+)
 
 __all__ = ["FSQ"]
 
