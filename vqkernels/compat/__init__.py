@@ -12,6 +12,8 @@ from .vector_quantize_pytorch.finite_scalar_quantization import FSQ
 from .vector_quantize_pytorch.lookup_free_quantization import LFQ
 from .vector_quantize_pytorch.residual_fsq import GroupedResidualFSQ, ResidualFSQ
 from .vector_quantize_pytorch.residual_lfq import GroupedResidualLFQ, ResidualLFQ
+from .vector_quantize_pytorch.residual_sim_vq import ResidualSimVQ
+from .vector_quantize_pytorch.sim_vq import SimVQ
 
 __all__ = ["VectorQuantize", "LossBreakdown", "VectorQuantizer2"]
-__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ"]
+__all__ += ["FSQ", "ResidualFSQ", "GroupedResidualFSQ", "LFQ", "ResidualLFQ", "GroupedResidualLFQ", "SimVQ", "ResidualSimVQ"]
