@@ -23,63 +23,68 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fsq_quantize", "codes_to_indices", "indices_to_level_indices", "level_indices_to_codes"]
+__all__ = ["fsq_quantize", "bound_constants", "codes_to_indices", "indices_to_level_indices", "level_indices_to_codes"]
 
 
-def _bound_constants(levels: torch.Tensor, hard_clamp: bool, eps: float = 1e-3):
+def bound_constants(levels: torch.Tensor, hard_clamp: bool, dtype: torch.dtype, eps: float = 1e-3):
+    """``(half_l, offset, shift, half_width, lm1)`` as ``[d]`` tensors of ``dtype`` (computed in
+    fp32 as upstream, then cast): callers cache them, they only depend on the levels."""
     levels_f = levels.to(torch.float32)
     half_l = (levels_f - 1) * (1 + eps) / 2
-    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0).to(levels.device)
     shift = offset / half_l if hard_clamp else torch.atanh(offset / half_l)
     half_width = (levels // 2).to(torch.float32)
-    return half_l, offset, shift, half_width
+    lm1 = levels_f - 1
+    return tuple(c.to(dtype) for c in (half_l, offset, shift, half_width, lm1))
 
 
 class _FSQStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, levels, preserve_symmetry, hard_clamp):
-        ctx.save_for_backward(z, levels)
-        ctx.preserve_symmetry = preserve_symmetry
-        ctx.hard_clamp = hard_clamp
-        if preserve_symmetry:
-            lm1 = (levels - 1).to(z.dtype)
-            t = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
-            bracket = torch.floor(lm1 * (t + 1) / 2.0 + 0.5)
-            return (2.0 / lm1) * bracket - 1.0
-        half_l, offset, shift, half_width = (c.to(z.dtype) for c in _bound_constants(levels, hard_clamp))
-        u = z + shift
+    def forward(ctx, z, consts, preserve_symmetry, hard_clamp):
+        half_l, offset, shift, half_width, lm1 = consts
+        u = z if preserve_symmetry else z + shift
         t = u.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(u)
-        return torch.round(t * half_l - offset) / half_width
+        if preserve_symmetry:
+            codes = (2.0 / lm1) * torch.floor(lm1 * (t + 1) / 2.0 + 0.5) - 1.0
+            scale = None
+        else:
+            codes = torch.round(t * half_l - offset) / half_width
+            scale = half_l / half_width
+        # the backward needs tanh'(u) = 1 − t² (or the clamp's 0/1 mask): keep t, not z
+        ctx.save_for_backward(u if hard_clamp else t)
+        ctx.scale = scale
+        ctx.hard_clamp = hard_clamp
+        return codes
 
     @staticmethod
     def backward(ctx, grad):
-        z, levels = ctx.saved_tensors
-        if ctx.preserve_symmetry:
-            # d/dz [2/(L−1)·((L−1)(t+1)/2 + 0.5) − 1] = t'
-            u, scale = z, 1.0
-        else:
-            half_l, _, shift, half_width = (c.to(z.dtype) for c in _bound_constants(levels, ctx.hard_clamp))
-            u, scale = z + shift, half_l / half_width
+        (saved,) = ctx.saved_tensors
         if ctx.hard_clamp:
             # clamp's gradient is 1 inside [−1, 1] (both ends included, as torch.clamp's)
-            dt = ((u >= -1.0) & (u <= 1.0)).to(z.dtype)
+            dt = ((saved >= -1.0) & (saved <= 1.0)).to(grad.dtype)
         else:
-            t = torch.tanh(u)
-            dt = 1.0 - t * t
-        return grad * dt * scale, None, None, None
+            dt = 1.0 - saved * saved
+        # symmetry-preserving: d/dz [2/(L−1)·((L−1)(t+1)/2 + 0.5) − 1] = t'; default: t'·half_l/h
+        g = grad * dt
+        if ctx.scale is not None:
+            g = g * ctx.scale
+        return g, None, None, None
 
 
 def fsq_quantize(z: torch.Tensor, levels: torch.Tensor, preserve_symmetry: bool = False,
-                 hard_clamp: bool = False) -> torch.Tensor:
+                 hard_clamp: bool = False, consts=None) -> torch.Tensor:
     """Bound and round ``z`` to the FSQ grid with a straight-through gradient.
 
     Args:
         z: ``[..., d]`` float.
         levels: ``[d]`` int (number of levels per dimension, each >= 2).
+        consts: ``bound_constants(levels, hard_clamp, z.dtype)`` if the caller caches them.
     Returns:
         ``codes: [..., d]`` (dtype of ``z``) in ``[−1, 1]``; gradient ``∂bound/∂z`` elementwise.
     """
-    return _FSQStep.apply(z, levels, bool(preserve_symmetry), bool(hard_clamp))
+    if consts is None:
+        consts = bound_constants(levels, hard_clamp, z.dtype)
+    return _FSQStep.apply(z, consts, bool(preserve_symmetry), bool(hard_clamp))
 
 
 def codes_to_indices(codes: torch.Tensor, levels: torch.Tensor, basis: torch.Tensor,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...nn.fsq import (
+    bound_constants,
     codes_to_indices,
     fsq_quantize,
     indices_to_level_indices,
@@ -110,17 +111,25 @@ class FSQ(nn.Module):
 
     # ----------------------------------------------------------------------- the quantizer
 
+    def _consts(self, z: torch.Tensor, hard_clamp: bool, eps: float = 1e-3):
+        # the bound's per-level constants, cached per (dtype, device, clamp): recomputing them is
+        # five tiny kernels per call, as much as the step itself at typical sizes
+        key = (z.dtype, z.device, hard_clamp, eps)
+        cache = self.__dict__.setdefault("_consts_cache", {})
+        if key not in cache:
+            cache[key] = bound_constants(self._levels, hard_clamp, z.dtype, eps)
+        return cache[key]
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Bound and round ``z [..., codebook_dim]`` to the grid (straight-through gradient)."""
-        return fsq_quantize(z, self._levels, self.preserve_symmetry, self.bound_hard_clamp)
+        return self.bound(z, hard_clamp=self.bound_hard_clamp) if not self.preserve_symmetry \
+            else self.symmetry_preserving_bound(z, hard_clamp=self.bound_hard_clamp)
 
     def bound(self, z, eps=1e-3, hard_clamp=False):
-        if eps != 1e-3:
-            raise NotImplementedError("FSQ.bound with eps != 1e-3 (the fused step uses upstream's 1e-3)")
-        return fsq_quantize(z, self._levels, False, hard_clamp)
+        return fsq_quantize(z, self._levels, False, hard_clamp, self._consts(z, hard_clamp, eps))
 
     def symmetry_preserving_bound(self, z, hard_clamp=False):
-        return fsq_quantize(z, self._levels, True, hard_clamp)
+        return fsq_quantize(z, self._levels, True, hard_clamp, self._consts(z, hard_clamp))
 
     def maybe_apply_noise(self, bounded_z: torch.Tensor) -> torch.Tensor:
         if not self.training or self.noise_dropout == 0.0:
