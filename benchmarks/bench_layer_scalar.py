@@ -6,6 +6,9 @@ Configs (issue 10):
 ``lfq``  ``LFQ(codebook_size=65536, dim=16)`` (entropy loss on: ``entropy_loss_weight=0.1``,
          ``diversity_gamma=1``, ``inv_temperature=100``), input ``[B, T, 16]``.
 ``fsq``  ``FSQ(levels=[8, 5, 5, 5], dim=256)`` (projections 256 -> 4 -> 256), input ``[B, T, 256]``.
+``simvq``  ``SimVQ(dim=256, codebook_size=8192)`` (rotation trick on, LR's default), input
+         ``[B, T, 256]``: upstream runs ``torch.cdist`` (N x K) + argmin, ours one fused
+         ``vqkernels.quantize`` on the implicit codebook.
 
 Providers, measured in the same run, same weights (upstream's state_dict loaded strictly):
 
@@ -17,10 +20,11 @@ Providers, measured in the same run, same weights (upstream's state_dict loaded 
 One step: forward in training mode, ``backward`` of ``(out·g).sum() + aux_loss`` (LFQ) or
 ``(out·g).sum()`` (FSQ) with a fixed ``g`` -> ``x.grad`` and the projection gradients.  The first
 call is checked: indices equal to upstream's (``agree``), LFQ aux loss relative error
-(``aux_rel_err``).  Timing round-robin (``harness.bench_group``); peak memory in a fresh child
+(``aux_rel_err``; SimVQ: the commitment loss).  Timing round-robin (``harness.bench_group``); peak memory in a fresh child
 process per provider (``harness.measure_memory``).
 
-Usage: ``python -m benchmarks.bench_layer_scalar [--quick] [--threads N] [--out DIR]``
+Usage: ``python -m benchmarks.bench_layer_scalar [--quick] [--threads N] [--families lfq,fsq,simvq]
+[--suffix S] [--out DIR]``
 """
 
 from __future__ import annotations
@@ -39,14 +43,16 @@ OP = "layer_scalar"
 MODULE = "benchmarks.bench_layer_scalar"
 
 # (family, B, T): LFQ at 1024 tokens already makes upstream hold several N x 65536 fp32 tensors
-CASES = [("lfq", 4, 256), ("fsq", 8, 1024)]
-QUICK_CASES = [("lfq", 1, 64), ("fsq", 2, 128)]
-PROVIDERS = {"lfq": ["vqkernels", "vqp"], "fsq": ["vqkernels", "vqp", "vqp+compile"]}
+CASES = [("lfq", 4, 256), ("fsq", 8, 1024), ("simvq", 4, 1024)]
+QUICK_CASES = [("lfq", 1, 64), ("fsq", 2, 128), ("simvq", 1, 64)]
+PROVIDERS = {"lfq": ["vqkernels", "vqp"], "fsq": ["vqkernels", "vqp", "vqp+compile"], "simvq": ["vqkernels", "vqp"]}
 
 
 def _config(family: str) -> dict[str, Any]:
     if family == "lfq":
         return dict(codebook_size=65536, dim=16)
+    if family == "simvq":
+        return dict(dim=256, codebook_size=8192)
     return dict(levels=[8, 5, 5, 5], dim=256)
 
 
@@ -65,7 +71,8 @@ def _layers(family: str):
         raise Skip(f"vector-quantize-pytorch not installed ({exc})") from exc
     from vqkernels import compat
 
-    cls_up, cls_ours = (vqp.LFQ, compat.LFQ) if family == "lfq" else (vqp.FSQ, compat.FSQ)
+    cls_up, cls_ours = {"lfq": (vqp.LFQ, compat.LFQ), "fsq": (vqp.FSQ, compat.FSQ),
+                        "simvq": (vqp.SimVQ, compat.SimVQ)}[family]
     torch.manual_seed(0)
     up = cls_up(**_config(family))
     ours = cls_ours(**_config(family))
@@ -93,7 +100,7 @@ def make_provider(provider: str, family: str, b: int, t: int, device: str = "cpu
         for p in layer.parameters():
             p.grad = None
         out = layer(x)
-        if family == "lfq":
+        if family in ("lfq", "simvq"):
             q, idx, aux = out
             ((q * grad).sum() + aux).backward()
             return idx, aux.detach()
@@ -117,7 +124,7 @@ def make_check(family: str, b: int, t: int):
             up.train()
             with torch.no_grad():
                 res = up(x)
-            _gold[key] = (res[1], res[2] if family == "lfq" else None)
+            _gold[key] = (res[1], res[2] if family in ("lfq", "simvq") else None)
         idx_ref, aux_ref = _gold[key]
         idx, aux = out
         row = {"agree": float((idx == idx_ref).float().mean())}
@@ -130,16 +137,24 @@ def make_check(family: str, b: int, t: int):
 
 def label(family: str, b: int, t: int) -> str:
     cfg = _config(family)
-    what = f"LFQ K={cfg['codebook_size']} D={cfg['dim']}" if family == "lfq" else f"FSQ {cfg['levels']} D={cfg['dim']}"
+    if family == "fsq":
+        what = f"FSQ {cfg['levels']} D={cfg['dim']}"
+    else:
+        what = f"{family.upper().replace('SIMVQ', 'SimVQ')} K={cfg['codebook_size']} D={cfg['dim']}"
     return f"train {what} B{b}-T{t}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
+    parser = harness.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--families", default=None, help="comma-separated subset of lfq,fsq,simvq")
+    args = harness.parse_args(parser, argv)
+    families = set(args.families.split(",")) if args.families else None
     t_start = time.time()
     rows: list[dict[str, Any]] = []
     mem_rows: list[dict[str, Any]] = []
     for family, b, t in QUICK_CASES if args.quick else CASES:
+        if families is not None and family not in families:
+            continue
         providers = [p for p in PROVIDERS[family] if harness.wanted(args, p)]
         extra = {"case": label(family, b, t), "family": family}
         cases = [(p, dict(provider=p, family=family, b=b, t=t, device=args.device), extra,
