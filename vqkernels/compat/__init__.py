@@ -7,6 +7,6 @@ One sub-module per upstream library, named after it; inside, one module per upst
 """
 
 from .taming import VectorQuantizer2
-from .vector_quantize_pytorch import LossBreakdown, VectorQuantize
+from .vector_quantize_pytorch import GroupedResidualVQ, LossBreakdown, ResidualVQ, VectorQuantize
 
-__all__ = ["VectorQuantize", "LossBreakdown", "VectorQuantizer2"]
+__all__ = ["VectorQuantize", "LossBreakdown", "VectorQuantizer2", "ResidualVQ", "GroupedResidualVQ"]
