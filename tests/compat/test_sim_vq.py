@@ -71,3 +71,29 @@ def test_sim_vq_bad_inputs():
         simvq(torch.randn(2, 3, 5))
     with pytest.raises(TypeError, match="float"):
         simvq(torch.ones(2, 3, 4, dtype=torch.long))
+
+
+def test_rotation_fallback_equals_the_ops_rotation_estimator():
+    # SimVQ applies its O(D) rotation backward on the fused STE op while the fused backends lack
+    # estimator="rotation"; it must equal the op's own (reference) estimator
+    import vqkernels
+    from vqkernels.compat.vector_quantize_pytorch import sim_vq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 6, generator=g)
+    codebook = torch.randn(11, 6, generator=g)
+    upstream_grad = torch.randn(37, 6, generator=g)
+    results = []
+    for fallback in (True, False):
+        xi = x.clone().requires_grad_()
+        ci = codebook.clone().requires_grad_()
+        if fallback:
+            q, idx, loss = vqkernels.quantize(xi, ci, 0.25, codebook_loss=True)
+            q = sim_vq._RotationTrick.apply(xi, q.detach())
+        else:
+            q, idx, loss = vqkernels.quantize(xi, ci, 0.25, estimator="rotation", codebook_loss=True,
+                                              backend="reference")
+        ((q * upstream_grad).sum() + loss).backward()
+        results.append((q, idx, loss, xi.grad, ci.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

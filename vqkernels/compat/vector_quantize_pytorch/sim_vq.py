@@ -18,16 +18,13 @@ near-ties.  ``state_dict``: ``frozen_codebook`` and ``code_transform.*`` as upst
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
+from ... import dispatch
 from ... import functional as vqf
 
 __all__ = ["SimVQ"]
-
-_OP_HAS_ESTIMATOR = "estimator" in inspect.signature(vqf.quantize).parameters
 
 
 def _identity(t):
@@ -47,8 +44,9 @@ def _rotation_frame(x: torch.Tensor, q: torch.Tensor, eps: float = 1e-6):
 
 class _RotationTrick(torch.autograd.Function):
     """Value ``q``; ``grad_x = s·(g − 2w(w·g) + 2u(q̂·g))`` (the transpose of upstream's
-    ``rotate_to(x, q)`` Jacobian), O(D) per row.  Used until ``vqkernels.quantize`` on main takes
-    ``estimator="rotation"``."""
+    ``rotate_to(x, q)`` Jacobian), O(D) per row, on top of the fused straight-through op while the
+    fused backends do not implement ``estimator="rotation"`` (only ``reference`` does so far, and it
+    builds the N x K score matrix)."""
 
     @staticmethod
     def forward(ctx, x, q):
@@ -64,10 +62,16 @@ class _RotationTrick(torch.autograd.Function):
         return gx.to(g.dtype), None
 
 
+def _fused_rotation_available(device: torch.device) -> bool:
+    # the op's own rotation estimator when the backend "auto" picks for this device implements it
+    plain = dispatch.resolve("auto", device, "quantize")
+    return dispatch.resolve("auto", device, "quantize", ("rotation",)) == plain
+
+
 def quantize_with_estimator(x: torch.Tensor, codebook: torch.Tensor, beta: float, rotation: bool):
     """``vqkernels.quantize`` with the codebook loss always on and the chosen estimator."""
-    estimator = "rotation" if rotation else "ste"
-    if _OP_HAS_ESTIMATOR:
+    if not rotation or _fused_rotation_available(x.device):
+        estimator = "rotation" if rotation else "ste"
         return vqf.quantize(x, codebook, beta, estimator=estimator, codebook_loss=True)
     q, indices, loss = vqf.quantize(x, codebook, beta, codebook_loss=True)
     if rotation:
