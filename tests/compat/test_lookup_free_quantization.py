@@ -87,3 +87,12 @@ def test_lfq_bad_inputs():
         lfq(torch.randn(2, 3, 5))
     with pytest.raises(ValueError, match="mask"):
         lfq(torch.randn(2, 3, 6), mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_lfq_bf16_module_quantizes_in_fp32_like_upstream():
+    up, ours = strict_pair(vqp.LFQ, LFQ, dim=12, codebook_size=2**6)
+    up.to(torch.bfloat16)
+    ours.to(torch.bfloat16)
+    x = (torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(0)) * 0.1).to(torch.bfloat16)
+    assert_same(up(x, return_loss_breakdown=True), ours(x, return_loss_breakdown=True), "bf16",
+                rtol=1e-2, atol=1e-2)
