@@ -5,6 +5,11 @@
                              perplexity / usage statistics.
 ``ResidualVectorQuantizer``  (:mod:`.residual`) stages of ``VectorQuantizer`` that quantize the
                              residual of the previous ones.
+
+Scalar / lookup-free quantizer math (the compat ``FSQ``/``LFQ`` families are built on these):
+:mod:`.fsq` (one-pass bound-and-round step, index <-> code), :mod:`.lfq` (LFQ's entropy loss in
+``O(N·2^(d/2))`` memory, never ``N x 2^d``), :mod:`._linear` (projection weight gradients in the
+fast GEMM layout).
 """
 
 from .residual import ResidualVectorQuantizer
