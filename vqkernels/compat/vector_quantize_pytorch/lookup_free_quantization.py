@@ -11,7 +11,10 @@ terms (several GiB at 2^16 codes) -- is computed by :func:`vqkernels.nn.lfq.lfq_
 see that module for the derivation.  Upstream quirks reproduced on purpose: with ``mask`` the
 "batch" entropy is averaged per row (so it equals the per-sample entropy), and
 ``frac_per_sample_entropy < 1`` samples rows with ``torch.randn(num_tokens).argsort()`` from the
-global CPU RNG (same seed -> same rows).
+global CPU RNG (same seed -> same rows).  One deliberate difference: under torch.distributed,
+upstream means to average the ``[C, 2^d]`` mean distribution over ranks but drops the result of the
+out-of-place ``dist_nn.all_reduce`` (it uses its local mean divided by the world size); the drop-in
+uses the all-rank mean (tests/layers/test_lfq_distributed.py).
 """
 
 from __future__ import annotations
