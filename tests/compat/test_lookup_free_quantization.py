@@ -31,6 +31,8 @@ CASES = {
                         dict(return_loss_breakdown=True)),
     "mask": (dict(dim=5, commitment_loss_weight=1.0, diversity_gamma=0.5), (3, 7, 5),
              dict(return_loss_breakdown=True, mask=True)),
+    "mask-two-codebooks-frac": (dict(dim=10, codebook_size=32, num_codebooks=2, frac_per_sample_entropy=0.5,
+                                     commitment_loss_weight=0.5), (3, 7, 10), dict(return_loss_breakdown=True, mask=True)),
     "video-channel-first": (dict(dim=4, channel_first=True), (2, 4, 3, 2, 2), dict(return_loss_breakdown=True)),
     "straight-through-activation": (dict(dim=6, straight_through_activation=torch.nn.Tanh()), (2, 5, 6), {}),
 }
