@@ -283,9 +283,11 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
     },
     "code_distribution": {
         "reference": _ref("code_distribution"),
+        "cpu": _torch_op("code_distribution"),
     },
     "soft_quantize": {
         "reference": _ref("soft_quantize"),
+        "cpu": _torch_op("soft_quantize"),
     },
 }
 
