@@ -37,6 +37,9 @@ def test_fsq_matches_upstream(name):
         out_up[0].backward(grad)
         out_ours[0].backward(grad)
         assert_same(x_up.grad, x_ours.grad, "x.grad", rtol=1e-5, atol=1e-6)
+        for (pname, p_up), (_, p_ours) in zip(up.named_parameters(), ours.named_parameters()):
+            assert_same(p_up.grad, p_ours.grad, pname + ".grad", rtol=1e-5, atol=1e-5)
+            p_up.grad = p_ours.grad = None
         if out_up[1] is not None:
             assert_same(up.indices_to_codes(out_up[1]), ours.indices_to_codes(out_ours[1]), "indices_to_codes")
     if kwargs.get("return_indices", True):

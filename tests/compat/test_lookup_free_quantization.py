@@ -63,6 +63,9 @@ def test_lfq_matches_upstream(name):
             ((out_up.quantized * grad).sum() + out_up.entropy_aux_loss).backward()
             ((out_ours.quantized * grad).sum() + out_ours.entropy_aux_loss).backward()
             assert_same(x_up.grad, x_ours.grad, "x.grad", rtol=1e-4, atol=1e-5)
+            for (pname, p_up), (_, p_ours) in zip(up.named_parameters(), ours.named_parameters()):
+                assert_same(p_up.grad, p_ours.grad, pname + ".grad", rtol=1e-4, atol=1e-5)
+                p_up.grad = p_ours.grad = None
         assert_same(up.indices_to_codes(out_up.indices), ours.indices_to_codes(out_ours.indices), "indices_to_codes")
     assert_same(up.codebook, ours.codebook, "codebook")
 

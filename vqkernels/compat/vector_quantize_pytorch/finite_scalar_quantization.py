@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ...nn._linear import linear
 from ...nn.fsq import (
     bound_constants,
     codes_to_indices,
@@ -180,7 +181,7 @@ class FSQ(nn.Module):
             z, spatial = channel_last_rows(z)
         if z.shape[-1] != self.dim:
             raise ValueError(f"FSQ: expected dimension of {self.dim} but found dimension of {z.shape[-1]}")
-        z = self.project_in(z)
+        z = linear(self.project_in, z)
         z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
         if self.orthogonal_rotation:
             z = z @ self.orthogonal_rot
@@ -195,7 +196,7 @@ class FSQ(nn.Module):
             if self.orthogonal_rotation:
                 codes = codes @ self.orthogonal_rot.t()
             codes = codes.flatten(-2).to(orig_dtype)
-        out = self.project_out(codes)
+        out = linear(self.project_out, codes)
         if channel_first:
             out = channel_first_from_rows(out, spatial)
             if indices is not None:

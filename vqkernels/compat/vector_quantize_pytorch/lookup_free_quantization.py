@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn._linear import linear
 from ...nn.lfq import bits_to_codes, lfq_entropy_terms
 from .finite_scalar_quantization import channel_first_from_rows, channel_last_rows
 
@@ -212,7 +213,7 @@ class LFQ(nn.Module):
         if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape[:2]):
             raise ValueError(f"LFQ: mask must be a bool tensor of shape {tuple(x.shape[:2])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        x = self.project_in(x)
+        x = linear(self.project_in, x)
         if self.soft_clamp_input_value is not None:
             c = self.soft_clamp_input_value
             x = (x / c).tanh() * c
@@ -257,7 +258,7 @@ class LFQ(nn.Module):
                 x = x.type(orig_dtype)
         if self.orthogonal_rotation:
             x = x @ self.orthogonal_rot.t()
-        x = self.project_out(x.flatten(-2))
+        x = linear(self.project_out, x.flatten(-2))
         if transpose:
             x = channel_first_from_rows(x, spatial)
             indices = indices.reshape(indices.shape[0], *spatial, indices.shape[-1])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn._linear import linear
 from .finite_scalar_quantization import FSQ, channel_first_from_rows, channel_last_rows
 
 __all__ = ["ResidualFSQ", "GroupedResidualFSQ"]
@@ -128,7 +129,7 @@ class ResidualFSQ(nn.Module):
         spatial = None
         if self.is_channel_first:
             x, spatial = channel_last_rows(x)
-        x = self.project_in(x)
+        x = linear(self.project_in, x)
         if self.soft_clamp_input_value is not None:
             clamp_value = self.soft_clamp_input_value
             x = (x / clamp_value).tanh() * clamp_value
@@ -153,7 +154,7 @@ class ResidualFSQ(nn.Module):
                 residual = residual - quantized.detach()
                 quantized_out = quantized_out + quantized
                 all_indices.append(indices)
-        quantized_out = self.project_out(quantized_out)
+        quantized_out = linear(self.project_out, quantized_out)
         all_indices = torch.stack(all_indices, dim=-1)
         if self.is_channel_first:
             quantized_out = channel_first_from_rows(quantized_out, spatial)

@@ -13,6 +13,7 @@ from math import log2
 import torch
 from torch import nn
 
+from ...nn._linear import linear
 from .lookup_free_quantization import LFQ
 from .residual_fsq import draw_dropout_seed, dropout_stage, gather_stage_codes
 
@@ -68,7 +69,7 @@ class ResidualLFQ(nn.Module):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
     def forward(self, x, mask=None, return_all_codes=False, rand_quantize_dropout_fixed_seed=None):
-        x = self.project_in(x)
+        x = linear(self.project_in, x)
         quantized_out = 0.0
         residual = x
         all_losses, all_indices = [], []
@@ -92,7 +93,7 @@ class ResidualLFQ(nn.Module):
                 quantized_out = quantized_out + quantized
                 all_indices.append(indices)
                 all_losses.append(loss)
-        quantized_out = self.project_out(quantized_out)
+        quantized_out = linear(self.project_out, quantized_out)
         ret = (quantized_out, torch.stack(all_indices, dim=-1), torch.stack(all_losses, dim=-1))
         if not return_all_codes:
             return ret
