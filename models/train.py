@@ -212,9 +212,7 @@ def _make_config(args, channels: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(
-    model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=None
-) -> dict:
+def evaluate(model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=None) -> dict:
     """Held-out metrics of ``model`` (eval mode) on ``{name: images [N, C, S, S]}``; returns
     psnr/ssim overall (mean over tiles) and per group, codebook usage/perplexity of all held-out
     codes, bits per image, plus a few reconstructions for the PNG.
@@ -371,7 +369,9 @@ def _discriminator_norm(config: dict, explicit: bool, ctx, log) -> bool:
                 "(SyncBatchNorm needs GPUs); use --set disc_norm='\"group\"'"
             )
         config["disc_norm"] = "group"
-        log("distributed on CPU: discriminator uses GroupNorm (disc_norm='group') instead of BatchNorm")
+        log(
+            "distributed on CPU: discriminator uses GroupNorm (disc_norm='group') instead of BatchNorm"
+        )
     return False
 
 
@@ -392,6 +392,12 @@ def train(argv: list[str] | None = None) -> dict:
     ctx = mdist.setup(args.device, args.dist_timeout)
     try:
         return _train(args, ctx)
+    except RuntimeError as exc:
+        # A collective inside the step (DDP's gradient all-reduce, the layer's EMA all-reduce)
+        # failed: a peer died or timed out.  Say so instead of a backend traceback.
+        if ctx.enabled and not isinstance(exc, mdist.PeerLostError) and mdist.is_comm_failure(exc):
+            raise mdist.peer_lost(ctx, "a collective in the training step", exc) from None
+        raise
     finally:
         mdist.teardown(ctx)
 
@@ -524,7 +530,8 @@ def _train(args, ctx) -> dict:
         f"params={sum(p.numel() for p in model.parameters())}\n"
         f"world_size={ctx.world_size} global_batch={args.batch_size} per_rank_batch={hi - lo} "
         f"grad_accum={args.grad_accum} (micro-batch {micro}) precision={args.precision} "
-        f"lr={config['lr']:g}" + (f" disc_lr={config['disc_lr']:g}" if gan is not None else "")
+        f"lr={config['lr']:g}"
+        + (f" disc_lr={config['disc_lr']:g}" if gan is not None else "")
         + (f" ema_decay={args.ema_decay}" if ema is not None else "")
     )
     run_args = {
@@ -656,8 +663,12 @@ def _train(args, ctx) -> dict:
                 )
             else:
                 out = vqvae_step(
-                    step_model, opts["g"], images, step_cfg,
-                    perc if perc_kind != "none" else None, vq_perc_weight,
+                    step_model,
+                    opts["g"],
+                    images,
+                    step_cfg,
+                    perc if perc_kind != "none" else None,
+                    vq_perc_weight,
                 )
             if args.compile and compiled is None:
                 compiled = torch.compile(gen_model)

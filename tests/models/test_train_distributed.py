@@ -161,8 +161,30 @@ def _worker(rank: int, port: int, root: str) -> None:
         res["fsdp_params"] = {
             n: p.full_tensor().detach().clone() for n, p in net.named_parameters()
         }
-    finally:
         torch.save(res, os.path.join(root, f"rank{rank}.pt"))
+
+        # (5) last (it breaks the group): rank 1 dies in its 3rd step; rank 0 must stop with a
+        # clear error instead of hanging (gloo sees the closed connection at once).
+        def step_then_die(*a, **k):
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                os._exit(0)
+            return real_step(*a, **k)
+
+        calls[0] = 0
+        mt.vqvae_step = step_then_die
+        try:
+            train(_argv(os.path.join(root, "dead"), 10))
+            outcome = "no error"
+        except Exception as exc:  # noqa: BLE001 - the test inspects whatever came out
+            outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            mt.vqvae_step = real_step
+        with open(os.path.join(root, "dead.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        if not os.path.exists(os.path.join(root, f"rank{rank}.pt")):
+            torch.save(res, os.path.join(root, f"rank{rank}.pt"))
         dist.destroy_process_group()
 
 
@@ -225,6 +247,14 @@ def test_sigterm_on_one_rank_stops_all_then_resume_equals_uninterrupted(two_rank
     # --keep-last 2 (default): the two newest step checkpoints beside checkpoint.pt
     steps = [s for s, _ in ck.step_checkpoints(os.path.join(root, "interrupted"))]
     assert steps == [7, 3]
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_message(two_ranks):
+    root, _ = two_ranks
+    with open(os.path.join(root, "dead.txt")) as f:
+        outcome = f.read()
+    assert outcome.startswith("PeerLostError: rank 0/2"), outcome
+    assert "another rank died or stopped answering" in outcome
 
 
 def test_layer_trains_under_fsdp2_like_one_process(two_ranks):
@@ -335,9 +365,9 @@ def test_mixed_precision_trains(tmp_path, precision):
 
 
 def test_vqgan_step_with_defaults_equals_vqgan_train_step():
+    from models.perceptual import build_perceptual
     from models.steps import StepConfig, vqgan_step
     from models.vqgan import VQGAN, VQGANLoss, make_vqgan_optimizers, vqgan_config, vqgan_train_step
-    from models.perceptual import build_perceptual
 
     cfg = vqgan_config("tiny", in_channels=1, disc_start=1, perceptual_weight=0.0)
     x = models.data.load_dataset("digits", "eval")[:4]
