@@ -9,7 +9,15 @@ Backends
                ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
 
 ``backend="auto"`` picks, for CUDA tensors, ``cuda`` then ``triton`` then ``reference``; for CPU
-tensors ``cpu`` then ``reference``.  The environment variable ``VQKERNELS_BACKEND`` overrides
+tensors ``cpu`` then ``reference`` -- skipping any backend that has no implementation of the op.
+
+The op table
+------------
+:data:`OP_TABLE` is the one place that says which function runs op ``name`` on backend ``b``:
+``OP_TABLE[name][b]``, all with the op's flattened signature (the one of
+``vqkernels.reference.<name>``).  :func:`call` resolves the backend and runs the entry;
+``vqkernels.functional`` validates and flattens, then calls it.  A new op family adds one row here
+(and its kernels), never a per-op ``if backend == ...`` chain.  The environment variable ``VQKERNELS_BACKEND`` overrides
 ``auto`` (an explicit ``backend=`` argument wins over the variable).
 """
 
@@ -135,9 +143,31 @@ def validate_backend(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend name that runs a call on ``device`` for the requested ``backend``."""
+def _op_refusal(backend: str, op: str | None, features: tuple[str, ...] = ()) -> str:
+    if op is None:
+        return ""
+    if backend not in OP_TABLE.get(op, {}):
+        have = ", ".join(OP_TABLE.get(op, {})) or "none"
+        return f"op {op!r} has no {backend} implementation (implemented on: {have})"
+    for feature in features:
+        have = OP_FEATURES.get(op, {}).get(feature, ())
+        if backend not in have:
+            return (
+                f"op {op!r} with {FEATURE_NAMES.get(feature, feature)} has no {backend} "
+                f"implementation (implemented on: {', '.join(have) or 'none'})"
+            )
+    return ""
+
+
+def resolve(
+    backend: str, device: torch.device, op: str | None = None, features: tuple[str, ...] = ()
+) -> str:
+    """The backend name that runs a call on ``device`` for the requested ``backend`` (and, when
+    ``op`` is given, one that implements it and every feature in ``features``, see
+    :data:`OP_FEATURES`)."""
     validate_backend(backend)
+    if op is not None and op not in OP_TABLE:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(OP_TABLE)}")
     if backend == "auto":
         env = os.environ.get("VQKERNELS_BACKEND", "auto") or "auto"
         if env != "auto":
@@ -150,13 +180,13 @@ def resolve(backend: str, device: torch.device) -> str:
         p = _probe(backend)
         if not p.ok:
             raise BackendUnavailableError(f"backend {backend!r} is unavailable: {p.why}")
-        why = _device_refusal(backend, device)
+        why = _device_refusal(backend, device) or _op_refusal(backend, op, features)
         if why:
             raise BackendUnavailableError(f"backend {backend!r} cannot run this call: {why}")
         return backend
     order = _AUTO_ORDER.get(device.type, ("reference",))
     for b in order:
-        if _probe(b).ok and not _device_refusal(b, device):
+        if _probe(b).ok and not _device_refusal(b, device) and not _op_refusal(b, op, features):
             return b
     return "reference"  # pragma: no cover - reference always qualifies
 
@@ -178,3 +208,101 @@ def module(backend: str) -> ModuleType:
 
 
 OpFn = Callable[..., object]
+
+
+def call(op: str, backend: str, device: torch.device, *args, features: tuple[str, ...] = ()):
+    """Run op ``op`` with its flattened arguments on the backend ``backend`` resolves to (one that
+    implements every feature the call uses)."""
+    return OP_TABLE[op][resolve(backend, device, op, features)](*args)
+
+
+def _triton(name: str) -> OpFn:
+    # Looked up at call time: the triton module is imported only when that backend runs.
+    return lambda *args: getattr(module("triton"), name)(*args)
+
+
+def _torch_op(name: str) -> OpFn:
+    # The C++ CPU and CUDA kernels are registered on the same schema (torch.ops.vqkernels.<name>);
+    # the dispatcher routes by device.
+    return lambda *args: getattr(torch.ops.vqkernels, name)(*args)
+
+
+def _ref(name: str) -> OpFn:
+    from . import reference
+
+    return getattr(reference, name)
+
+
+def _sig(name: str, keep: int) -> OpFn:
+    # Backends whose kernels do not take the trailing (feature) arguments yet: the call never
+    # uses those features there (OP_FEATURES routes it elsewhere), so they hold their defaults.
+    return lambda *args: getattr(torch.ops.vqkernels, name)(*args[:keep])
+
+
+# op -> {backend: impl}.  Signatures (flattened, validated inputs; multi-head: x [N, H, D],
+# codebook [H, K, D], indices [N, H], cluster_size [H, K]):
+#   nearest_code(x, codebook, metric, sample_temperature, seed, precision) -> (indices, distance)
+#   cluster_stats(x, indices, num_codes) -> (counts, sums)
+#   ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None
+#   quantize(x, codebook, beta, metric, codebook_loss, estimator, precision)
+#       -> (quantized, indices, loss)
+#   code_distribution(x, codebook, row_weight, temperature, metric) -> (lse, entropy, mean_probs)
+#   soft_quantize(x, keys, values, temperature, metric) -> (out, lse)
+OP_TABLE: dict[str, dict[str, OpFn]] = {
+    "nearest_code": {
+        "reference": lambda x, cb, metric, temp, seed, precision: _ref("nearest_code")(
+            x, cb, metric, sample_temperature=temp, seed=seed
+        ),
+        "cpu": _sig("nearest_code", 3),
+        "cuda": _sig("nearest_code", 3),
+        "triton": lambda x, cb, metric, temp, seed, precision: _triton("nearest_code")(
+            x, cb, metric, precision
+        ),
+    },
+    "cluster_stats": {
+        "reference": _ref("cluster_stats"),
+        "cpu": _torch_op("cluster_stats"),
+        "cuda": _torch_op("cluster_stats"),
+        "triton": _triton("cluster_stats"),
+    },
+    "ema_update_": {
+        "reference": _ref("ema_update_"),
+        "cpu": _torch_op("ema_update_"),
+        "cuda": _torch_op("ema_update_"),
+        "triton": _triton("ema_update_"),
+    },
+    "quantize": {
+        "reference": lambda x, cb, beta, metric, cl, est, precision: _ref("quantize")(
+            x, cb, beta, metric, cl, est
+        ),
+        "cpu": _sig("quantize", 5),
+        "cuda": _sig("quantize", 5),
+        "triton": lambda x, cb, beta, metric, cl, est, precision: _triton("quantize")(
+            x, cb, beta, metric, cl, precision
+        ),
+    },
+    "code_distribution": {
+        "reference": _ref("code_distribution"),
+    },
+    "soft_quantize": {
+        "reference": _ref("soft_quantize"),
+    },
+}
+
+# Features a call may use beyond the plain op, and the backends implementing each: a call using
+# a feature resolves (``auto``) to the first backend in its order that implements all of them,
+# and an explicit backend that lacks one is refused with this table's answer.
+#   heads     multi-head codebooks [H, K, D] (x [N, H, D]) searched/updated in one call
+#   sample    Gumbel-max sampling fused into the search (sample_temperature > 0)
+#   rotation  the rotation-trick estimator of quantize
+OP_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
+    "nearest_code": {"heads": ("reference",), "sample": ("reference",)},
+    "cluster_stats": {"heads": ("reference",)},
+    "ema_update_": {"heads": ("reference",)},
+    "quantize": {"heads": ("reference",), "rotation": ("reference",)},
+}
+FEATURE_NAMES = {
+    "heads": "multi-head codebooks",
+    "sample": "Gumbel sampling (sample_temperature > 0)",
+    "rotation": "estimator='rotation'",
+}

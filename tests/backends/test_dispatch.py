@@ -105,3 +105,22 @@ def test_python_m_vqkernels_lists_backends():
         lines = [ln for ln in out.splitlines() if ln.startswith(f"  {b} ")]
         assert lines, f"backend {b} not listed:\n{out}"
         assert all("available" in ln for ln in lines)
+
+
+def test_op_table_lists_every_op_on_every_backend_or_says_why():
+    # One table decides which function runs each op: every public op has a reference entry, and
+    # asking for a backend that lacks an op names the op and where it is implemented.
+    for op, impls in dispatch.OP_TABLE.items():
+        assert "reference" in impls, op
+    assert dispatch.resolve("reference", torch.device("cpu"), "quantize") == "reference"
+    with pytest.raises(ValueError, match="unknown op 'no_such_op'"):
+        dispatch.resolve("auto", torch.device("cpu"), "no_such_op")
+    dispatch.OP_TABLE["_only_reference"] = {"reference": lambda: "ref"}
+    try:
+        # auto skips backends without the op; an explicit one explains the refusal.
+        assert dispatch.call("_only_reference", "auto", torch.device("cpu")) == "ref"
+        if not dispatch.available_backends()["cpu"]:
+            with pytest.raises(dispatch.BackendUnavailableError, match="no cpu implementation"):
+                dispatch.resolve("cpu", torch.device("cpu"), "_only_reference")
+    finally:
+        del dispatch.OP_TABLE["_only_reference"]

@@ -86,7 +86,7 @@ def interpreting() -> bool:
 # with 8 warps hit the 255-register cap and spill (local-memory LDL/STL in the SASS), while these
 # stay under it and use HGMMA for bf16/fp16/tf32 (the 32-row config uses mma.sync).  The fp32
 # "ieee" (FMA) path is pruned further to <= 32 accumulator registers per thread (the last four).
-# tests/test_triton.py::test_sm90_* recompiles them and checks for spills (marker slow).
+# tests/backends/test_triton.py::test_sm90_* recompiles them and checks for spills (marker slow).
 _HOPPER_SHAPES = [  # in order of preference (VQKERNELS_TRITON_AUTOTUNE=0 takes the first fit)
     (128, 128, 8, 3),
     (128, 128, 8, 4),

@@ -2,7 +2,6 @@
 
 ``VectorQuantizer``          one codebook: EMA (default) or learned by gradient, k-means init, dead-code
                              restart, low-dimensional lookup, masks, perplexity / usage statistics.
-``ResidualVectorQuantizer``  stages of ``VectorQuantizer`` that quantize the residual of the previous ones.
 
 Everything runs on :mod:`vqkernels.functional` (``quantize``, ``nearest_code``, ``cluster_stats``,
 ``ema_update_``, ``ema_blend_``); no N x K matrix is built by this module (the ``reference``
@@ -23,7 +22,7 @@ Numerics and precision
 torch.compile
 -------------
 A training step (forward, loss, ``loss.backward()``, EMA update) of a model using the plain EMA
-layer compiles with ``fullgraph=True`` (``tests/test_compile.py``, ``cpu`` and ``reference``
+layer compiles with ``fullgraph=True`` (``tests/ops/test_compile.py``, ``cpu`` and ``reference``
 backends; ``loss.backward()`` inside the compiled function needs
 ``torch._dynamo.config.trace_autograd_ops=True``).  The EMA update is a custom op that mutates the
 module's buffers (or, on the reference backend, plain in-place PyTorch).  Under
@@ -52,66 +51,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch
-from . import distributed as vqdist
-from . import functional as vqf
+from .. import dispatch
+from .. import distributed as vqdist
+from .. import functional as vqf
+from ._common import (
+    _ChannelView,
+    _counts_from_indices,
+    _is_compiling,
+    _require_float,
+    _require_int,
+    _smoothed_counts,
+)
 
-__all__ = ["VectorQuantizer", "ResidualVectorQuantizer"]
+__all__ = ["VectorQuantizer"]
 
 _METRICS = ("l2", "cosine")
 _SEEDINGS = ("kmeans++", "random")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KMEANSPP_ROUNDS = 128  # k-means++ seeding rounds (see VectorQuantizer._seed)
-
-
-# ------------------------------------------------------------------------------ small helpers
-
-
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _require_int(name: str, value, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _require_float(name: str, value, lo: float | None = None, hi: float | None = None,
-                   lo_open: bool = False) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {value!r}")
-    return v
-
-
-def _smoothed_counts(cluster_size: torch.Tensor, eps: float) -> torch.Tensor:
-    """Laplace-smoothed cluster sizes ``(cs_k + eps)/(n + K·eps)·n`` (same formula as ema_update_)."""
-    k = cluster_size.shape[0]
-    n = cluster_size.sum()
-    return (cluster_size + eps) / (n + k * eps) * n
-
-
-def _counts_from_indices(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
-    """``[K] float32`` assignment counts of ``indices: [N] int64`` (``-1`` rows ignored).
-
-    ``index_add_`` with a 0/1 weight instead of ``bincount``/boolean indexing: the output shape
-    is static, so this also traces under torch.compile.  O(N)."""
-    valid = indices >= 0
-    counts = torch.zeros(num_codes, dtype=torch.float32, device=indices.device)
-    counts.index_add_(0, indices.clamp_min(0), valid.to(torch.float32))
-    return counts
-
-
-# ---------------------------------------------------------------------------- the layer
 
 
 class VectorQuantizer(nn.Module):
@@ -614,133 +570,3 @@ class VectorQuantizer(nn.Module):
         if self.project_out is not None:
             codes = self.project_out(codes)
         return codes
-
-
-# ---------------------------------------------------------------------------- residual VQ
-
-
-class ResidualVectorQuantizer(nn.Module):
-    """Residual VQ: stage ``i`` quantizes what stages ``< i`` left over.
-
-    Args:
-        num_quantizers: number of stages (>= 1).
-        dim, codebook_size: as for :class:`VectorQuantizer`.
-        codebook_dim: when it differs from ``dim``, one ``project_in``/``project_out`` pair wraps the
-            whole residual stack (the stages work in ``codebook_dim``).
-        channel_dim: channel dim of ``x`` (handled once, the stages are channel-last).
-        **kwargs: every other :class:`VectorQuantizer` keyword, given to each stage.
-
-    Forward: ``quantized, indices, loss = rvq(x, mask=None)``: ``quantized`` like ``x`` (sum of
-    the stages' codes, straight-through gradient of ``x``), ``indices: [..., num_quantizers] int64``
-    (``x``'s shape without the channel dim, plus the stage dim last), ``loss: [] float32`` the
-    sum of the stages' losses.  Each stage's residual is ``r_{i+1} = r_i − q_i`` with ``q_i`` the
-    straight-through output, so the gradient of the sum reaches ``x`` exactly once.
-    """
-
-    def __init__(
-        self,
-        num_quantizers: int,
-        dim: int,
-        codebook_size: int,
-        *,
-        codebook_dim: int | None = None,
-        channel_dim: int = -1,
-        **kwargs,
-    ) -> None:
-        super().__init__()
-        self.num_quantizers = _require_int("num_quantizers", num_quantizers, 1)
-        self.dim = _require_int("dim", dim, 1)
-        cd = self.dim if codebook_dim is None else _require_int("codebook_dim", codebook_dim, 1)
-        self.codebook_dim = cd
-        if not isinstance(channel_dim, int) or isinstance(channel_dim, bool):
-            raise TypeError(f"channel_dim must be an int, got {type(channel_dim).__name__}")
-        self.channel_dim = channel_dim
-        self.layers = nn.ModuleList(
-            VectorQuantizer(cd, codebook_size, **kwargs) for _ in range(self.num_quantizers)
-        )
-        if cd != self.dim:
-            self.project_in = nn.Linear(self.dim, cd)
-            self.project_out = nn.Linear(cd, self.dim)
-        else:
-            self.project_in = None
-            self.project_out = None
-
-    @property
-    def codebooks(self) -> torch.Tensor:
-        """``[num_quantizers, K, codebook_dim] float32`` (a stacked copy)."""
-        return torch.stack([layer.codebook.detach() for layer in self.layers])
-
-    @property
-    def perplexity(self) -> torch.Tensor:
-        """``[num_quantizers] float32``: each stage's perplexity on the last training batch."""
-        return torch.stack([layer.perplexity for layer in self.layers])
-
-    @property
-    def codebook_usage(self) -> list[float]:
-        return [layer.codebook_usage for layer in self.layers]
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        view = _ChannelView(self.dim, self.channel_dim)
-        x_cl = view.to_channel_last(x)
-        h = self.project_in(x_cl) if self.project_in is not None else x_cl
-        residual = h
-        out = torch.zeros_like(h)
-        all_idx = []
-        total = h.new_zeros((), dtype=torch.float32)
-        for layer in self.layers:
-            q, idx, loss = layer(residual, mask)
-            # residual - q (not detached): q's straight-through gradient w.r.t. residual is the
-            # identity, so d r_{i+1}/d r_i = 0 and the summed output passes the gradient to x once.
-            residual = residual - q
-            out = out + q
-            all_idx.append(idx)
-            total = total + loss
-        if self.project_out is not None:
-            out = self.project_out(out)
-        out = view.from_channel_last(out.to(x.dtype))
-        return out, torch.stack(all_idx, dim=-1), total
-
-    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``indices: [..., num_quantizers] int64`` -> ``[..., dim]`` reconstruction (sum of the
-        stages' codes, after ``project_out``), channel-last."""
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
-        if indices.dim() < 1 or indices.shape[-1] != self.num_quantizers:
-            raise ValueError(
-                f"indices must have shape [..., num_quantizers={self.num_quantizers}], "
-                f"got {tuple(indices.shape)}"
-            )
-        codes = None
-        for i, layer in enumerate(self.layers):
-            c = layer.get_codes_from_indices(indices[..., i])
-            codes = c if codes is None else codes + c
-        if self.project_out is not None:
-            codes = self.project_out(codes)
-        return codes
-
-
-class _ChannelView:
-    """Moves a channel dim to the end and back, with the layer's error messages."""
-
-    def __init__(self, dim: int, channel_dim: int) -> None:
-        self.dim = dim
-        self.channel_dim = channel_dim
-
-    def to_channel_last(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
-        cdim = self.channel_dim
-        if x.dim() < 1 or not -x.dim() <= cdim < x.dim():
-            raise ValueError(f"channel_dim={cdim} is out of range for x with shape {tuple(x.shape)}")
-        if x.shape[cdim] != self.dim:
-            raise ValueError(
-                f"x must have dim={self.dim} features along channel_dim={cdim}, "
-                f"got shape {tuple(x.shape)}"
-            )
-        return x if cdim % x.dim() == x.dim() - 1 else x.movedim(cdim, -1)
-
-    def from_channel_last(self, y: torch.Tensor) -> torch.Tensor:
-        cdim = self.channel_dim % y.dim()
-        return y if cdim == y.dim() - 1 else y.movedim(-1, cdim)
