@@ -212,14 +212,18 @@ def _make_config(args, channels: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=None) -> dict:
+def evaluate(
+    model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=None, perceptual=None
+) -> dict:
     """Held-out metrics of ``model`` (eval mode) on ``{name: images [N, C, S, S]}``; returns
     psnr/ssim overall (mean over tiles) and per group, codebook usage/perplexity of all held-out
     codes, bits per image, plus a few reconstructions for the PNG.
 
     Distributed (``ctx`` with several ranks): each rank reconstructs its block of every group
     (padded to equal blocks by repeating the last tile), the blocks are gathered in rank order and
-    the padding dropped, so every rank computes the metrics of exactly the whole set."""
+    the padding dropped, so every rank computes the metrics of exactly the whole set.
+    ``perceptual``: a ``(recon, target) -> []`` module; adds ``perceptual_distance`` (its mean
+    over the tiles, overall and per group)."""
     was = model.training
     model.eval()
     all_idx, out, recon_all, orig_all = [], {}, [], []
@@ -238,6 +242,13 @@ def evaluate(model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=
             rec = mdist.gather_rows(rec, images.shape[0], ctx)
             idx = mdist.gather_rows(idx, images.shape[0], ctx)
         out[name] = {"psnr": psnr(rec, images), "ssim": ssim(rec, images), "tiles": images.shape[0]}
+        if perceptual is not None:
+            dist_sum = sum(
+                float(perceptual(rec[i : i + batch_size], images[i : i + batch_size]))
+                * rec[i : i + batch_size].shape[0]
+                for i in range(0, rec.shape[0], batch_size)
+            )
+            out[name]["perceptual_distance"] = dist_sum / max(images.shape[0], 1)
         all_idx.append(idx)
         recon_all.append(rec[:8].cpu())
         orig_all.append(images[:8].cpu())
@@ -252,6 +263,10 @@ def evaluate(model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=
         "per_image": out,
         "_pairs": (orig_all, recon_all),
     }
+    if perceptual is not None:
+        res["perceptual_distance"] = (
+            sum(v["perceptual_distance"] * v["tiles"] for v in out.values()) / n
+        )
     model.train(was)
     return res
 
@@ -590,7 +605,7 @@ def _train(args, ctx) -> dict:
     def do_eval(net=None):
         nonlocal cb_diff_max
         net = model if net is None else net
-        ev = evaluate(net, groups, ctx=ctx)
+        ev = evaluate(net, groups, ctx=ctx, perceptual=perc if perc_kind != "none" else None)
         tr = train_set_codes(net, sampler, device=device)
         ev["train_perplexity"], ev["train_codebook_usage"] = tr["perplexity"], tr["codebook_usage"]
         if net is model:
@@ -765,6 +780,7 @@ def _train(args, ctx) -> dict:
         "codebook_usage": ev["codebook_usage"],
         "perplexity": ev["perplexity"],
         "bits_per_image": ev["bits_per_image"],
+        "perceptual_distance": ev.get("perceptual_distance"),
         "per_image": ev["per_image"],
         "train_perplexity": ev["train_perplexity"],
         "train_codebook_usage": ev["train_codebook_usage"],

@@ -148,6 +148,9 @@ def _worker(rank: int, port: int, root: str) -> None:
             mt.vqvae_step = real_step
         res["resumed"] = train(_argv(inter, 7, "--resume"))
 
+        # (3b) a 1-process checkpoint (made by the fixture) resumed on 2 ranks.
+        res["regrown"] = train(_argv(os.path.join(root, "regrow"), 5, *NO_RANDOM, "--resume"))
+
         # (4) FSDP2: the layer (EMA buffers synced at call time) trains under fully_shard.
         from torch.distributed.fsdp import fully_shard
 
@@ -191,6 +194,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ddp"))
+    train(_argv(os.path.join(root, "regrow"), 5, *NO_RANDOM, "--stop-after", "3"))
     torch.multiprocessing.spawn(_worker, args=(find_free_port(), root), nprocs=WORLD, join=True)
     res = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     return root, res
@@ -215,6 +219,15 @@ def test_two_ranks_half_batch_match_one_process_full_batch(two_ranks, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     disk = json.loads(open(os.path.join(root, "ddp", "metrics.json")).read())
     assert disk["world_size"] == 2 and disk["codebook_rank_max_abs_diff"] == 0.0
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(two_ranks, tmp_path):
+    root, res = two_ranks
+    train(_argv(tmp_path, 5, *NO_RANDOM))
+    assert res[0]["regrown"]["steps_this_run"] == 2 and res[0]["regrown"]["world_size"] == 2
+    grown, one = _losses(os.path.join(root, "regrow")), _losses(tmp_path)
+    assert len(grown) == 5  # 3 steps on 1 process, then 2 on 2 ranks (the log is appended)
+    torch.testing.assert_close(torch.tensor(grown), torch.tensor(one), rtol=1e-5, atol=1e-6)
 
 
 def test_codebooks_bit_identical_across_ranks_with_kmeans_and_restarts(two_ranks):
@@ -353,6 +366,13 @@ def test_nan_guard_stops_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(steps, "reconstruction_loss", poisoned)
     with pytest.raises(FloatingPointError, match="loss became nan at step 2"):
         train(_argv(tmp_path, 4))
+
+
+def test_evaluation_reports_the_perceptual_distance(tmp_path):
+    m = train(_argv(tmp_path, 2, "--perceptual", "ssim"))
+    assert m["perceptual"] == "ssim" and m["perceptual_distance"] > 0
+    assert m["per_image"]["digits"]["perceptual_distance"] == m["perceptual_distance"]
+    assert train(_argv(tmp_path / "none", 1))["perceptual_distance"] is None
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
