@@ -204,7 +204,5 @@ def load_newest_valid(directory: str, name: str, require: tuple[str, ...] = ()) 
         if path != newest:
             break  # step files are visited newest first: the first valid one is the newest
     if best is None:
-        raise CheckpointError(
-            f"no valid checkpoint in {directory}: " + "; ".join(reasons)
-        )
+        raise CheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(reasons))
     return best[1], best[2]

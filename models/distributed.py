@@ -46,6 +46,8 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "wrap_ddp",
+    "peer_lost",
+    "is_comm_failure",
 ]
 
 
@@ -119,7 +121,12 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistContext:
         local = _env_int("LOCAL_RANK", dist.get_rank())
         dev = _pick_device(device, local)
         return DistContext(
-            dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend(), False,
+            dist.get_rank(),
+            dist.get_world_size(),
+            local,
+            dev,
+            dist.get_backend(),
+            False,
             timeout_s,
         )
     world = _env_int("WORLD_SIZE", 1)
@@ -132,7 +139,10 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistContext:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kwargs = {"device_id": dev} if dev.type == "cuda" else {}
     dist.init_process_group(
-        backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank, world_size=world,
+        backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=rank,
+        world_size=world,
         **kwargs,
     )
     return DistContext(rank, world, local, dev, backend, True, timeout_s)
@@ -144,13 +154,28 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def _peer_lost(ctx: DistContext, what: str, exc: BaseException) -> PeerLostError:
+def peer_lost(ctx: DistContext, what: str, exc: BaseException) -> PeerLostError:
+    """The :class:`PeerLostError` to raise when ``what`` failed with ``exc``."""
     first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
     return PeerLostError(
         f"rank {ctx.rank}/{ctx.world_size}: {what} failed: another rank died or stopped "
-        f"answering (collectives time out after {ctx.timeout_s:.0f}s; --dist-timeout). "
+        f"answering (collectives time out after "
+        f"{f'{ctx.timeout_s:.0f}s; --dist-timeout' if ctx.owns_group else 'the group timeout'}). "
         f"Cause: {first}"
     )
+
+
+_COMM_MARKERS = ("gloo", "nccl", "c10d", "connection reset", "connection closed", "timed out")
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the communication backend (a lost or hung peer): a
+    ``DistError``, or a ``RuntimeError`` the backend raised inside an op (DDP's reducer raises
+    gloo's errors as plain ``RuntimeError``s, recognizable by their message)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in msg for m in _COMM_MARKERS)
 
 
 def barrier(ctx: DistContext, what: str = "barrier") -> None:
@@ -159,7 +184,7 @@ def barrier(ctx: DistContext, what: str = "barrier") -> None:
     try:
         dist.barrier()
     except RuntimeError as exc:
-        raise _peer_lost(ctx, what, exc) from None
+        raise peer_lost(ctx, what, exc) from None
 
 
 def local_slice(global_batch: int, ctx: DistContext) -> tuple[int, int]:
@@ -185,7 +210,7 @@ def all_reduce_mean(values: list[float], ctx: DistContext) -> list[float]:
     try:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     except RuntimeError as exc:
-        raise _peer_lost(ctx, "all_reduce (logging)", exc) from None
+        raise peer_lost(ctx, "all_reduce (logging)", exc) from None
     return (t / ctx.world_size).tolist()
 
 
@@ -203,7 +228,7 @@ def gather_rows(local: torch.Tensor, total: int, ctx: DistContext) -> torch.Tens
     try:
         dist.all_gather(parts, local.contiguous())
     except RuntimeError as exc:
-        raise _peer_lost(ctx, "all_gather (evaluation)", exc) from None
+        raise peer_lost(ctx, "all_gather (evaluation)", exc) from None
     return torch.cat(parts)[:total]
 
 
@@ -224,7 +249,7 @@ def gather_objects(obj, ctx: DistContext) -> list:
     try:
         dist.all_gather_object(out, obj)
     except RuntimeError as exc:
-        raise _peer_lost(ctx, "all_gather_object (checkpoint)", exc) from None
+        raise peer_lost(ctx, "all_gather_object (checkpoint)", exc) from None
     return out
 
 
@@ -240,7 +265,7 @@ def rank_max_abs_diff(t: torch.Tensor, ctx: DistContext) -> float:
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     except RuntimeError as exc:
-        raise _peer_lost(ctx, "all_reduce (codebook check)", exc) from None
+        raise peer_lost(ctx, "all_reduce (codebook check)", exc) from None
     if bool(torch.isnan(hi).any() | torch.isnan(lo).any()):
         return float("nan")
     return float((hi.double() - lo.double()).abs().max()) if t.numel() else 0.0
@@ -289,7 +314,7 @@ class StepAgreement:
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         except RuntimeError as exc:
-            raise _peer_lost(self.ctx, "all_reduce (step agreement)", exc) from None
+            raise peer_lost(self.ctx, "all_reduce (step agreement)", exc) from None
         s, n, e = t.tolist()
         return s > 0, n > 0, e
 
@@ -320,6 +345,12 @@ def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     if not ctx.enabled:
         return module
     import inspect
+    import warnings
+
+    # A conv weight with one input channel ([C, 1, k, k]) has two valid stride layouts; autograd
+    # may produce the other one, and DDP then warns once per process that it copies the gradient
+    # into its bucket.  Correct either way and negligible at these sizes: keep the log readable.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
     ddp = torch.nn.parallel.DistributedDataParallel
     params = inspect.signature(ddp.__init__).parameters

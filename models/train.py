@@ -213,7 +213,7 @@ def _make_config(args, channels: int) -> dict:
 
 @torch.no_grad()
 def evaluate(
-    model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=None
+    model, groups: dict[str, torch.Tensor], batch_size: int = 256, ctx=None, perceptual=None
 ) -> dict:
     """Held-out metrics of ``model`` (eval mode) on ``{name: images [N, C, S, S]}``; returns
     psnr/ssim overall (mean over tiles) and per group, codebook usage/perplexity of all held-out
@@ -221,7 +221,9 @@ def evaluate(
 
     Distributed (``ctx`` with several ranks): each rank reconstructs its block of every group
     (padded to equal blocks by repeating the last tile), the blocks are gathered in rank order and
-    the padding dropped, so every rank computes the metrics of exactly the whole set."""
+    the padding dropped, so every rank computes the metrics of exactly the whole set.
+    ``perceptual``: a ``(recon, target) -> []`` module; adds ``perceptual_distance`` (its mean
+    over the tiles, overall and per group)."""
     was = model.training
     model.eval()
     all_idx, out, recon_all, orig_all = [], {}, [], []
@@ -240,6 +242,13 @@ def evaluate(
             rec = mdist.gather_rows(rec, images.shape[0], ctx)
             idx = mdist.gather_rows(idx, images.shape[0], ctx)
         out[name] = {"psnr": psnr(rec, images), "ssim": ssim(rec, images), "tiles": images.shape[0]}
+        if perceptual is not None:
+            dist_sum = sum(
+                float(perceptual(rec[i : i + batch_size], images[i : i + batch_size]))
+                * rec[i : i + batch_size].shape[0]
+                for i in range(0, rec.shape[0], batch_size)
+            )
+            out[name]["perceptual_distance"] = dist_sum / max(images.shape[0], 1)
         all_idx.append(idx)
         recon_all.append(rec[:8].cpu())
         orig_all.append(images[:8].cpu())
@@ -254,6 +263,10 @@ def evaluate(
         "per_image": out,
         "_pairs": (orig_all, recon_all),
     }
+    if perceptual is not None:
+        res["perceptual_distance"] = (
+            sum(v["perceptual_distance"] * v["tiles"] for v in out.values()) / n
+        )
     model.train(was)
     return res
 
@@ -371,7 +384,9 @@ def _discriminator_norm(config: dict, explicit: bool, ctx, log) -> bool:
                 "(SyncBatchNorm needs GPUs); use --set disc_norm='\"group\"'"
             )
         config["disc_norm"] = "group"
-        log("distributed on CPU: discriminator uses GroupNorm (disc_norm='group') instead of BatchNorm")
+        log(
+            "distributed on CPU: discriminator uses GroupNorm (disc_norm='group') instead of BatchNorm"
+        )
     return False
 
 
@@ -392,6 +407,12 @@ def train(argv: list[str] | None = None) -> dict:
     ctx = mdist.setup(args.device, args.dist_timeout)
     try:
         return _train(args, ctx)
+    except RuntimeError as exc:
+        # A collective inside the step (DDP's gradient all-reduce, the layer's EMA all-reduce)
+        # failed: a peer died or timed out.  Say so instead of a backend traceback.
+        if ctx.enabled and not isinstance(exc, mdist.PeerLostError) and mdist.is_comm_failure(exc):
+            raise mdist.peer_lost(ctx, "a collective in the training step", exc) from None
+        raise
     finally:
         mdist.teardown(ctx)
 
@@ -524,7 +545,8 @@ def _train(args, ctx) -> dict:
         f"params={sum(p.numel() for p in model.parameters())}\n"
         f"world_size={ctx.world_size} global_batch={args.batch_size} per_rank_batch={hi - lo} "
         f"grad_accum={args.grad_accum} (micro-batch {micro}) precision={args.precision} "
-        f"lr={config['lr']:g}" + (f" disc_lr={config['disc_lr']:g}" if gan is not None else "")
+        f"lr={config['lr']:g}"
+        + (f" disc_lr={config['disc_lr']:g}" if gan is not None else "")
         + (f" ema_decay={args.ema_decay}" if ema is not None else "")
     )
     run_args = {
@@ -583,7 +605,7 @@ def _train(args, ctx) -> dict:
     def do_eval(net=None):
         nonlocal cb_diff_max
         net = model if net is None else net
-        ev = evaluate(net, groups, ctx=ctx)
+        ev = evaluate(net, groups, ctx=ctx, perceptual=perc if perc_kind != "none" else None)
         tr = train_set_codes(net, sampler, device=device)
         ev["train_perplexity"], ev["train_codebook_usage"] = tr["perplexity"], tr["codebook_usage"]
         if net is model:
@@ -656,8 +678,12 @@ def _train(args, ctx) -> dict:
                 )
             else:
                 out = vqvae_step(
-                    step_model, opts["g"], images, step_cfg,
-                    perc if perc_kind != "none" else None, vq_perc_weight,
+                    step_model,
+                    opts["g"],
+                    images,
+                    step_cfg,
+                    perc if perc_kind != "none" else None,
+                    vq_perc_weight,
                 )
             if args.compile and compiled is None:
                 compiled = torch.compile(gen_model)
@@ -754,6 +780,7 @@ def _train(args, ctx) -> dict:
         "codebook_usage": ev["codebook_usage"],
         "perplexity": ev["perplexity"],
         "bits_per_image": ev["bits_per_image"],
+        "perceptual_distance": ev.get("perceptual_distance"),
         "per_image": ev["per_image"],
         "train_perplexity": ev["train_perplexity"],
         "train_codebook_usage": ev["train_codebook_usage"],

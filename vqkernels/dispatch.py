@@ -234,8 +234,8 @@ def _ref(name: str) -> OpFn:
 
 
 def _sig(name: str, keep: int) -> OpFn:
-    # Backends whose kernels do not take the trailing (feature) arguments yet: the call never
-    # uses those features there (OP_FEATURES routes it elsewhere), so they hold their defaults.
+    # The C++ ops take every argument but the trailing ``precision`` (they always compute
+    # exactly in fp32); a feature a backend lacks is refused by OP_FEATURES before the call.
     return lambda *args: getattr(torch.ops.vqkernels, name)(*args[:keep])
 
 
@@ -253,10 +253,10 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
         "reference": lambda x, cb, metric, temp, seed, precision: _ref("nearest_code")(
             x, cb, metric, sample_temperature=temp, seed=seed
         ),
-        "cpu": _sig("nearest_code", 3),
-        "cuda": _sig("nearest_code", 3),
+        "cpu": _sig("nearest_code", 5),
+        "cuda": _sig("nearest_code", 5),
         "triton": lambda x, cb, metric, temp, seed, precision: _triton("nearest_code")(
-            x, cb, metric, precision
+            x, cb, metric, precision, temp, seed
         ),
     },
     "cluster_stats": {
@@ -275,17 +275,19 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
         "reference": lambda x, cb, beta, metric, cl, est, precision: _ref("quantize")(
             x, cb, beta, metric, cl, est
         ),
-        "cpu": _sig("quantize", 5),
-        "cuda": _sig("quantize", 5),
+        "cpu": _sig("quantize", 6),
+        "cuda": _sig("quantize", 6),
         "triton": lambda x, cb, beta, metric, cl, est, precision: _triton("quantize")(
-            x, cb, beta, metric, cl, precision
+            x, cb, beta, metric, cl, precision, est
         ),
     },
     "code_distribution": {
         "reference": _ref("code_distribution"),
+        "cpu": _torch_op("code_distribution"),
     },
     "soft_quantize": {
         "reference": _ref("soft_quantize"),
+        "cpu": _torch_op("soft_quantize"),
     },
 }
 
@@ -296,10 +298,16 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
 #   sample    Gumbel-max sampling fused into the search (sample_temperature > 0)
 #   rotation  the rotation-trick estimator of quantize
 OP_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
-    "nearest_code": {"heads": ("reference",), "sample": ("reference",)},
-    "cluster_stats": {"heads": ("reference",)},
-    "ema_update_": {"heads": ("reference",)},
-    "quantize": {"heads": ("reference",), "rotation": ("reference",)},
+    "nearest_code": {
+        "heads": ("reference", "cpu", "triton"),
+        "sample": ("reference", "cpu", "triton"),
+    },
+    "cluster_stats": {"heads": ("reference", "cpu", "triton")},
+    "ema_update_": {"heads": ("reference", "cpu", "triton")},
+    "quantize": {
+        "heads": ("reference", "cpu", "triton"),
+        "rotation": ("reference", "cpu", "triton", "cuda"),
+    },
 }
 FEATURE_NAMES = {
     "heads": "multi-head codebooks",

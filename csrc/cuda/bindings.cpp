@@ -3,12 +3,15 @@
 //
 // Schemas live in vqkernels/_ops.py (defined once, in Python); this file only attaches CUDA
 // kernels to them with TORCH_LIBRARY_IMPL(vqkernels, CUDA).  Semantics: vqkernels/reference.py.
-//   nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] i64, distance[N] f32)
+//   nearest_code(x[N,D], codebook[K,D], metric, sample_temperature=0, seed=0)
+//       -> (indices[N] i64, distance[N] f32)      (sampling and multi-head: not on this backend)
 //   cluster_stats(x[N,D], indices[N] i64, K)    -> (counts[K] f32, sums[K,D] f32)
 //   ema_update_(codebook![K,D] f32, cluster_size![K] f32, embed_sum![K,D] f32, x, indices,
 //               decay, eps) -> ()
-//   quantize(x, codebook, beta, metric, codebook_loss) -> (q[N,D], indices[N] i64, loss[] f32)
-//   quantize_backward(grad_q[N,D], grad_loss[] f32, x, codebook, indices, beta, codebook_loss)
+//   quantize(x, codebook, beta, metric, codebook_loss, estimator) -> (q[N,D], indices[N] i64,
+//            loss[] f32)     (estimator "ste" or "rotation": only the backward differs)
+//   quantize_backward(grad_q[N,D], grad_loss[] f32, x, codebook, indices, beta, codebook_loss,
+//                     estimator)
 //       -> (grad_x[N,D], grad_codebook[K,D], or [0] when codebook_loss is False)
 // x/codebook: float32, bfloat16 or float16 (same dtype), any row stride (a non-unit inner stride
 // is copied to contiguous); the mutated EMA state must be contiguous float32.  Every launch runs
@@ -134,12 +137,23 @@ vq_dtype check_search_inputs(const at::Tensor& x, const at::Tensor& codebook, co
   return dt;
 }
 
+bool parse_estimator(c10::string_view estimator, const char* op) {
+  if (estimator == "ste") return false;
+  if (estimator == "rotation") return true;
+  VQ_CHECK(false, op, "estimator must be 'ste' or 'rotation', got '", std::string(estimator), "'");
+  return false;  // unreachable
+}
+
 // ---------------------------------------------------------------------------------------- ops
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x_in,
                                                      const at::Tensor& codebook_in,
-                                                     c10::string_view metric) {
+                                                     c10::string_view metric,
+                                                     double sample_temperature, int64_t seed) {
   const char* op = "nearest_code";
+  VQ_CHECK(sample_temperature == 0.0, op, "Gumbel sampling (sample_temperature > 0) is not ",
+           "implemented on the cuda backend yet; use backend='triton' or 'reference'");
+  (void)seed;
   const vq_dtype dt = check_search_inputs(x_in, codebook_in, op);
   const vq_metric m = parse_metric(metric, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -232,8 +246,10 @@ void ema_update_cuda(at::Tensor& codebook, at::Tensor& cluster_size, at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x_in,
                                                              const at::Tensor& codebook_in,
                                                              double beta, c10::string_view metric,
-                                                             bool codebook_loss) {
+                                                             bool codebook_loss,
+                                                             c10::string_view estimator) {
   const char* op = "quantize";
+  parse_estimator(estimator, op);  // the forward is the same for both estimators
   const vq_dtype dt = check_search_inputs(x_in, codebook_in, op);
   const vq_metric m = parse_metric(metric, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -257,8 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(
     const at::Tensor& grad_quantized_in, const at::Tensor& grad_loss_in, const at::Tensor& x_in,
     const at::Tensor& codebook_in, const at::Tensor& indices_in, double beta,
-    bool codebook_loss) {
+    bool codebook_loss, c10::string_view estimator) {
   const char* op = "quantize_backward";
+  const bool rotation = parse_estimator(estimator, op);
   const vq_dtype dt = check_search_inputs(x_in, codebook_in, op);
   check_cuda(grad_quantized_in, op, "grad_quantized");
   check_cuda(grad_loss_in, op, "grad_loss");
@@ -281,7 +298,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward_cuda(
   at::Tensor grad_cb = codebook_loss ? at::empty({k, d}, codebook.options())
                                      : at::empty({0}, codebook.options());
   at::Tensor ws = workspace(vq_quantize_backward_workspace_bytes(n, k, d, codebook_loss), x);
-  check_launch(vq_quantize_backward(grad_q.data_ptr(), grad_q.stride(0),
+  auto* launcher = rotation ? &vq_quantize_backward_rotation : &vq_quantize_backward;
+  check_launch(launcher(grad_q.data_ptr(), grad_q.stride(0),
                                     grad_loss.data_ptr<float>(), x.data_ptr(), x.stride(0),
                                     codebook.data_ptr(), codebook.stride(0),
                                     indices.data_ptr<int64_t>(), n, k, d, dt, beta, codebook_loss,

@@ -82,5 +82,12 @@ cudaError_t vq_quantize_backward(const void* grad_quantized, int64_t grad_quanti
                                  const int64_t* indices, int64_t n, int64_t k, int64_t d,
                                  vq_dtype dtype, double beta, bool codebook_loss, void* workspace,
                                  void* grad_x, void* grad_codebook, cudaStream_t stream);
+// The same with the rotation-trick estimator: grad_x = s (g' - 2 w (w.g') + 2 u (q^.g')) +
+// ((2 beta/numel) g) (x - q) (LR 1.32's rotate_to gradient; see quantize.cu).  Same workspace.
+cudaError_t vq_quantize_backward_rotation(
+    const void* grad_quantized, int64_t grad_quantized_row_stride, const float* grad_loss,
+    const void* x, int64_t x_row_stride, const void* codebook, int64_t codebook_row_stride,
+    const int64_t* indices, int64_t n, int64_t k, int64_t d, vq_dtype dtype, double beta,
+    bool codebook_loss, void* workspace, void* grad_x, void* grad_codebook, cudaStream_t stream);
 
 }  // extern "C"

@@ -99,6 +99,12 @@ RVQ_CASES = {
     "ste-learnable": dict(dim=8, num_quantizers=2, codebook_size=16, rotation_trick=False,
                           learnable_codebook=True, ema_update=False),
     "diveq": dict(dim=8, num_quantizers=2, codebook_size=16, diveq=True, threshold_ema_dead_code=1),
+    "implicit-neural-codebook": dict(dim=8, num_quantizers=3, codebook_size=16,
+                                     implicit_neural_codebook=True, mlp_kwargs=dict(depth=2)),
+    "implicit-neural-codebook-dead-gumbel": dict(dim=8, num_quantizers=2, codebook_size=16,
+                                                 implicit_neural_codebook=True, threshold_ema_dead_code=1,
+                                                 stochastic_sample_codes=True, sample_codebook_temp=0.5,
+                                                 commitment_use_cross_entropy_loss=True),
 }
 
 
@@ -163,8 +169,6 @@ def test_indices_cross_entropy_is_sum_over_depths():
 
 
 def test_refusals_and_errors():
-    with pytest.raises(NotImplementedError, match="implicit_neural_codebook"):
-        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, implicit_neural_codebook=True)
     with pytest.raises(NotImplementedError, match="beam"):
         ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, beam_size=4)
     with pytest.raises(ValueError, match="heads"):

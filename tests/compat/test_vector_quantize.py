@@ -241,8 +241,6 @@ def test_signature_errors_and_refusals():
     x = torch.randn(2, 3, 8)
     with pytest.raises(NotImplementedError, match="topk"):
         vq(x, topk=2)
-    with pytest.raises(NotImplementedError, match="codebook_transform_fn"):
-        vq(x, codebook_transform_fn=lambda e: e)
     with pytest.raises(ValueError, match="dim=8"):
         vq(torch.randn(2, 3, 7))
     with pytest.raises(ValueError, match="mask"):
@@ -270,3 +268,11 @@ def test_streamed_terms_equal_direct_formulas(monkeypatch):
                                    torch.logsumexp(full, -1))
         torch.testing.assert_close(_streamed.soft_codes(x.reshape(-1, 5), e, kind, 0.5),
                                    (full / 0.5).softmax(-1) @ e)
+
+
+def test_package_exports_and_one_line_switch():
+    import vqkernels
+    from vqkernels.compat import GroupedResidualVQ, ResidualVQ, VectorQuantize  # noqa: F401
+
+    assert vqkernels.VectorQuantizer is vqkernels.nn.VectorQuantizer
+    assert vqkernels.ResidualVectorQuantizer is vqkernels.nn.ResidualVectorQuantizer

@@ -148,6 +148,9 @@ def _worker(rank: int, port: int, root: str) -> None:
             mt.vqvae_step = real_step
         res["resumed"] = train(_argv(inter, 7, "--resume"))
 
+        # (3b) a 1-process checkpoint (made by the fixture) resumed on 2 ranks.
+        res["regrown"] = train(_argv(os.path.join(root, "regrow"), 5, *NO_RANDOM, "--resume"))
+
         # (4) FSDP2: the layer (EMA buffers synced at call time) trains under fully_shard.
         from torch.distributed.fsdp import fully_shard
 
@@ -161,14 +164,37 @@ def _worker(rank: int, port: int, root: str) -> None:
         res["fsdp_params"] = {
             n: p.full_tensor().detach().clone() for n, p in net.named_parameters()
         }
-    finally:
         torch.save(res, os.path.join(root, f"rank{rank}.pt"))
+
+        # (5) last (it breaks the group): rank 1 dies in its 3rd step; rank 0 must stop with a
+        # clear error instead of hanging (gloo sees the closed connection at once).
+        def step_then_die(*a, **k):
+            calls[0] += 1
+            if rank == 1 and calls[0] == 3:
+                os._exit(0)
+            return real_step(*a, **k)
+
+        calls[0] = 0
+        mt.vqvae_step = step_then_die
+        try:
+            train(_argv(os.path.join(root, "dead"), 10))
+            outcome = "no error"
+        except Exception as exc:  # noqa: BLE001 - the test inspects whatever came out
+            outcome = f"{type(exc).__name__}: {exc}"
+        finally:
+            mt.vqvae_step = real_step
+        with open(os.path.join(root, "dead.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        if not os.path.exists(os.path.join(root, f"rank{rank}.pt")):
+            torch.save(res, os.path.join(root, f"rank{rank}.pt"))
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ddp"))
+    train(_argv(os.path.join(root, "regrow"), 5, *NO_RANDOM, "--stop-after", "3"))
     torch.multiprocessing.spawn(_worker, args=(find_free_port(), root), nprocs=WORLD, join=True)
     res = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
     return root, res
@@ -193,6 +219,15 @@ def test_two_ranks_half_batch_match_one_process_full_batch(two_ranks, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     disk = json.loads(open(os.path.join(root, "ddp", "metrics.json")).read())
     assert disk["world_size"] == 2 and disk["codebook_rank_max_abs_diff"] == 0.0
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(two_ranks, tmp_path):
+    root, res = two_ranks
+    train(_argv(tmp_path, 5, *NO_RANDOM))
+    assert res[0]["regrown"]["steps_this_run"] == 2 and res[0]["regrown"]["world_size"] == 2
+    grown, one = _losses(os.path.join(root, "regrow")), _losses(tmp_path)
+    assert len(grown) == 5  # 3 steps on 1 process, then 2 on 2 ranks (the log is appended)
+    torch.testing.assert_close(torch.tensor(grown), torch.tensor(one), rtol=1e-5, atol=1e-6)
 
 
 def test_codebooks_bit_identical_across_ranks_with_kmeans_and_restarts(two_ranks):
@@ -225,6 +260,14 @@ def test_sigterm_on_one_rank_stops_all_then_resume_equals_uninterrupted(two_rank
     # --keep-last 2 (default): the two newest step checkpoints beside checkpoint.pt
     steps = [s for s, _ in ck.step_checkpoints(os.path.join(root, "interrupted"))]
     assert steps == [7, 3]
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_message(two_ranks):
+    root, _ = two_ranks
+    with open(os.path.join(root, "dead.txt")) as f:
+        outcome = f.read()
+    assert outcome.startswith("PeerLostError: rank 0/2"), outcome
+    assert "another rank died or stopped answering" in outcome
 
 
 def test_layer_trains_under_fsdp2_like_one_process(two_ranks):
@@ -325,6 +368,13 @@ def test_nan_guard_stops_with_a_clear_message(tmp_path, monkeypatch):
         train(_argv(tmp_path, 4))
 
 
+def test_evaluation_reports_the_perceptual_distance(tmp_path):
+    m = train(_argv(tmp_path, 2, "--perceptual", "ssim"))
+    assert m["perceptual"] == "ssim" and m["perceptual_distance"] > 0
+    assert m["per_image"]["digits"]["perceptual_distance"] == m["perceptual_distance"]
+    assert train(_argv(tmp_path / "none", 1))["perceptual_distance"] is None
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path, precision):
     m = train(_argv(tmp_path, 3, "--precision", precision))
@@ -335,9 +385,9 @@ def test_mixed_precision_trains(tmp_path, precision):
 
 
 def test_vqgan_step_with_defaults_equals_vqgan_train_step():
+    from models.perceptual import build_perceptual
     from models.steps import StepConfig, vqgan_step
     from models.vqgan import VQGAN, VQGANLoss, make_vqgan_optimizers, vqgan_config, vqgan_train_step
-    from models.perceptual import build_perceptual
 
     cfg = vqgan_config("tiny", in_channels=1, disc_start=1, perceptual_weight=0.0)
     x = models.data.load_dataset("digits", "eval")[:4]

@@ -22,6 +22,7 @@ Numerics (DESIGN.md §3)
 """
 
 from .codebook_softmax import (
+    code_scores,
     code_distribution,
     code_distribution_backward,
     soft_quantize,

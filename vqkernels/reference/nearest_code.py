@@ -53,7 +53,9 @@ def _nearest_code_2d(x, codebook, metric, compute_dtype, sample_temperature, see
         else:
             logits = -scores / x_norm.unsqueeze(1)  # cosine similarity x̂·ĉ
         noise = gumbel_noise(seed, row_counter, codebook.shape[0])
-        perturbed = -(logits / sample_temperature) - noise
+        # 1/τ rounded once to fp32, then an fp32 product (the kernels do the same arithmetic).
+        inv_temp = torch.tensor(1.0 / sample_temperature, dtype=torch.float32, device=x.device)
+        perturbed = -(logits * inv_temp) - noise
         _, indices = perturbed.min(dim=1)
         best = scores.gather(1, indices.unsqueeze(1)).squeeze(1)
     else:

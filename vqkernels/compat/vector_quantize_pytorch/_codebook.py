@@ -49,6 +49,24 @@ def _kaiming_uniform(*shape) -> torch.Tensor:
     return t
 
 
+def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
+    """Fused nearest-code search with LR's tie semantics.
+
+    LR picks ``argmax(-sqrt(clamp(‖x‖² + ‖c‖² − 2x·c, 1e-8)))``: every code closer than 1e-4
+    ties, and the lowest index wins.  That happens in earnest in residual stacks (a k-means code
+    equal to a batch vector leaves a ~1e-5 residual, and later depths see many near-zero vectors
+    and codes).  The fused search returns the exact nearest code and its squared distance; rows
+    whose best distance is below 1e-6 (a superset of LR's clamped region, allowing for rounding)
+    are re-decided with LR's own formula over all codes — only those rows, so O(rows·K)."""
+    if metric != "l2":
+        return vqf.nearest_code(x, codes, metric, backend=backend, check_inputs=False)
+    idx, dist = vqf.nearest_code(x, codes, "l2", return_distance=True, backend=backend, check_inputs=False)
+    near = (dist < 1e-6).nonzero().squeeze(-1)
+    if near.numel():
+        idx[near] = _streamed.logits(x[near], codes, "neg_cdist").argmax(dim=-1)
+    return idx
+
+
 class Codebook(nn.Module):
     """LR's ``Codebook`` (euclidean and cosine) on fused kernels; arguments as LR's."""
 
@@ -172,11 +190,8 @@ class Codebook(nn.Module):
             if stochastic or metric is None:
                 out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
             else:
-                out.append(
-                    vqf.nearest_code(flat[h].detach(), e.contiguous(), metric,
-                                     backend=self.backend, check_inputs=False)
-                )
-        return torch.stack(out)
+                out.append(_lr_nearest(flat[h].detach(), e.contiguous(), metric, self.backend))
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
     # ------------------------------------------------------------------ k-means init
 
@@ -203,8 +218,7 @@ class Codebook(nn.Module):
         for _ in range(self.kmeans_iters):
             new = []
             for h in range(data.shape[0]):
-                idx = vqf.nearest_code(data[h], means[h].contiguous(), metric,
-                                       backend=self.backend, check_inputs=False)
+                idx = _lr_nearest(data[h], means[h].contiguous(), metric, self.backend)
                 counts, sums = vqf.cluster_stats(data[h], idx, k, backend=self.backend)
                 if sync:
                     self._all_reduce(counts)
@@ -404,11 +418,14 @@ class Codebook(nn.Module):
 
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
-                keep_embed=False):
+                keep_embed=False, codebook_transform_fn=None):
         """``x: [b, n, d]`` or ``[H, b, n, d]`` (float) -> ``(quantize like x (fp32), embed_ind
-        [b, n] / [H, b, n], flatten [H, N, d], embed [H, K, d], mask [H, N] or None)``; the last
-        three let the layer compute LR's distance-based losses chunk by chunk; ``keep_embed``
-        snapshots the searched codes when the EMA update below would overwrite them in place)."""
+        [b, n] / [H, b, n], flatten [H, N, d], embed [H, K, d], mask [H, N] or None, dist)``; the
+        middle three let the layer compute LR's distance-based losses chunk by chunk; ``keep_embed``
+        snapshots the searched codes when the EMA update below would overwrite them in place.
+        ``dist`` is ``None`` except with ``codebook_transform_fn`` (implicit neural codebooks: a
+        codebook per row, ``[H, N, K, d]``, inherent to the method), where it is LR's ``[H, N, K]``
+        logits and the search runs in plain PyTorch."""
         ema_update = self.ema_update if ema_update is None else ema_update
         temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         needs_codebook_dim = x.ndim < 4
@@ -426,11 +443,18 @@ class Codebook(nn.Module):
         will_update = self.training and update_usage and not freeze_codebook
         if keep_embed and will_update and embed.data_ptr() == self.embed.data_ptr():
             embed = embed.clone()  # differentiable copy: a learnable codebook keeps its gradient
-        unit = self.use_cosine_sim and self.vq_bridge is None
-        embed_ind = self.search(flatten, embed, temp, self.training, unit)
-        # gather = LR's one-hot @ embed (same values, same gradient to a learnable codebook)
-        quantize = torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(embed.shape[0])])
-        if self.training and self.straight_through and temp > 0:
+        dist = None
+        if codebook_transform_fn is not None:
+            quantize, embed_ind, dist = self._transformed_lookup(flatten, embed, codebook_transform_fn, temp)
+        else:
+            unit = self.use_cosine_sim and self.vq_bridge is None
+            embed_ind = self.search(flatten, embed, temp, self.training, unit)
+            # gather = LR's one-hot @ embed (same values, same gradient to a learnable codebook)
+            # (one codebook: unsqueeze, not stack, so the [N, d] codes are not copied again)
+            heads = embed.shape[0]
+            quantize = (F.embedding(embed_ind[0], embed[0]).unsqueeze(0) if heads == 1 else
+                        torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(heads)]))
+        if dist is None and self.training and self.straight_through and temp > 0:
             kind = "dot" if self.use_cosine_sim else "neg_cdist"
             soft = torch.stack([
                 _streamed.soft_codes(flatten[h], embed[h], kind, temp) for h in range(embed.shape[0])
@@ -443,4 +467,26 @@ class Codebook(nn.Module):
         embed_ind = embed_ind.reshape(lead)
         if needs_codebook_dim:
             quantize, embed_ind = quantize[0], embed_ind[0]
-        return quantize, embed_ind, flatten, embed, mask
+        return quantize, embed_ind, flatten, embed, mask, dist
+
+    def _transformed_lookup(self, flatten, embed, fn, temp):
+        """LR's implicit-neural-codebook branch: ``fn(embed) -> [H, b, n, K, d]`` per-row codes."""
+        h, n = flatten.shape[:2]
+        t = fn(embed)
+        t = t.reshape(h, n, t.shape[-2], t.shape[-1])
+        if self.use_cosine_sim:
+            t = _l2norm(t)
+            dist = torch.einsum("hnd,hncd->hnc", flatten, t)
+        else:
+            dist = -F.pairwise_distance(flatten.unsqueeze(-2), t)  # LR: ‖x − c + 1e-6‖
+        logits = dist
+        stochastic = self.training and self.stochastic_sample_codes and temp > 0
+        if stochastic:
+            u = torch.zeros_like(dist).uniform_(0, 1)
+            logits = dist / temp - torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+        embed_ind = logits.detach().argmax(dim=-1)
+        quantize = t.gather(-2, embed_ind[..., None, None].expand(h, n, 1, t.shape[-1])).squeeze(-2)
+        if self.training and self.straight_through and temp > 0:
+            soft = torch.einsum("hnc,hncd->hnd", (dist / temp).softmax(-1), t)
+            quantize = quantize + soft - soft.detach()
+        return quantize, embed_ind, dist

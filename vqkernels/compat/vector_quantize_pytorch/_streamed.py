@@ -140,36 +140,57 @@ def _rotation_frame(xf, qf, xn):
     return u, qh, w, qn / xn.clamp(min=1e-6)
 
 
+def _rowdot(a, b):
+    # einsum lowers to a batched GEMV: ~15x faster on CPU than (a*b).sum(-1) or linalg.vecdot
+    return torch.einsum("...d,...d->...", a, b).unsqueeze(-1)
+
+
 class _RotateTo(torch.autograd.Function):
     """Forward: ``q`` (the chosen codes).  Backward (LR 1.32's ``rotate_to``, Fifty et al. 2024):
     with ``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6 as LR's ``safe_div``),
     ``w = l2norm(u + q̂)`` and ``s = ‖q‖/‖x‖`` (all constants), LR's output is ``s·(x − 2(x·w)w +
     2(x·u)q̂)``, i.e. ``x @ M`` with ``M = s(I − 2wwᵀ + 2uq̂ᵀ)``, so
-    ``grad_x = g Mᵀ = s·(g − 2w(w·g) + 2u(q̂·g))``: O(d) per row, no d x d matrix.  The codes get
-    no gradient through the output (LR detaches every code term).  Only ``x`` and ``q`` are saved;
-    the unit vectors are recomputed in backward (O(n·d), cheaper than keeping three copies)."""
+    ``grad_x = g Mᵀ = s·(g − 2w(w·g) + 2u(q̂·g))``: O(d) per row, no d x d matrix.
+
+    Written as ``grad_x = s·g + α·x + β·q`` with per-row scalars from five row dot products
+    (x·x, q·q, x·q, x·g, q·g): the unit vectors are never materialized, so backward is a few
+    passes over ``[N, d]`` instead of a dozen.  With ``rx = 1/max(‖x‖, ε)``, ``rq = 1/max(‖q‖, ε)``,
+    ``n = max(‖u + q̂‖, ε)`` and ``c = (u·g + q̂·g)/n = w·g``:
+    ``α = rx·(2s·(q̂·g) − 2s·c/n)``, ``β = −rq·2s·c/n``.  Same clamps as LR, so the same numbers up
+    to rounding.  The codes get no gradient through the output (LR detaches every code term).
+    Only ``x`` and ``q`` are saved."""
 
     @staticmethod
     def forward(ctx, x, q):
         ctx.save_for_backward(x, q)
         # LR's value s·(x − 2(x·w)w + 2(x·u)q̂) equals q up to rounding wherever ‖x‖ >= 1e-6; below,
         # its safe_div clamp scales it towards 0 (a zero residual in a residual stack gives 0, not
-        # q).  Return q exactly where it is q, and LR's value on those degenerate rows.
-        xf, qf = x.float(), q.float()
-        xn = xf.norm(dim=-1, keepdim=True)
-        tiny = xn < 1e-6
-        if not bool(tiny.any()):
-            return q.clone()
-        u, qh, w, s = _rotation_frame(xf, qf, xn)
-        lr_value = s * (xf - 2.0 * w * (xf * w).sum(-1, keepdim=True) + 2.0 * qh * (xf * u).sum(-1, keepdim=True))
-        return torch.where(tiny, lr_value, qf).to(q.dtype)
+        # q).  Return q exactly where it is q, and LR's value on those degenerate rows only.
+        out = q.clone()
+        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        tiny = (x2.float().norm(dim=-1) < 1e-6).nonzero().squeeze(-1)
+        if tiny.numel():
+            xf, qf = x2[tiny].float(), o2[tiny].float()
+            u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
+            lr_value = s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))
+            o2[tiny] = lr_value.to(out.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, g):
         x, q = ctx.saved_tensors
         xf, qf, gf = x.float(), q.float(), g.float()
-        u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
-        gx = s * (gf - 2.0 * w * (w * gf).sum(-1, keepdim=True) + 2.0 * u * (qh * gf).sum(-1, keepdim=True))
+        xx, qq, xq = _rowdot(xf, xf), _rowdot(qf, qf), _rowdot(xf, qf)
+        xg, qgr = _rowdot(xf, gf), _rowdot(qf, gf)
+        rx = 1.0 / xx.sqrt().clamp(min=1e-6)
+        rq = 1.0 / qq.sqrt().clamp(min=1e-6)
+        s = qq.sqrt() * rx
+        ug, qg = rx * xg, rq * qgr
+        n = (rx * rx * xx + rq * rq * qq + 2.0 * rx * rq * xq).clamp(min=0).sqrt().clamp(min=1e-6)
+        c = (ug + qg) / n
+        alpha = rx * (2.0 * s * qg - 2.0 * s * c / n)
+        beta = -rq * 2.0 * s * c / n
+        gx = torch.addcmul(torch.addcmul(s * gf, alpha, xf), beta, qf)
         return gx.to(x.dtype), None
 
 

@@ -10,12 +10,13 @@ strictly both ways.  Implemented with LR's semantics: per-depth ``codebook_size`
 once per step over every depth's residuals), ``quantize_dropout`` (+ cutoff index, ``multiple_of``,
 ``rand_quantize_dropout_fixed_seed``; the seed is drawn with LR's generator calls, so a seed drops
 the same depths), ``quant_grad_frac``, ``diveq``, masks, ``return_all_codes``,
-``sample_codebook_temp``, ``freeze_codebook``, and the layer options of ``VectorQuantize``
-(rotation trick by default, k-means, dead codes, cosine, ...).
+``sample_codebook_temp``, ``freeze_codebook``, ``implicit_neural_codebook`` (QINCo: LR's ``MLP``
+evaluated on every code for every row, plain PyTorch as LR — the per-row codebooks are
+``N x K x d`` by construction), and the layer options of ``VectorQuantize`` (rotation trick by
+default, k-means, dead codes, cosine, ...).
 
-Refused (``NotImplementedError``): ``beam_size``/``eval_beam_size`` (beam search over codes) and
-``implicit_neural_codebook`` (QINCo: an MLP evaluated on every code for every row) — use the
-upstream package for those.  Where LR 1.32 itself fails we do what it evidently intends:
+Refused (``NotImplementedError``): ``beam_size``/``eval_beam_size`` (beam search over codes) — use
+the upstream package for that.  Where LR 1.32 itself fails we do what it evidently intends:
 ``forward(indices=...)`` (LR unpacks a 2-tuple into 3 names) returns ``(quantized, Σ per-depth
 cross-entropy)``; ``accept_image_fmap`` (LR's index bookkeeping only works when C == H == W)
 returns indices ``[B, H, W, Q]`` (equal to LR's where LR works).
@@ -24,6 +25,7 @@ returns indices ``[B, H, W, Q]`` (equal to LR's where LR works).
 from __future__ import annotations
 
 import random
+from functools import partial
 from math import ceil
 
 import torch
@@ -60,6 +62,38 @@ def _directional_reparam(src, tgt, noise_variance=5e-3):
     err_norm = err.norm(dim=-1, keepdim=True)
     noised = err + noise_variance**0.5 * torch.randn_like(err)
     return src + F.normalize(noised, p=2, dim=-1, eps=1e-6).detach() * err_norm
+
+
+class MLP(nn.Module):
+    """LR's implicit-neural-codebook MLP (QINCo, Huijben et al. 2024), same parameter names:
+    ``codes [h, K, d]`` (or ``[K, d]``) conditioned on ``condition [b, n, d]`` (the partial
+    reconstruction) -> per-row codes ``[h, b, n, K, d]`` (or ``[b, n, K, d]``)."""
+
+    def __init__(self, dim, dim_hidden=None, depth=4, l2norm_output=False):
+        super().__init__()
+        dim_hidden = dim if dim_hidden is None else dim_hidden
+        self.proj_in = nn.Linear(2 * dim, dim)
+        self.layers = nn.ModuleList([
+            nn.Sequential(nn.Linear(dim, dim_hidden), nn.SiLU(), nn.Linear(dim_hidden, dim)) for _ in range(depth)
+        ])
+        self.l2norm_output = l2norm_output
+
+    def forward(self, codes, *, condition):
+        one_headed = codes.ndim == 2
+        if condition.ndim == 2:
+            condition = condition.unsqueeze(1)
+        if one_headed:
+            codes = codes.unsqueeze(0)
+        h, k, d = codes.shape
+        b, n = condition.shape[0], condition.shape[-2]
+        codes = codes[:, None, None].expand(h, b, n, k, d)
+        condition = condition[None, :, :, None].expand(h, b, n, k, condition.shape[-1])
+        x = self.proj_in(torch.cat((condition, codes), dim=-1))
+        for layer in self.layers:
+            x = layer(x) + x
+        if self.l2norm_output:
+            x = F.normalize(x, dim=-1)
+        return x[0] if one_headed else x
 
 
 def _unsupported(name, why):
@@ -104,11 +138,9 @@ class ResidualVQ(nn.Module):
             raise ValueError("residual vq is not compatible with multi-headed codes (heads must be 1)")
         if num_quantizers is None and not isinstance(codebook_size, tuple):
             raise ValueError("pass num_quantizers, or codebook_size as a tuple (one size per depth)")
-        if implicit_neural_codebook:
-            raise _unsupported("implicit_neural_codebook", "QINCo MLP codebooks; use vector_quantize_pytorch")
         if beam_size is not None or eval_beam_size is not None:
             raise _unsupported("beam_size/eval_beam_size", "beam search; use vector_quantize_pytorch")
-        del mlp_kwargs
+        mlp_kwargs = {} if mlp_kwargs is None else mlp_kwargs
         codebook_dim = dim if codebook_dim is None else codebook_dim
         self.codebook_dim = codebook_dim
         requires_projection = codebook_dim != dim
@@ -118,7 +150,9 @@ class ResidualVQ(nn.Module):
         self.accept_image_fmap = accept_image_fmap
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         vq_kwargs.update(return_zeros_for_masked_padding=return_zeros_for_masked_padding)
-        self.implicit_neural_codebook = False
+        self.implicit_neural_codebook = implicit_neural_codebook
+        if implicit_neural_codebook:
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
         if shared_codebook:
             vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
         self.diveq = diveq
@@ -152,7 +186,13 @@ class ResidualVQ(nn.Module):
         if len(weights) != num_quantizers:
             raise ValueError("beam_score_quantizer_weights needs one weight per quantizer")
         self.register_buffer("beam_score_weights", torch.tensor(weights), persistent=False)
-        self.mlps = (None,) * (num_quantizers - 1)
+        if implicit_neural_codebook:
+            self.mlps = nn.ModuleList([
+                MLP(dim=codebook_dim, l2norm_output=self.layers[0].use_cosine_sim, **mlp_kwargs)
+                for _ in range(num_quantizers - 1)
+            ])
+        else:
+            self.mlps = (None,) * (num_quantizers - 1)
         self.shared_codebook = shared_codebook
         if not shared_codebook:
             return
@@ -185,9 +225,21 @@ class ResidualVQ(nn.Module):
             indices = F.pad(indices, (0, self.num_quantizers - q), value=-1)
         mask = indices == -1
         indices = indices.masked_fill(mask, 0)
-        all_codes = torch.stack([
-            cb[indices[..., i]] for i, cb in enumerate(self.codebooks)
-        ])  # q b n d
+        if not self.implicit_neural_codebook:
+            all_codes = torch.stack([cb[indices[..., i]] for i, cb in enumerate(self.codebooks)])  # q b n d
+        else:  # codes depend on the reconstruction so far: depth by depth (LR)
+            out, quantized_out = [], 0.0
+            for i, (cb, mlp) in enumerate(zip(self.codebooks, (None, *self.mlps))):
+                if mlp is not None:
+                    codes = mlp(cb, condition=quantized_out if torch.is_tensor(quantized_out)
+                                else torch.zeros(*indices.shape[:2], cb.shape[-1], device=cb.device))
+                    layer_codes = codes.gather(-2, indices[..., i, None, None].expand(
+                        *indices.shape[:2], 1, codes.shape[-1])).squeeze(-2)
+                else:
+                    layer_codes = cb[indices[..., i]]
+                out.append(layer_codes)
+                quantized_out = quantized_out + layer_codes
+            all_codes = torch.stack(out)
         all_codes = all_codes.masked_fill(mask.permute(2, 0, 1).unsqueeze(-1), 0.0)
         return all_codes.reshape(self.num_quantizers, b, *lead, all_codes.shape[-1])
 
@@ -227,14 +279,17 @@ class ResidualVQ(nn.Module):
                 dropout_index = ceil((dropout_index + 1) / multiple_of) * multiple_of - 1
         all_indices, all_losses, all_residuals = [], [], []
         index_shape = None
-        for qi, vq in enumerate(self.layers):
+        transforms = (None, *self.mlps) if self.implicit_neural_codebook else (None,) * num_quant
+        for qi, (vq, mlp) in enumerate(zip(self.layers, transforms)):
             if should_dropout and qi > dropout_index:
                 all_indices.append(torch.full(index_shape, -1, dtype=torch.long, device=device))
                 all_losses.append(torch.zeros((), device=device))
                 continue
             all_residuals.append(residual)
+            transform = partial(mlp, condition=quantized_out) if mlp is not None else None
             out = vq(residual, mask=mask, indices=None if not return_loss else indices[..., qi],
-                     sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook)
+                     sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                     codebook_transform_fn=transform)
             if return_loss:
                 ce_losses.append(out[1])
                 quantized = out[0]

@@ -20,8 +20,9 @@ Implemented with LR's semantics: ``heads`` (shared or ``separate_codebook_per_he
 ``directional_reparam``, ``orthogonal_reg_*``, ``codebook_diversity_*``,
 ``commitment_use_cross_entropy_loss``, ``freeze_codebook``, ``affine_param`` (+ sync),
 ``sync_update_v``, ``vq_bridge``, ``route_gradients_to_input``, ``return_zeros_for_masked_padding``,
-``sync_codebook``.  Refused (``NotImplementedError``): ``forward(topk=...)`` (beam search) and
-``forward(codebook_transform_fn=...)`` (implicit neural codebooks): use the upstream package.
+``sync_codebook``, ``forward(codebook_transform_fn=...)`` (implicit neural codebooks: per-row
+codes, plain PyTorch as LR since the codes themselves are ``N x K x d``).  Refused
+(``NotImplementedError``): ``forward(topk=...)`` (beam search): use the upstream package.
 
 Deliberate differences: the rotation-trick output is exactly the chosen code (LR's equals it up to
 rounding); masked commitment loss with a projection or heads uses the projected input (LR fails on
@@ -355,9 +356,6 @@ class VectorQuantize(nn.Module):
     ):
         if topk is not None:
             raise _unsupported("forward(topk=...)", "beam search over codes; use vector_quantize_pytorch")
-        if codebook_transform_fn is not None:
-            raise _unsupported("forward(codebook_transform_fn=...)",
-                               "implicit neural codebooks; use vector_quantize_pytorch")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -398,8 +396,9 @@ class VectorQuantize(nn.Module):
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, ema_update=ema_update,
             # LR's distance-based losses use the codes searched *before* this step's EMA update
             keep_embed=return_loss or self.has_codebook_diversity_loss or self.commitment_use_cross_entropy_loss,
+            codebook_transform_fn=codebook_transform_fn,
         )
-        quantize, embed_ind, flatten, embed, flat_mask = self._codebook(x, **codebook_kwargs)
+        quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
         quantize = quantize.to(dtype)
         zero = self.zero
         commit_loss = orthogonal_reg_loss = inplace_optimize_loss = codebook_diversity_loss = zero
@@ -416,7 +415,7 @@ class VectorQuantize(nn.Module):
                 self.update_in_place_optimizer()
             inplace_optimize_loss = loss
             codebook_kwargs.update(update_usage=False)
-            quantize, embed_ind, flatten, embed, flat_mask = self._codebook(x, **codebook_kwargs)
+            quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
             quantize = quantize.to(dtype)
 
         if self.training:
@@ -441,6 +440,10 @@ class VectorQuantize(nn.Module):
         def ce_loss(codes):
             # codes in LR's layout ([b, n] / [b, n, h]) -> per codebook row order of `flatten`
             codes = self._codes_to_flat(codes, flatten.shape[0], shape[0])
+            if dist is not None:  # implicit neural codebook: LR's full [H, N, K] logits exist
+                keep = codes >= 0
+                per = torch.logsumexp(dist, -1) - dist.gather(-1, codes.clamp_min(0)[..., None])[..., 0]
+                return (per * keep).sum() / keep.sum()
             terms, keeps = [], []
             for h in range(flatten.shape[0]):
                 t, k = _streamed.cross_entropy_terms(flatten[h], embed[h], codes[h], kind)
@@ -458,7 +461,7 @@ class VectorQuantize(nn.Module):
         if self.training:
             loss.requires_grad_()
             if self.has_codebook_diversity_loss:
-                codebook_diversity_loss = self._diversity_loss(flatten, embed, kind, x)
+                codebook_diversity_loss = self._diversity_loss(flatten, embed, kind, x, dist)
                 loss = loss + codebook_diversity_loss * self.codebook_diversity_loss_weight
             if self.has_commitment_loss:
                 if self.commitment_use_cross_entropy_loss:
@@ -563,10 +566,13 @@ class VectorQuantize(nn.Module):
             return codes.permute(2, 0, 1).reshape(num_codebooks, -1)  # h (b n)
         return codes.permute(0, 2, 1).reshape(1, -1)  # 1 (b h n)
 
-    def _diversity_loss(self, flatten, embed, kind, x):
+    def _diversity_loss(self, flatten, embed, kind, x, dist=None):
         # LR: prob = softmax(dist·T); avg over every dim but (position n, code); -entropy, mean over n
         n = x.shape[-2]
         scale = self.codebook_diversity_temperature
+        if dist is not None:  # implicit neural codebook: the full logits exist already
+            prob = (dist * scale).softmax(-1)
+            return -_entropy(prob.reshape(-1, n, prob.shape[-1]).mean(0)).mean()
         total = None
         for h in range(flatten.shape[0]):
             xs = flatten[h].reshape(-1, n, flatten.shape[-1])
