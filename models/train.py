@@ -88,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.pt (model config and seed come from it)",
+        help="continue from the newest valid checkpoint in OUT (checkpoint.pt, else the newest "
+        "loadable checkpoint-step*.pt; model config and seed come from it)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="GLOBAL batch per optimizer step, split evenly across the ranks (default 32 vqvae, "
+        "16 vqgan)",
+    )
     p.add_argument(
         "--image-size",
         type=int,
