@@ -573,7 +573,9 @@ def _train(args, ctx) -> dict:
         ev["train_perplexity"], ev["train_codebook_usage"] = tr["perplexity"], tr["codebook_usage"]
         if net is model:
             for q in vector_quantizers(model):
-                cb_diff_max = max(cb_diff_max, mdist.rank_max_abs_diff(q.codebook, ctx))
+                diff = mdist.rank_max_abs_diff(q.codebook, ctx)
+                # max() would drop a NaN (every comparison with it is False): keep it visible
+                cb_diff_max = diff if math.isnan(diff) else max(cb_diff_max, diff)
         return ev
 
     budget = args.minutes * 60.0 if args.minutes is not None else math.inf
