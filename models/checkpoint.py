@@ -38,6 +38,7 @@ __all__ = [
     "save_rotating",
     "step_checkpoints",
     "load_newest_valid",
+    "load_for_resume",
 ]
 
 FORMAT = "vqkernels-models"
@@ -206,3 +207,27 @@ def load_newest_valid(directory: str, name: str, require: tuple[str, ...] = ()) 
     if best is None:
         raise CheckpointError(f"no valid checkpoint in {directory}: " + "; ".join(reasons))
     return best[1], best[2]
+
+
+def load_for_resume(directory: str, name: str, ctx) -> dict:
+    """``--resume`` on every rank: rank 0 picks the newest valid checkpoint (skipping corrupt ones
+    with a warning), every rank then loads that same file.  The returned dict carries the chosen
+    path under ``"_path"``.
+
+    Raises (on every rank alike): FileNotFoundError (nothing there), CheckpointError (nothing
+    valid)."""
+    choice: tuple[str, str] = ("", "")
+    if ctx.is_main:
+        try:
+            _, path = load_newest_valid(directory, name, require=("train",))
+            choice = ("ok", path)
+        except (FileNotFoundError, CheckpointError) as exc:
+            choice = (type(exc).__name__, f"--resume: {exc}")
+    from .distributed import gather_objects
+
+    status, value = gather_objects(choice, ctx)[0]
+    if status == "FileNotFoundError":
+        raise FileNotFoundError(value)
+    if status != "ok":
+        raise CheckpointError(value)
+    return load_checkpoint(value) | {"_path": value}

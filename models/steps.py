@@ -24,7 +24,7 @@ import torch
 from .training import DeferredCodebookUpdates, autocast
 from .vqvae import reconstruction_loss
 
-__all__ = ["StepConfig", "vqvae_step", "vqgan_step", "unwrap"]
+__all__ = ["StepConfig", "vqvae_step", "vqgan_step", "unwrap", "init_codebooks_eagerly"]
 
 
 class StepConfig:
@@ -195,3 +195,18 @@ def vqgan_step(gen, disc, gan, opt_g, opt_d, images, step: int, cfg: StepConfig)
         "grad_norm": norm,
         "recon": torch.cat(recons) if n > 1 else recons[0],
     }
+
+
+@torch.no_grad()
+def init_codebooks_eagerly(model, images: torch.Tensor, cfg: StepConfig) -> None:
+    """Run a pending k-means init of the model's quantizer on the rank's whole batch now (eagerly),
+    as the first training forward would: same latents, same random draws."""
+    from vqkernels.nn import VectorQuantizer
+
+    raw = unwrap(model)
+    q = getattr(raw, "quantizer", None)
+    if not isinstance(q, VectorQuantizer) or q._initted_py:
+        return
+    with autocast(cfg.precision, cfg.device):
+        z = raw.encode_latents(images)
+    q.init_codebook_(z)

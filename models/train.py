@@ -38,12 +38,18 @@ import torch
 
 from . import build_model, model_from_checkpoint
 from . import distributed as mdist
-from .checkpoint import CheckpointError, load_checkpoint, load_newest_valid, save_rotating
+from .checkpoint import load_for_resume, save_rotating
 from .data import eval_groups, load_dataset
 from .metrics import bits_per_image, codebook_usage, perplexity, psnr, ssim
 from .perceptual import PERCEPTUAL_KINDS, build_perceptual
-from .steps import StepConfig, unwrap, vqgan_step, vqvae_step
-from .training import PRECISIONS, WeightEMA, autocast, make_grad_scaler
+from .steps import StepConfig, init_codebooks_eagerly, unwrap, vqgan_step, vqvae_step
+from .training import (
+    PRECISIONS,
+    WeightEMA,
+    discriminator_norm_for_ranks,
+    make_grad_scaler,
+    vector_quantizers,
+)
 from .vqgan import VQGANLoss, make_vqgan_optimizers, vqgan_config
 from .vqvae import vqvae_config
 
@@ -82,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from OUT/checkpoint.pt (model config and seed come from it)",
+        help="continue from the newest valid checkpoint in OUT (checkpoint.pt, else the newest "
+        "loadable checkpoint-step*.pt; model config and seed come from it)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="GLOBAL batch per optimizer step, split evenly across the ranks (default 32 vqvae, "
+        "16 vqgan)",
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -346,56 +359,6 @@ def _check_scale_args(args) -> None:
         raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
 
 
-def _load_for_resume(out: str, ctx) -> dict:
-    """Rank 0 picks the newest valid checkpoint (skipping corrupt ones with a warning); every rank
-    then loads that same file."""
-    choice: tuple[str, str] = ("", "")
-    if ctx.is_main:
-        try:
-            _, path = load_newest_valid(out, CKPT, require=("train",))
-            choice = ("ok", path)
-        except (FileNotFoundError, CheckpointError) as exc:
-            choice = (type(exc).__name__, f"--resume: {exc}")
-    status, value = mdist.gather_objects(choice, ctx)[0]
-    if status == "FileNotFoundError":
-        raise FileNotFoundError(value)
-    if status != "ok":
-        raise CheckpointError(value)
-    return load_checkpoint(value) | {"_path": value}
-
-
-def _discriminator_norm(config: dict, explicit: bool, ctx, log) -> bool:
-    """Multi-rank VQGAN: the discriminator's normalization must not see only the local batch.
-    Returns True when its BatchNorms are to be converted to SyncBatchNorm (GPUs)."""
-    if not ctx.enabled:
-        return False
-    norm = config["disc_norm"]
-    if norm == "actnorm":
-        raise ValueError(
-            "disc_norm='actnorm' initializes from the first local batch, so the ranks would start "
-            "with different discriminators; use --set disc_norm='\"group\"' (or batch on GPUs)"
-        )
-    if norm == "batch" and ctx.device.type == "cuda":
-        return True
-    if norm == "batch":
-        if explicit:
-            raise ValueError(
-                "disc_norm='batch' on several CPU ranks would normalize each rank's batch alone "
-                "(SyncBatchNorm needs GPUs); use --set disc_norm='\"group\"'"
-            )
-        config["disc_norm"] = "group"
-        log(
-            "distributed on CPU: discriminator uses GroupNorm (disc_norm='group') instead of BatchNorm"
-        )
-    return False
-
-
-def _quantizers(model):
-    from vqkernels.nn import VectorQuantizer
-
-    return [m for m in model.modules() if isinstance(m, VectorQuantizer)]
-
-
 def train(argv: list[str] | None = None) -> dict:
     """Run the CLI with ``argv`` (a list of strings); returns the metrics dict written to
     ``OUT/metrics.json`` (after SIGTERM/SIGINT: ``{"stopped_by": ..., "steps": ...}``).  Under
@@ -426,7 +389,7 @@ def _train(args, ctx) -> dict:
 
     ckpt = None
     if args.resume:
-        ckpt = _load_for_resume(args.out, ctx)
+        ckpt = load_for_resume(args.out, CKPT, ctx)
         ckpt_path = ckpt.pop("_path")
         saved = ckpt["train"]["args"]
         if saved["model"] != args.model or saved["dataset"] != args.dataset:
@@ -464,10 +427,10 @@ def _train(args, ctx) -> dict:
     if ckpt is not None:
         model = model_from_checkpoint(ckpt, backend=args.backend)
         config = model.config
-        sync_bn = args.model == "vqgan" and _discriminator_norm(config, True, ctx, log)
+        sync_bn = args.model == "vqgan" and discriminator_norm_for_ranks(config, True, ctx, log)
     else:
         config = _make_config(args, sampler.channels)
-        sync_bn = args.model == "vqgan" and _discriminator_norm(
+        sync_bn = args.model == "vqgan" and discriminator_norm_for_ranks(
             config, "disc_norm" in _parse_sets(args.set), ctx, log
         )
         model = build_model(args.model, config, backend=args.backend)
@@ -609,8 +572,10 @@ def _train(args, ctx) -> dict:
         tr = train_set_codes(net, sampler, device=device)
         ev["train_perplexity"], ev["train_codebook_usage"] = tr["perplexity"], tr["codebook_usage"]
         if net is model:
-            for q in _quantizers(model):
-                cb_diff_max = max(cb_diff_max, mdist.rank_max_abs_diff(q.codebook, ctx))
+            for q in vector_quantizers(model):
+                diff = mdist.rank_max_abs_diff(q.codebook, ctx)
+                # max() would drop a NaN (every comparison with it is False): keep it visible
+                cb_diff_max = diff if math.isnan(diff) else max(cb_diff_max, diff)
         return ev
 
     budget = args.minutes * 60.0 if args.minutes is not None else math.inf
@@ -670,7 +635,7 @@ def _train(args, ctx) -> dict:
             images = mdist.sample_shard(sampler, args.batch_size, gen, ctx).to(device)
             data_time += time.perf_counter() - ts
             if pre_init:
-                _init_codebooks(model, images, step_cfg)
+                init_codebooks_eagerly(model, images, step_cfg)
             step_model = compiled if compiled is not None else gen_model
             if gan is not None:
                 out = vqgan_step(
@@ -837,21 +802,6 @@ def _train(args, ctx) -> dict:
         f"{os.path.join(args.out, 'reconstructions.png')}"
     )
     return metrics
-
-
-@torch.no_grad()
-def _init_codebooks(model, images: torch.Tensor, cfg: StepConfig) -> None:
-    """Run a pending k-means init of the model's quantizer on the rank's whole batch now (eagerly),
-    as the first training forward would: same latents, same random draws."""
-    from vqkernels.nn import VectorQuantizer
-
-    raw = unwrap(model)
-    q = getattr(raw, "quantizer", None)
-    if not isinstance(q, VectorQuantizer) or q._initted_py:
-        return
-    with autocast(cfg.precision, cfg.device):
-        z = raw.encode_latents(images)
-    q.init_codebook_(z)
 
 
 def main(argv: list[str] | None = None) -> int:

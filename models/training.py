@@ -14,6 +14,8 @@ EMA-codebook update per optimizer step, mixed precision.
   perplexity and dead-code restarts alike).
 * :func:`autocast` / :func:`make_grad_scaler`: ``--precision fp32|bf16|fp16``.  The quantizer runs
   in fp32 whatever the autocast state (the layer turns autocast off around its search and EMA).
+* :func:`discriminator_norm_for_ranks`: on several ranks the VQGAN discriminator must not
+  normalize each rank's batch alone (SyncBatchNorm on GPUs, GroupNorm on CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["WeightEMA", "DeferredCodebookUpdates", "autocast", "make_grad_scaler", "PRECISIONS"]
+__all__ = [
+    "WeightEMA",
+    "DeferredCodebookUpdates",
+    "autocast",
+    "make_grad_scaler",
+    "PRECISIONS",
+    "vector_quantizers",
+    "discriminator_norm_for_ranks",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -63,7 +73,8 @@ class WeightEMA:
         self.model.load_state_dict(state, strict=True)
 
 
-def _vector_quantizers(model: nn.Module) -> list[nn.Module]:
+def vector_quantizers(model: nn.Module) -> list[nn.Module]:
+    """Every ``vqkernels.nn.VectorQuantizer`` inside ``model``."""
     from vqkernels.nn import VectorQuantizer
 
     return [m for m in model.modules() if isinstance(m, VectorQuantizer)]
@@ -82,7 +93,7 @@ class DeferredCodebookUpdates:
     """
 
     def __init__(self, model: nn.Module):
-        self.layers = _vector_quantizers(model)
+        self.layers = vector_quantizers(model)
         self._records: dict[int, list] = {}
 
     def __enter__(self) -> DeferredCodebookUpdates:
@@ -140,3 +151,29 @@ def make_grad_scaler(precision: str, device: torch.device):
     if precision != "fp16":
         return None
     return torch.amp.GradScaler(device.type)
+
+
+def discriminator_norm_for_ranks(config: dict, explicit: bool, ctx, log) -> bool:
+    """Multi-rank VQGAN: the discriminator's normalization must not see only the local batch.
+    Returns True when its BatchNorms are to be converted to SyncBatchNorm (GPUs)."""
+    if not ctx.enabled:
+        return False
+    norm = config["disc_norm"]
+    if norm == "actnorm":
+        raise ValueError(
+            "disc_norm='actnorm' initializes from the first local batch, so the ranks would start "
+            "with different discriminators; use --set disc_norm='\"group\"' (or batch on GPUs)"
+        )
+    if norm == "batch" and ctx.device.type == "cuda":
+        return True
+    if norm == "batch":
+        if explicit:
+            raise ValueError(
+                "disc_norm='batch' on several CPU ranks would normalize each rank's batch alone "
+                "(SyncBatchNorm needs GPUs); use --set disc_norm='\"group\"'"
+            )
+        config["disc_norm"] = "group"
+        log(
+            "distributed on CPU: discriminator uses GroupNorm (disc_norm='group') instead of BatchNorm"
+        )
+    return False

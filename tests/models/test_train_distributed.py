@@ -128,6 +128,25 @@ def _worker(rank: int, port: int, root: str) -> None:
         res["random_state"] = {k: v.clone() for k, v in q.state_dict().items()}
         res["random_restarts"] = restarts[0]
 
+        # (2b) VQGAN: generator and discriminator in separate DDP wrappers, the discriminator
+        # called twice per update (real, fake), micro-batches; BatchNorm -> GroupNorm on CPU.
+        gans = []
+        real_loss = mt.VQGANLoss
+
+        def make_loss(*a, **k):
+            gans.append(real_loss(*a, **k))
+            return gans[-1]
+
+        mt.VQGANLoss = make_loss
+        try:
+            vqgan_argv = _argv(os.path.join(root, "vqgan"), 3, "--disc-start", "1",
+                               "--grad-accum", "2")  # fmt: skip
+            vqgan_argv[vqgan_argv.index("vqvae")] = "vqgan"
+            res["vqgan"] = train(vqgan_argv)
+        finally:
+            mt.VQGANLoss = real_loss
+        res["vqgan_disc"] = {k: v.clone() for k, v in gans[0].discriminator.state_dict().items()}
+
         # (3) SIGTERM on rank 1 after its 3rd step, then --resume, vs an uninterrupted run
         # (k-means and restarts on: every rank's RNG must be restored).
         res["straight"] = train(_argv(os.path.join(root, "straight"), 7, "--ema-decay", "0.9"))
@@ -240,6 +259,17 @@ def test_codebooks_bit_identical_across_ranks_with_kmeans_and_restarts(two_ranks
     for r in range(WORLD):
         assert res[r]["random"]["codebook_rank_max_abs_diff"] == 0.0
         assert len(res[r]["random"]["history"]) == 1  # evaluated at step 3 (and at the end)
+
+
+def test_vqgan_discriminator_identical_across_ranks(two_ranks):
+    root, res = two_ranks
+    d0, d1 = res[0]["vqgan_disc"], res[1]["vqgan_disc"]
+    assert not any("running_mean" in k for k in d0)  # GroupNorm, not per-rank BatchNorm
+    for k in d0:
+        assert torch.equal(d0[k], d1[k]), k
+    cfg = json.loads(open(os.path.join(root, "vqgan", "config.json")).read())["model"]
+    assert cfg["disc_norm"] == "group"
+    assert res[0]["vqgan"]["codebook_rank_max_abs_diff"] == 0.0
 
 
 def test_sigterm_on_one_rank_stops_all_then_resume_equals_uninterrupted(two_ranks):
