@@ -290,7 +290,7 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
 OP_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
     "nearest_code": {
         "heads": ("reference", "cpu", "triton"),
-        "sample": ("reference", "cpu", "triton"),
+        "sample": ("reference", "cpu", "triton", "cuda"),
     },
     "cluster_stats": {"heads": ("reference", "cpu", "triton")},
     "ema_update_": {"heads": ("reference", "cpu", "triton")},

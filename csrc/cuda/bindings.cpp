@@ -4,7 +4,7 @@
 // Schemas live in vqkernels/_ops.py (defined once, in Python); this file only attaches CUDA
 // kernels to them with TORCH_LIBRARY_IMPL(vqkernels, CUDA).  Semantics: vqkernels/reference.py.
 //   nearest_code(x[N,D], codebook[K,D], metric, sample_temperature=0, seed=0)
-//       -> (indices[N] i64, distance[N] f32)      (sampling and multi-head: not on this backend)
+//       -> (indices[N] i64, distance[N] f32)      (sampling: sampling.cu; multi-head: not here)
 //   cluster_stats(x[N,D], indices[N] i64, K)    -> (counts[K] f32, sums[K,D] f32)
 //   ema_update_(codebook![K,D] f32, cluster_size![K] f32, embed_sum![K,D] f32, x, indices,
 //               decay, eps) -> ()
@@ -30,6 +30,7 @@
 #include <array>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -151,9 +152,9 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x_in,
                                                      c10::string_view metric,
                                                      double sample_temperature, int64_t seed) {
   const char* op = "nearest_code";
-  VQ_CHECK(sample_temperature == 0.0, op, "Gumbel sampling (sample_temperature > 0) is not ",
-           "implemented on the cuda backend yet; use backend='triton' or 'reference'");
-  (void)seed;
+  VQ_CHECK(sample_temperature >= 0.0 && std::isfinite(sample_temperature), op,
+           "sample_temperature must be a finite float >= 0, got ", sample_temperature);
+  VQ_CHECK(seed >= 0, op, "seed must be >= 0, got ", seed);
   const vq_dtype dt = check_search_inputs(x_in, codebook_in, op);
   const vq_metric m = parse_metric(metric, op);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -163,6 +164,15 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x_in,
   at::Tensor indices = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor distance = at::empty({n}, x.options().dtype(at::kFloat));
   if (n == 0) return {indices, distance};
+  if (sample_temperature > 0.0) {
+    check_launch(vq_nearest_code_sample(x.data_ptr(), x.stride(0), codebook.data_ptr(),
+                                        codebook.stride(0), n, k, d, dt, m, sample_temperature,
+                                        static_cast<uint64_t>(seed), 0, 1,
+                                        indices.data_ptr<int64_t>(), distance.data_ptr<float>(),
+                                        c10::cuda::getCurrentCUDAStream()),
+                 op);
+    return {indices, distance};
+  }
   const int sms = num_sms();
   at::Tensor ws = workspace(vq_nearest_code_workspace_bytes(n, k, sms), x);
   check_launch(vq_nearest_code(x.data_ptr(), x.stride(0), codebook.data_ptr(), codebook.stride(0),
