@@ -6,7 +6,10 @@ Public API::
     vqkernels.cluster_stats(x, indices, num_codes)
     vqkernels.ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps)
     vqkernels.quantize(x, codebook, beta=0.25, metric="l2")
+    vqkernels.code_distribution(x, codebook, temperature=1.0, metric="l2", mask=None)
+    vqkernels.soft_quantize(x, codebook, temperature=1.0, metric="dot")
     vqkernels.available_backends()
+    vqkernels.VectorQuantizer, vqkernels.ResidualVectorQuantizer      (native layers, vqkernels.nn)
 
 Importing the package registers the op schemas (``vqkernels._ops``) and loads the compiled C++
 extension when it is built; a missing extension is reported by a warning, never an import error
@@ -23,7 +26,15 @@ from . import (
     reference,
 )
 from .dispatch import BackendUnavailableError, available_backends, explain
-from .functional import cluster_stats, ema_blend_, ema_update_, nearest_code, quantize
+from .functional import (
+    cluster_stats,
+    code_distribution,
+    ema_blend_,
+    ema_update_,
+    nearest_code,
+    quantize,
+    soft_quantize,
+)
 
 __version__ = "0.1.0"
 
@@ -33,10 +44,14 @@ __all__ = [
     "ema_update_",
     "ema_blend_",
     "quantize",
+    "code_distribution",
+    "soft_quantize",
     "available_backends",
     "explain",
     "BackendUnavailableError",
     "reference",
+    "VectorQuantizer",
+    "ResidualVectorQuantizer",
     "__version__",
 ]
 
@@ -59,3 +74,4 @@ def _load_extensions() -> None:
 _load_extensions()
 
 from . import nn  # noqa: E402,F401  (layers, after the ops exist)
+from .nn import ResidualVectorQuantizer, VectorQuantizer  # noqa: E402

@@ -152,3 +152,148 @@ def _quantize_backward(ctx, grad_quantized, grad_indices, grad_loss):
 torch.library.register_autograd(
     f"{NAMESPACE}::quantize", _quantize_backward, setup_context=_quantize_setup_context
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook_softmax family: code_distribution and soft_quantize (streamed softmax over the codes).
+#
+# code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, temperature, metric)
+#     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)
+# code_distribution_backward(grad_logsumexp[N] or [0], grad_entropy[N] or [0],
+#     grad_mean_probs[K] or [0], x, codebook, row_weight, logsumexp, entropy, temperature, metric)
+#     -> (grad_x[N,D] dtype of x, grad_codebook[K,D] dtype of codebook)   ([0] grads = zero)
+# soft_quantize(x[N,D], keys[K,D], values[K,D], temperature, metric)
+#     -> (out[N,D] dtype of x, logsumexp[N] f32)
+# soft_quantize_backward(grad_out[N,D], x, keys, values, out, logsumexp, temperature, metric)
+#     -> (grad_x, grad_keys, grad_values)
+# metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional.py).
+# ---------------------------------------------------------------------------------------------
+
+_lib.define(
+    "code_distribution(Tensor x, Tensor codebook, Tensor row_weight, float temperature, "
+    "str metric) -> (Tensor logsumexp, Tensor entropy, Tensor mean_probs)"
+)
+_lib.define(
+    "code_distribution_backward(Tensor grad_logsumexp, Tensor grad_entropy, "
+    "Tensor grad_mean_probs, Tensor x, Tensor codebook, Tensor row_weight, Tensor logsumexp, "
+    "Tensor entropy, float temperature, str metric) -> (Tensor grad_x, Tensor grad_codebook)"
+)
+_lib.define(
+    "soft_quantize(Tensor x, Tensor keys, Tensor values, float temperature, str metric) "
+    "-> (Tensor out, Tensor logsumexp)"
+)
+_lib.define(
+    "soft_quantize_backward(Tensor grad_out, Tensor x, Tensor keys, Tensor values, Tensor out, "
+    "Tensor logsumexp, float temperature, str metric) "
+    "-> (Tensor grad_x, Tensor grad_keys, Tensor grad_values)"
+)
+
+CODEBOOK_SOFTMAX_OP_NAMES = (
+    "code_distribution",
+    "code_distribution_backward",
+    "soft_quantize",
+    "soft_quantize_backward",
+)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::code_distribution")
+def _code_distribution_fake(x, codebook, row_weight, temperature, metric):
+    torch._check(x.dim() == 2 and codebook.dim() == 2, lambda: "x and codebook must be 2-D")
+    torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
+    n, k = x.shape[0], codebook.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return x.new_empty((n,), **f32), x.new_empty((n,), **f32), x.new_empty((k,), **f32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::code_distribution_backward")
+def _code_distribution_backward_fake(
+    grad_logsumexp, grad_entropy, grad_mean_probs, x, codebook, row_weight, logsumexp, entropy,
+    temperature, metric,
+):  # fmt: skip
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(codebook, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::soft_quantize")
+def _soft_quantize_fake(x, keys, values, temperature, metric):
+    torch._check(x.shape[1] == keys.shape[1], lambda: "x and keys must share D")
+    torch._check(keys.shape == values.shape, lambda: "keys and values must have the same shape")
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((x.shape[0],), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::soft_quantize_backward")
+def _soft_quantize_backward_fake(grad_out, x, keys, values, out, logsumexp, temperature, metric):
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, keys, values)
+    )
+
+
+def _code_distribution_setup_context(ctx, inputs, output):
+    x, codebook, row_weight, temperature, metric = inputs
+    logsumexp, entropy, _ = output
+    ctx.save_for_backward(x, codebook, row_weight, logsumexp, entropy)
+    ctx.temperature = temperature
+    ctx.metric = metric
+
+
+def code_distribution_autograd(namespace: str = NAMESPACE):
+    """The backward of ``<namespace>::code_distribution`` (tests reuse it for the reference ops)."""
+
+    def backward(ctx, grad_logsumexp, grad_entropy, grad_mean_probs):
+        x, codebook, row_weight, logsumexp, entropy = ctx.saved_tensors
+        # An absent gradient travels as an empty tensor: the kernels then skip that term (and,
+        # for mean_probs, a whole streamed pass).
+        empty = x.new_empty((0,), dtype=torch.float32)
+        grads = [
+            empty if g is None else g.float().contiguous()
+            for g in (grad_logsumexp, grad_entropy, grad_mean_probs)
+        ]
+        op = getattr(torch.ops, namespace).code_distribution_backward
+        grad_x, grad_cb = op(
+            *grads, x, codebook, row_weight, logsumexp, entropy, ctx.temperature, ctx.metric
+        )
+        return grad_x, grad_cb, None, None, None
+
+    return backward
+
+
+def _soft_quantize_setup_context(ctx, inputs, output):
+    x, keys, values, temperature, metric = inputs
+    out, logsumexp = output
+    ctx.save_for_backward(x, keys, values, out, logsumexp)
+    ctx.temperature = temperature
+    ctx.metric = metric
+    ctx.mark_non_differentiable(logsumexp)
+
+
+def soft_quantize_autograd(namespace: str = NAMESPACE):
+    """The backward of ``<namespace>::soft_quantize`` (tests reuse it for the reference ops)."""
+
+    def backward(ctx, grad_out, grad_logsumexp):
+        x, keys, values, out, logsumexp = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        op = getattr(torch.ops, namespace).soft_quantize_backward
+        grad_x, grad_keys, grad_values = op(
+            grad_out.contiguous(), x, keys, values, out, logsumexp, ctx.temperature, ctx.metric
+        )
+        return grad_x, grad_keys, grad_values, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::code_distribution",
+    code_distribution_autograd(),
+    setup_context=_code_distribution_setup_context,
+)
+torch.library.register_autograd(
+    f"{NAMESPACE}::soft_quantize",
+    soft_quantize_autograd(),
+    setup_context=_soft_quantize_setup_context,
+)

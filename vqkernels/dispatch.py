@@ -246,6 +246,8 @@ def _sig(name: str, keep: int) -> OpFn:
 #   ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None
 #   quantize(x, codebook, beta, metric, codebook_loss, estimator, precision)
 #       -> (quantized, indices, loss)
+#   code_distribution(x, codebook, row_weight, temperature, metric) -> (lse, entropy, mean_probs)
+#   soft_quantize(x, keys, values, temperature, metric) -> (out, lse)
 OP_TABLE: dict[str, dict[str, OpFn]] = {
     "nearest_code": {
         "reference": lambda x, cb, metric, temp, seed, precision: _ref("nearest_code")(
@@ -278,6 +280,14 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
         "triton": lambda x, cb, beta, metric, cl, est, precision: _triton("quantize")(
             x, cb, beta, metric, cl, precision, est
         ),
+    },
+    "code_distribution": {
+        "reference": _ref("code_distribution"),
+        "cpu": _torch_op("code_distribution"),
+    },
+    "soft_quantize": {
+        "reference": _ref("soft_quantize"),
+        "cpu": _torch_op("soft_quantize"),
     },
 }
 

@@ -27,7 +27,15 @@ from . import (
 from .reference.quantize import ESTIMATORS
 from .reference.sampling import MAX_SEED
 
-__all__ = ["nearest_code", "cluster_stats", "ema_update_", "ema_blend_", "quantize"]
+__all__ = [
+    "nearest_code",
+    "cluster_stats",
+    "ema_update_",
+    "ema_blend_",
+    "quantize",
+    "code_distribution",
+    "soft_quantize",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _METRICS = ("l2", "cosine")
@@ -470,3 +478,125 @@ def quantize(
         bool(codebook_loss), estimator, precision, features=features,
     )  # fmt: skip
     return q.reshape(lead), idx.reshape(lead[:-1]), loss
+
+
+# ------------------------------------------------------------------ codebook_softmax family
+
+_SOFTMAX_METRICS = ("l2", "dot", "cosine", "euclidean")
+
+
+def _check_softmax_args(x, codebook, temperature, metric):
+    x = _check_x(x)
+    codebook = _check_codebook(codebook, x, same_dtype=True)
+    if metric not in _SOFTMAX_METRICS:
+        raise ValueError(f"metric must be one of {_SOFTMAX_METRICS}, got {metric!r}")
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not 0.0 < float(temperature) < float("inf")
+    ):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    return x, codebook, float(temperature)
+
+
+def _softmax_operands(x2, codebook, metric):
+    """(x, codebook, op metric): cosine is the dot product of fp32 L2-normalized vectors."""
+    if metric == "cosine":
+        # fp32 normalization (eps 1e-12 as F.normalize): the logits are then exact cosines up to
+        # fp32 rounding whatever the input dtype; autograd carries the gradient through it.
+        xn = torch.nn.functional.normalize(x2.float(), dim=-1, eps=1e-12)
+        cn = torch.nn.functional.normalize(codebook.float(), dim=-1, eps=1e-12)
+        return xn, cn, "dot"
+    return x2, codebook, metric
+
+
+def code_distribution(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    temperature: float = 1.0,
+    metric: str = "l2",
+    mask: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    check_inputs: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax of every row over the whole codebook, streamed over code tiles (never N x K).
+
+    Logits ``l_ik = s(x_i, c_k) / τ`` with ``s = −‖x − c‖²`` (``"l2"``), ``x·c`` (``"dot"``),
+    ``cos(x, c)`` (``"cosine"``) or ``−sqrt(max(‖x − c‖², 1e-8))`` (``"euclidean"``,
+    vector-quantize-pytorch's ``-cdist``); ``p_ik = softmax_k(l_ik)``.
+
+    Args:
+        x: ``[..., D]`` float32/bfloat16/float16, any strides (accumulated in fp32).
+        codebook: ``[K, D]``, same dtype and device.
+        temperature: τ > 0 (0.01 … 10 are tested; numerics are relative to the running max).
+        metric: ``"l2"``, ``"dot"``, ``"cosine"`` or ``"euclidean"``.
+        mask: optional bool ``x.shape[:-1]``; ``False`` rows are left out of ``mean_probs`` (their
+            ``logsumexp``/``entropy`` are still computed).
+
+    Returns:
+        ``logsumexp: [...] float32`` (``log Σ_k exp l_ik``), ``entropy: [...] float32``
+        (``−Σ_k p_ik log p_ik``, nats) and ``mean_probs: [K] float32`` (mean of ``p_i`` over the
+        unmasked rows; all zeros when there are none).  All three are differentiable w.r.t. ``x``
+        and ``codebook``.
+    """
+    x, codebook, temperature = _check_softmax_args(x, codebook, temperature, metric)
+    lead = x.shape[:-1]
+    x2 = _flatten(x)
+    n = x2.shape[0]
+    if mask is not None:
+        mask = _require_tensor("mask", mask)
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(lead):
+            raise ValueError(
+                f"mask must be a bool tensor of shape {list(lead)} (x's shape without D), "
+                f"got {mask.dtype} {list(mask.shape)}"
+            )
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        keep = mask.reshape(n).to(torch.float32)
+        # 1/#kept on kept rows (0/1 = 0 when none are kept: mean_probs is then all zeros).
+        row_weight = keep / keep.sum().clamp_min(1.0)
+    else:
+        row_weight = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float32, device=x.device)
+    if _want_check(check_inputs):
+        _check_finite("x", x)
+        _check_finite("codebook", codebook)
+    xo, co, op_metric = _softmax_operands(x2, codebook, metric)
+    lse, entropy, mean_probs = dispatch.call(
+        "code_distribution", backend, x.device, xo, co, row_weight, temperature, op_metric
+    )
+    return lse.reshape(lead), entropy.reshape(lead), mean_probs
+
+
+def soft_quantize(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    temperature: float = 1.0,
+    metric: str = "dot",
+    *,
+    backend: str = "auto",
+    check_inputs: bool | None = None,
+) -> torch.Tensor:
+    """Soft assignment ``Σ_k softmax_k(l_ik) · c_k`` (attention with keys = values = codebook),
+    streamed over code tiles (never N x K); the logits as in :func:`code_distribution`.
+
+    Args:
+        x: ``[..., D]`` float32/bfloat16/float16.
+        codebook: ``[K, D]``, same dtype/device.  The values are always the raw codes ``c_k``
+            (also for ``"cosine"``, whose logits use the normalized codes).
+        temperature: τ > 0.  metric: ``"dot"`` (default, IBQ), ``"l2"``, ``"cosine"``, ``"euclidean"``.
+
+    Returns:
+        ``[..., D]`` in x's dtype (accumulated in fp32), differentiable w.r.t. ``x`` and ``codebook``.
+    """
+    x, codebook, temperature = _check_softmax_args(x, codebook, temperature, metric)
+    if _want_check(check_inputs):
+        _check_finite("x", x)
+        _check_finite("codebook", codebook)
+    x2 = _flatten(x)
+    xo, keys, op_metric = _softmax_operands(x2, codebook, metric)
+    values = codebook.to(keys.dtype)
+    out, _ = dispatch.call(
+        "soft_quantize", backend, x.device, xo, keys, values, temperature, op_metric
+    )
+    return out.to(x.dtype).reshape(x.shape)

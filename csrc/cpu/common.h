@@ -122,6 +122,25 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_quan
                                                      bool codebook_loss,
                                                      c10::string_view estimator);
 
+// codebook_softmax family (codebook_softmax.cpp): streamed softmax over the codebook.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tensor& x,
+                                                                 const at::Tensor& codebook,
+                                                                 const at::Tensor& row_weight,
+                                                                 double temperature,
+                                                                 c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
+    const at::Tensor& grad_logsumexp, const at::Tensor& grad_entropy,
+    const at::Tensor& grad_mean_probs, const at::Tensor& x, const at::Tensor& codebook,
+    const at::Tensor& row_weight, const at::Tensor& logsumexp, const at::Tensor& entropy,
+    double temperature, c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::Tensor& keys,
+                                                 const at::Tensor& values, double temperature,
+                                                 c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& keys,
+    const at::Tensor& values, const at::Tensor& out, const at::Tensor& logsumexp,
+    double temperature, c10::string_view metric);
+
 // ------------------------------------------------------------------------------ helpers
 
 // Elementwise / reduction loops (blend, gathers, sums) are written once as an always-inline
