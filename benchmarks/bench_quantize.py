@@ -120,7 +120,7 @@ def make_check(n: int, d: int, k: int, device: str):
     return check
 
 
-FEATURE_SHAPES = [(16384, 64, 1024), (8192, 256, 1024)]  # (N, D, K)
+FEATURE_SHAPES = [(8192, 64, 1024), (4096, 256, 1024)]  # (N, D, K); modest: shared 2-core machine
 QUICK_FEATURE_SHAPES = [(4096, 64, 512)]
 HEAD_SHAPES = [(8192, 8, 32, 512)]  # (N, H, D, K per head)
 QUICK_HEAD_SHAPES = [(2048, 8, 32, 256)]

@@ -299,13 +299,13 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
 #   rotation  the rotation-trick estimator of quantize
 OP_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
     "nearest_code": {
-        "heads": ("reference", "cpu", "triton"),
-        "sample": ("reference", "cpu", "triton"),
+        "heads": ("reference", "cpu", "triton", "cuda"),
+        "sample": ("reference", "cpu", "triton", "cuda"),
     },
-    "cluster_stats": {"heads": ("reference", "cpu", "triton")},
-    "ema_update_": {"heads": ("reference", "cpu", "triton")},
+    "cluster_stats": {"heads": ("reference", "cpu", "triton", "cuda")},
+    "ema_update_": {"heads": ("reference", "cpu", "triton", "cuda")},
     "quantize": {
-        "heads": ("reference", "cpu", "triton"),
+        "heads": ("reference", "cpu", "triton", "cuda"),
         "rotation": ("reference", "cpu", "triton", "cuda"),
     },
 }

@@ -61,6 +61,15 @@ cudaError_t vq_ema_update(float* codebook, float* cluster_size, float* embed_sum
                           int64_t d, vq_dtype dtype, double decay, double eps, void* workspace,
                           cudaStream_t stream);
 
+// ---- nearest_code with Gumbel-max sampling (sampling.cu) ---------------------------------------
+// temperature > 0; row i uses the RNG row counter row_base + i * row_step (vqkernels/reference/
+// sampling.py); no workspace.  indices: [N] int64; distance: [N] float32.
+cudaError_t vq_nearest_code_sample(const void* x, int64_t x_row_stride, const void* codebook,
+                                   int64_t codebook_row_stride, int64_t n, int64_t k, int64_t d,
+                                   vq_dtype dtype, vq_metric metric, double temperature,
+                                   uint64_t seed, int64_t row_base, int64_t row_step,
+                                   int64_t* indices, float* distance, cudaStream_t stream);
+
 // ---- quantize (forward) ------------------------------------------------------------------------
 size_t vq_quantize_workspace_bytes(int64_t n, int64_t k, int num_sms);
 // quantized: [N, D] contiguous, dtype of x; indices: [N] int64; loss: [] float32.

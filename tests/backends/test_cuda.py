@@ -511,6 +511,8 @@ def emu(tmp_path_factory):
         "vq_quantize_backward_workspace_bytes": (_SZ, [_I64, _I64, _I64, ctypes.c_bool]),
         "vq_quantize_backward": (_INT, [_VP, _I64, _VP, _VP, _I64, _VP, _I64, _VP, _I64, _I64,
                                         _I64, _INT, _DBL, ctypes.c_bool, _VP, _VP, _VP, _VP]),
+        "vq_nearest_code_sample": (_INT, [_VP, _I64, _VP, _I64, _I64, _I64, _I64, _INT, _INT,
+                                          _DBL, ctypes.c_uint64, _I64, _I64, _VP, _VP, _VP]),
         "vq_quantize_backward_rotation": (_INT, [_VP, _I64, _VP, _VP, _I64, _VP, _I64, _VP, _I64,
                                                  _I64, _I64, _INT, _DBL, ctypes.c_bool, _VP, _VP,
                                                  _VP, _VP]),
@@ -665,6 +667,26 @@ def test_emulated_quantize(emu, dtype):
         assert torch.equal(gx, rgx)  # the same fp32 operations elementwise
         if cb_loss:
             torch.testing.assert_close(gcb, rgcb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (40, 37, 5), (9, 70, 33)], ids=_ids([(1, 1, 1), (40, 37, 5), (9, 70, 33)]))
+def test_emulated_sampling(emu, shape, metric):
+    """Gumbel-max sampling (sampling.cu) against the reference's draws with the same seed: equal
+    except where two perturbed scores are within float rounding (none expected at these sizes)."""
+    n, k, d = shape
+    x, cb = make_inputs(n, k, d, seed=k, kind="gaussian")
+    for temp, seed in ((0.5, 3), (5.0, 2**40 + 1)):
+        idx = torch.empty(n, dtype=torch.int64)
+        dist = torch.empty(n, dtype=torch.float32)
+        err = emu.vq_nearest_code_sample(_p(x), x.stride(0), _p(cb), cb.stride(0), n, k, d,
+                                         _DT[x.dtype], _METRIC[metric], temp, seed, 0, 1,
+                                         _p(idx), _p(dist), None)  # fmt: skip
+        assert err == 0
+        ridx, rdist = reference.nearest_code(x, cb, metric, sample_temperature=temp, seed=seed)
+        assert int((idx != ridx).sum()) <= max(1, n // 50)
+        same = idx == ridx
+        torch.testing.assert_close(dist[same], rdist[same], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -94,6 +94,17 @@ def test_sampling_matches_reference(backend, shape, metric, temp):
     torch.testing.assert_close(dist.cpu()[same], rdist[same], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sampling_low_precision_matches_reference(backend, dtype):
+    """Half inputs: scores from the same rounded values in fp32, so the draws agree with the
+    reference's (up to float-rounding near-ties of the perturbed scores)."""
+    require_feature(backend, "nearest_code", "sample")
+    x, cb = make_inputs(90, 21, 10, dtype, seed=8, device=backend.device)
+    idx = vqkernels.nearest_code(x, cb, sample_temperature=0.3, seed=4, backend=backend.name)
+    ridx, _ = reference.nearest_code(x.cpu(), cb.cpu(), sample_temperature=0.3, seed=4)
+    assert int((idx.cpu() != ridx).sum()) <= 2
+
+
 def test_sampling_reproducible_runs_threads_generators(backend, restore_threads):
     require_feature(backend, "nearest_code", "sample")
     x, cb = make_inputs(300, 40, 12, seed=1, device=backend.device)

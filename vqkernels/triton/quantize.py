@@ -377,6 +377,9 @@ def _quantize_backward_op(
         block_n = 16 if interpreting() else 32
         block_d = min(max(16, triton.next_power_of_2(d)), 32 if interpreting() else 128)
         if estimator == "rotation":
+            # 3 row tiles live at once (x, q, grad): BLOCK_D <= 64 keeps a 32-row tile of
+            # 4 warps under the register cap on sm_90 (no spills; tests/backends/test_triton.py).
+            block_d = min(block_d, 64)
             wrap_triton(_quantize_bwd_x_rotation_kernel)[(triton.cdiv(n, block_n),)](
                 grad_quantized, grad_quantized.stride(0), grad_quantized.stride(1),
                 g,

@@ -121,8 +121,12 @@ def _sample_kernel(
         g = -tl.log(-tl.log(u))
         z = -(logit * inv_temp) - g
         z = tl.where(mask_k[None, :] & (z == z), z, float("inf"))
-        blk_min, blk_arg = tl.min(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        blk_score = tl.sum(tl.where(tl.arange(0, BLOCK_K)[None, :] == blk_arg[:, None], score, 0.0), axis=1)
+        blk_min, blk_arg = tl.min(
+            z, axis=1, return_indices=True, return_indices_tie_break_left=True
+        )
+        blk_score = tl.sum(
+            tl.where(tl.arange(0, BLOCK_K)[None, :] == blk_arg[:, None], score, 0.0), axis=1
+        )
         better = blk_min < best
         best = tl.where(better, blk_min, best)
         best_idx = tl.where(better, k0 + blk_arg.to(tl.int32), best_idx)
