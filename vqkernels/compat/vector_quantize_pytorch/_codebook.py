@@ -212,14 +212,24 @@ class Codebook(nn.Module):
             )
         sync = self.sync_kmeans
         means = torch.stack([self._sample(s, self.codebook_size, sync) for s in data.unbind(0)])
-        metric = "cosine" if self.use_cosine_sim else "l2"
+        # Assignments with LR's own formula (row chunks, never N x K): k-means runs once, and
+        # in residual stacks its data are degenerate — with many near-zero residuals, every
+        # vector is almost equidistant from the near-zero centers and the last ulp of the
+        # distance decides; LR's rounding is the only way to reproduce LR's centers there.
+        kind = "dot" if self.use_cosine_sim else "neg_cdist"
         k = self.codebook_size
         bins = torch.zeros(data.shape[0], k, device=data.device)
         for _ in range(self.kmeans_iters):
             new = []
             for h in range(data.shape[0]):
-                idx = _lr_nearest(data[h], means[h].contiguous(), metric, self.backend)
-                counts, sums = vqf.cluster_stats(data[h], idx, k, backend=self.backend)
+                idx = _streamed.sample_codes(data[h], means[h], kind, 1.0, False)
+                # Sums by scatter_add in row order, exactly LR's accumulation: k-means runs once,
+                # and bit-identical centers matter downstream — a k-means code equal to a batch
+                # vector leaves a ~1e-5 residual whose next-depth k-means is chaotic in the last
+                # ulp, so any other summation order gives a different residual codebook.
+                counts = torch.zeros(k, device=data.device).index_put_((idx,), torch.ones_like(idx, dtype=torch.float32), accumulate=True)
+                sums = torch.zeros(k, data.shape[-1], device=data.device, dtype=data.dtype)
+                sums.scatter_add_(0, idx[:, None].expand(-1, data.shape[-1]), data[h])
                 if sync:
                     self._all_reduce(counts)
                 bins[h] = counts
@@ -440,9 +450,10 @@ class Codebook(nn.Module):
         if self.affine_param:
             self.update_affine(flatten.detach(), self.embed.detach(), mask=mask)
         embed = self.effective_embed()
-        will_update = self.training and update_usage and not freeze_codebook
-        if keep_embed and will_update and embed.data_ptr() == self.embed.data_ptr():
-            embed = embed.clone()  # differentiable copy: a learnable codebook keeps its gradient
+        if keep_embed and embed.data_ptr() == self.embed.data_ptr():
+            # differentiable copy (a learnable codebook keeps its gradient); also when this step
+            # does not update: a later forward may, before this step's backward reads the codes
+            embed = embed.clone()
         dist = None
         if codebook_transform_fn is not None:
             quantize, embed_ind, dist = self._transformed_lookup(flatten, embed, codebook_transform_fn, temp)

@@ -166,34 +166,126 @@ class _RotateTo(torch.autograd.Function):
         # LR's value s·(x − 2(x·w)w + 2(x·u)q̂) equals q up to rounding wherever ‖x‖ >= 1e-6; below,
         # its safe_div clamp scales it towards 0 (a zero residual in a residual stack gives 0, not
         # q).  Return q exactly where it is q, and LR's value on those degenerate rows only.
-        out = q.clone()
-        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        tiny = (x2.float().norm(dim=-1) < 1e-6).nonzero().squeeze(-1)
-        if tiny.numel():
-            xf, qf = x2[tiny].float(), o2[tiny].float()
-            u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
-            lr_value = s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))
-            o2[tiny] = lr_value.to(out.dtype)
-        return out
+        return _rotation_value(x, q)
 
     @staticmethod
     def backward(ctx, g):
         x, q = ctx.saved_tensors
-        xf, qf, gf = x.float(), q.float(), g.float()
-        xx, qq, xq = _rowdot(xf, xf), _rowdot(qf, qf), _rowdot(xf, qf)
-        xg, qgr = _rowdot(xf, gf), _rowdot(qf, gf)
-        rx = 1.0 / xx.sqrt().clamp(min=1e-6)
-        rq = 1.0 / qq.sqrt().clamp(min=1e-6)
-        s = qq.sqrt() * rx
-        ug, qg = rx * xg, rq * qgr
-        n = (rx * rx * xx + rq * rq * qq + 2.0 * rx * rq * xq).clamp(min=0).sqrt().clamp(min=1e-6)
-        c = (ug + qg) / n
-        alpha = rx * (2.0 * s * qg - 2.0 * s * c / n)
-        beta = -rq * 2.0 * s * c / n
-        gx = torch.addcmul(torch.addcmul(s * gf, alpha, xf), beta, qf)
-        return gx.to(x.dtype), None
+        return _rotation_grad(x, q, g), None
+
+
+def _rotation_value(x, q, return_patch=False):
+    """The rotation trick's forward value: ``q``, except LR's clamped value on rows with
+    ‖x‖ < 1e-6 (with ``return_patch``: also those rows' flat indices and values)."""
+    out = q.clone()
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    tiny = (x2.float().norm(dim=-1) < 1e-6).nonzero().squeeze(-1)
+    vals = o2.new_zeros(0, o2.shape[-1])  # (not a view of `out`: it would keep `out` alive)
+    if tiny.numel():
+        xf, qf = x2[tiny].float(), o2[tiny].float()
+        u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
+        lr_value = s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))
+        vals = lr_value.to(out.dtype)
+        o2[tiny] = vals
+    return (out, tiny, vals) if return_patch else out
+
+
+def _rotation_grad(x, q, g):
+    """``grad_x`` of the rotation trick (see :class:`_RotateTo`)."""
+    xf, qf, gf = x.float(), q.float(), g.float()
+    xx, qq, xq = _rowdot(xf, xf), _rowdot(qf, qf), _rowdot(xf, qf)
+    xg, qgr = _rowdot(xf, gf), _rowdot(qf, gf)
+    rx = 1.0 / xx.sqrt().clamp(min=1e-6)
+    rq = 1.0 / qq.sqrt().clamp(min=1e-6)
+    s = qq.sqrt() * rx
+    ug, qg = rx * xg, rq * qgr
+    n = (rx * rx * xx + rq * rq * qq + 2.0 * rx * rq * xq).clamp(min=0).sqrt().clamp(min=1e-6)
+    c = (ug + qg) / n
+    alpha = rx * (2.0 * s * qg - 2.0 * s * c / n)
+    beta = -rq * 2.0 * s * c / n
+    gx = torch.addcmul(torch.addcmul(s * gf, alpha, xf), beta, qf)
+    return gx.to(x.dtype)
 
 
 def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``x, q: [..., d]`` -> the value of ``q`` with the rotation-trick gradient to ``x``."""
     return _RotateTo.apply(x, q.detach())
+
+
+# ------------------------------------------------------------------------------ residual stacks
+
+
+class ResidualChain:
+    """The inputs of a residual stack's depths, kept as a recipe instead of tensors.
+
+    ResidualVQ (training, default estimator path) hands one to its layers: depth ``l``'s input is
+    ``base − v_0 − … − v_{l−1}``, where ``v_i`` is depth ``i``'s output value, rebuilt from its
+    indices and a snapshot of the codes it searched (``K x d``, smaller than the ``N x d`` codes
+    when K < N; else the codes themselves are kept).  The backward replays those subtractions
+    with the same float ops as the forward, so the recomputed inputs are bit-identical, and
+    saves two ``N x d`` tensors per depth (input and codes) at the price of O(depth) gathers.
+    """
+
+    def __init__(self, base: torch.Tensor):
+        self.base = base.detach()  # kept as given (a view of the input costs nothing)
+        self.steps: list[list] = []
+
+    def record(self, idx, snapshot, q, rotation: bool):
+        """Depth ``len(steps)``: its indices + code snapshot (or its codes when K >= N); the
+        rotation patch (rows with ‖x‖ < 1e-6) is added by the estimator's forward."""
+        empty = q.new_zeros(0, q.shape[-1])
+        tiny = torch.zeros(0, dtype=torch.long, device=q.device)
+        if snapshot is not None and snapshot.numel() < q.numel():
+            self.steps.append([idx.reshape(-1), snapshot, None, rotation, tiny, empty])
+        else:
+            self.steps.append([None, None, q.detach().reshape(-1, q.shape[-1]), rotation, tiny, empty])
+
+    def codes(self, i: int) -> torch.Tensor:
+        idx, snapshot, q = self.steps[i][:3]
+        return q if q is not None else F.embedding(idx, snapshot)
+
+    def input(self, depth: int) -> torch.Tensor:
+        """Depth ``depth``'s input ``[N, d]``: one gather and one subtraction per earlier depth
+        (plus the rare rotation patch rows), the same float ops as the forward's."""
+        r = self.base.reshape(-1, self.base.shape[-1])
+        for i in range(depth):
+            q = self.codes(i)
+            rotation, tiny, vals = self.steps[i][3:]
+            if rotation:
+                v = q
+                if tiny.numel():
+                    v = q.clone()
+                    v[tiny] = vals
+            else:
+                v = r + (q - r)
+            r = r - v
+        return r
+
+
+class _ChainedEstimator(torch.autograd.Function):
+    """Rotation trick (or STE) + LR's commitment MSE of one residual depth, saving only the
+    :class:`ResidualChain` recipe: ``(out, mse) = (value(x, q), mean((q − x)²))``; backward
+    ``grad_x = R(g_out) + g_mse·2(x − q)/numel`` with ``x``, ``q`` recomputed from the chain."""
+
+    @staticmethod
+    def forward(ctx, x, q, chain, depth, rotation):
+        ctx.chain, ctx.depth, ctx.rotation, ctx.shape = chain, depth, rotation, x.shape
+        if rotation:
+            out, tiny, vals = _rotation_value(x, q, return_patch=True)
+            chain.steps[depth][4:] = [tiny, vals]
+        else:
+            out = x + (q - x)
+        return out, F.mse_loss(q, x)
+
+    @staticmethod
+    def backward(ctx, g_out, g_mse):
+        x = ctx.chain.input(ctx.depth).reshape(ctx.shape)
+        q = ctx.chain.codes(ctx.depth).reshape(ctx.shape)
+        grad = _rotation_grad(x, q, g_out) if ctx.rotation else g_out
+        if g_mse is not None:
+            grad = grad + g_mse * (2.0 / x.numel()) * (x - q)
+        return grad, None, None, None, None
+
+
+def chained_estimator(x, q, chain, depth, rotation):
+    return _ChainedEstimator.apply(x, q.detach(), chain, depth, rotation)

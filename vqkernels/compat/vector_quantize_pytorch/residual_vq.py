@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed as vqdist
+from . import _streamed
 from .vector_quantize import VectorQuantize
 
 __all__ = ["ResidualVQ", "GroupedResidualVQ"]
@@ -278,6 +279,13 @@ class ResidualVQ(nn.Module):
             if multiple_of != 1:
                 dropout_index = ceil((dropout_index + 1) / multiple_of) * multiple_of - 1
         all_indices, all_losses, all_residuals = [], [], []
+        # Memory: in the default training path each depth saves a recipe of its input instead of
+        # the input and its codes (see _streamed.ResidualChain); bit-identical gradients.
+        chain = None
+        if (self.training and torch.is_grad_enabled() and x.requires_grad and self.quant_grad_frac <= 0
+                and not fmap and mask is None and not return_loss and not self.diveq
+                and not self.implicit_neural_codebook and x.dtype == torch.float32):
+            chain = _streamed.ResidualChain(x)
         index_shape = None
         transforms = (None, *self.mlps) if self.implicit_neural_codebook else (None,) * num_quant
         for qi, (vq, mlp) in enumerate(zip(self.layers, transforms)):
@@ -285,11 +293,18 @@ class ResidualVQ(nn.Module):
                 all_indices.append(torch.full(index_shape, -1, dtype=torch.long, device=device))
                 all_losses.append(torch.zeros((), device=device))
                 continue
-            all_residuals.append(residual)
+            if self.shared_codebook and self.training:
+                all_residuals.append(residual)  # for the shared codebook's expiry (only then)
             transform = partial(mlp, condition=quantized_out) if mlp is not None else None
-            out = vq(residual, mask=mask, indices=None if not return_loss else indices[..., qi],
-                     sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
-                     codebook_transform_fn=transform)
+            vq._residual_chain = (chain, qi) if chain is not None else None
+            try:
+                out = vq(residual, mask=mask, indices=None if not return_loss else indices[..., qi],
+                         sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
+                         codebook_transform_fn=transform)
+            finally:
+                vq._residual_chain = None
+            if chain is not None and len(chain.steps) != qi + 1:
+                chain = None  # this depth took the general path: later depths save their inputs
             if return_loss:
                 ce_losses.append(out[1])
                 quantized = out[0]

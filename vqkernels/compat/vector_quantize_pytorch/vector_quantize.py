@@ -233,6 +233,8 @@ class VectorQuantize(nn.Module):
         self.register_buffer("zero", torch.tensor(0.0), persistent=False)
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.freeze_codebook = freeze_codebook
+        # (ResidualChain, depth) set by ResidualVQ around this layer's call: see _chained_path
+        self._residual_chain = None
 
     # ------------------------------------------------------------------ LR's public helpers
 
@@ -395,7 +397,8 @@ class VectorQuantize(nn.Module):
             sample_codebook_temp=sample_codebook_temp, mask=mask, freeze_codebook=freeze_codebook,
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, ema_update=ema_update,
             # LR's distance-based losses use the codes searched *before* this step's EMA update
-            keep_embed=return_loss or self.has_codebook_diversity_loss or self.commitment_use_cross_entropy_loss,
+            keep_embed=(return_loss or self.has_codebook_diversity_loss or self.commitment_use_cross_entropy_loss
+                        or self._residual_chain is not None),
             codebook_transform_fn=codebook_transform_fn,
         )
         quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
@@ -418,7 +421,12 @@ class VectorQuantize(nn.Module):
             quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
             quantize = quantize.to(dtype)
 
-        if self.training:
+        chained_commit = None
+        if self.training and self._chained_path(x, mask, dist, input_requires_grad, return_loss):
+            chain, depth = self._residual_chain
+            chain.record(embed_ind, embed[0], quantize, self.rotation_trick)
+            quantize, chained_commit = _streamed.chained_estimator(x, quantize, chain, depth, self.rotation_trick)
+        elif self.training:
             commit_quantize = (
                 quantize.detach() if (not self.learnable_codebook or freeze_codebook) else quantize
             )
@@ -479,6 +487,8 @@ class VectorQuantize(nn.Module):
                     ref = orig_input if same else x
                     sq = F.mse_loss(commit_quantize, ref, reduction="none")
                     commit_loss = sq[self._head_mask(mask, sq)].mean()
+                elif chained_commit is not None:
+                    commit_loss = chained_commit
                 else:
                     commit_loss = F.mse_loss(commit_quantize, x)
                 loss = loss + commit_loss * self.commitment_weight
@@ -521,6 +531,22 @@ class VectorQuantize(nn.Module):
             return quantize, embed_ind, loss
         return quantize, embed_ind, loss, LossBreakdown(
             commit_loss, codebook_diversity_loss, orthogonal_reg_loss, inplace_optimize_loss
+        )
+
+    def _chained_path(self, x, mask, dist, input_requires_grad, return_loss) -> bool:
+        """Whether this training step may save a ResidualChain recipe instead of its input and
+        codes (memory of residual stacks): the default estimators (rotation trick or STE) with
+        the plain commitment MSE on an fp32, euclidean, single-head, unprojected EMA layer —
+        where the layer's ``x`` is exactly the residual the chain replays."""
+        return (
+            self._residual_chain is not None and input_requires_grad and self.route_gradients_to_input
+            and not self.directional_reparam and self.sync_update_v == 0.0 and not self.learnable_codebook
+            and not self._codebook.learnable_codebook and mask is None and dist is None and not return_loss
+            and self.heads == 1 and not self.use_cosine_sim and not self.has_projections
+            and not self.commitment_use_cross_entropy_loss and x.dtype == torch.float32
+            and self.in_place_codebook_optimizer is None and not self.accept_image_fmap
+            and not self.accept_3d_fmap and self.channel_last
+            and not (self._codebook.straight_through or self._codebook.stochastic_sample_codes)
         )
 
     # ------------------------------------------------------------------ layout helpers
