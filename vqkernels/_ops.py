@@ -163,7 +163,7 @@ torch.library.register_autograd(
 #     grad_mean_probs[K] or [0], x, codebook, row_weight, logsumexp, entropy, temperature, metric)
 #     -> (grad_x[N,D] dtype of x, grad_codebook[K,D] dtype of codebook)   ([0] grads = zero)
 # soft_quantize(x[N,D], keys[K,D], values[K,D], temperature, metric)
-#     -> (out[N,D] dtype of x, logsumexp[N] f32)
+#     -> (out[N,D] dtype of x, logsumexp[N] f32, indices[N] i64 = argmax_k logits, ties -> lowest)
 # soft_quantize_backward(grad_out[N,D], x, keys, values, out, logsumexp, temperature, metric)
 #     -> (grad_x, grad_keys, grad_values)
 # metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional.py).
@@ -180,7 +180,7 @@ _lib.define(
 )
 _lib.define(
     "soft_quantize(Tensor x, Tensor keys, Tensor values, float temperature, str metric) "
-    "-> (Tensor out, Tensor logsumexp)"
+    "-> (Tensor out, Tensor logsumexp, Tensor indices)"
 )
 _lib.define(
     "soft_quantize_backward(Tensor grad_out, Tensor x, Tensor keys, Tensor values, Tensor out, "
@@ -223,6 +223,7 @@ def _soft_quantize_fake(x, keys, values, temperature, metric):
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         x.new_empty((x.shape[0],), dtype=torch.float32),
+        x.new_empty((x.shape[0],), dtype=torch.int64),
     )
 
 
@@ -264,17 +265,17 @@ def code_distribution_autograd(namespace: str = NAMESPACE):
 
 def _soft_quantize_setup_context(ctx, inputs, output):
     x, keys, values, temperature, metric = inputs
-    out, logsumexp = output
+    out, logsumexp, indices = output
     ctx.save_for_backward(x, keys, values, out, logsumexp)
     ctx.temperature = temperature
     ctx.metric = metric
-    ctx.mark_non_differentiable(logsumexp)
+    ctx.mark_non_differentiable(logsumexp, indices)
 
 
 def soft_quantize_autograd(namespace: str = NAMESPACE):
     """The backward of ``<namespace>::soft_quantize`` (tests reuse it for the reference ops)."""
 
-    def backward(ctx, grad_out, grad_logsumexp):
+    def backward(ctx, grad_out, grad_logsumexp, grad_indices):
         x, keys, values, out, logsumexp = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)

@@ -284,10 +284,12 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
     "code_distribution": {
         "reference": _ref("code_distribution"),
         "cpu": _torch_op("code_distribution"),
+        "triton": _triton("code_distribution"),
     },
     "soft_quantize": {
         "reference": _ref("soft_quantize"),
         "cpu": _torch_op("soft_quantize"),
+        "triton": _triton("soft_quantize"),
     },
 }
 

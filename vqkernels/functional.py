@@ -574,29 +574,49 @@ def soft_quantize(
     temperature: float = 1.0,
     metric: str = "dot",
     *,
+    values: torch.Tensor | None = None,
+    return_indices: bool = False,
     backend: str = "auto",
     check_inputs: bool | None = None,
-) -> torch.Tensor:
+):
     """Soft assignment ``Σ_k softmax_k(l_ik) · c_k`` (attention with keys = values = codebook),
     streamed over code tiles (never N x K); the logits as in :func:`code_distribution`.
 
     Args:
         x: ``[..., D]`` float32/bfloat16/float16.
-        codebook: ``[K, D]``, same dtype/device.  The values are always the raw codes ``c_k``
-            (also for ``"cosine"``, whose logits use the normalized codes).
+        codebook: ``[K, D]``, same dtype/device (the keys of the logits).
         temperature: τ > 0.  metric: ``"dot"`` (default, IBQ), ``"l2"``, ``"cosine"``, ``"euclidean"``.
+        values: the ``[K, D]`` vectors averaged (default: the raw codes ``codebook``, also for
+            ``"cosine"``, whose logits use the normalized codes).  Index backpropagation passes
+            ``codebook.detach()`` so that the codebook gets only the gradient of the assignment.
+        return_indices: also return ``argmax_k l_ik`` (``[...] int64``, ties -> lowest index),
+            found in the same streamed pass.
 
     Returns:
-        ``[..., D]`` in x's dtype (accumulated in fp32), differentiable w.r.t. ``x`` and ``codebook``.
+        ``[..., D]`` in x's dtype (accumulated in fp32), differentiable w.r.t. ``x``, ``codebook``
+        and ``values``; with ``return_indices`` also the argmax indices.
     """
     x, codebook, temperature = _check_softmax_args(x, codebook, temperature, metric)
+    if values is None:
+        values = codebook
+    else:
+        values = _require_tensor("values", values)
+        if values.shape != codebook.shape or values.device != codebook.device:
+            raise ValueError(
+                f"values must have the codebook's shape {list(codebook.shape)} and device, got "
+                f"{list(values.shape)} on {values.device}"
+            )
+        if values.dtype != codebook.dtype:
+            raise TypeError(f"values must have the codebook's dtype {codebook.dtype}, got {values.dtype}")
     if _want_check(check_inputs):
         _check_finite("x", x)
         _check_finite("codebook", codebook)
     x2 = _flatten(x)
     xo, keys, op_metric = _softmax_operands(x2, codebook, metric)
-    values = codebook.to(keys.dtype)
-    out, _ = dispatch.call(
-        "soft_quantize", backend, x.device, xo, keys, values, temperature, op_metric
+    out, _, indices = dispatch.call(
+        "soft_quantize", backend, x.device, xo, keys, values.to(keys.dtype), temperature, op_metric
     )
-    return out.to(x.dtype).reshape(x.shape)
+    out = out.to(x.dtype).reshape(x.shape)
+    if return_indices:
+        return out, indices.reshape(x.shape[:-1])
+    return out

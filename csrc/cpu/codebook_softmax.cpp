@@ -4,7 +4,8 @@
 // │     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)                               │
 // │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[0], x, codebook, row_weight, │
 // │     logsumexp, entropy, τ, metric) -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)   │
-// │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric) -> (out[N,D] dtype x, lse[N] f32) │
+// │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric)                                   │
+// │     -> (out[N,D] dtype x, lse[N] f32, indices[N] i64 = argmax_k l_ik, ties -> lowest)      │
 // │ soft_quantize_backward(grad_out, x, keys, values, out, lse, τ, metric)                     │
 // │     -> (grad_x, grad_keys, grad_values)                                                    │
 // │ metric: "l2" (−‖x−c‖²), "dot" (x·c), "euclidean" (−sqrt(max(‖x−c‖², 1e-8))); logits s/τ.   │
@@ -228,17 +229,30 @@ VQK_INLINE inline void accum_rows(const float* e, const float* m, int64_t D, int
   }
 }
 
-// part[j·D + d] = Σ_r e[j·R + r] · xrows[r·D + d]  (rows in increasing order).
+// part[j·D + d] = Σ_r e[j·R + r] · xrows[r·D + d]: four interleaved partial sums (rows r ≡ 0..3
+// mod 4, each in increasing order) combined as (s0 + s1) + (s2 + s3): a fixed order, so
+// deterministic, with four independent FMA chains instead of one latency-bound chain over 32 rows.
 VQK_INLINE inline void accum_codes(const float* e, const float* xrows, int64_t D, int64_t nc,
-                                   float* part) {
-  for (int64_t i = 0; i < nc * D; ++i) part[i] = 0.0f;
+                                   float* part, float* scratch /* [4·D] */) {
   for (int64_t j = 0; j < nc; ++j) {
-    float* pj = part + j * D;
-    for (int r = 0; r < kRows; ++r) {
-      const float w = e[j * kRows + r];
-      const float* xr = xrows + r * D;
-      for (int64_t d = 0; d < D; ++d) pj[d] = std::fma(w, xr[d], pj[d]);
+    float* s0 = scratch;
+    float* s1 = scratch + D;
+    float* s2 = scratch + 2 * D;
+    float* s3 = scratch + 3 * D;
+    for (int64_t i = 0; i < 4 * D; ++i) scratch[i] = 0.0f;
+    const float* ej = e + j * kRows;
+    for (int r = 0; r < kRows; r += 4) {
+      const float w0 = ej[r], w1 = ej[r + 1], w2 = ej[r + 2], w3 = ej[r + 3];
+      const float* x0 = xrows + r * D;
+      for (int64_t d = 0; d < D; ++d) {
+        s0[d] = std::fma(w0, x0[d], s0[d]);
+        s1[d] = std::fma(w1, x0[D + d], s1[d]);
+        s2[d] = std::fma(w2, x0[2 * D + d], s2[d]);
+        s3[d] = std::fma(w3, x0[3 * D + d], s3[d]);
+      }
     }
+    float* pj = part + j * D;
+    for (int64_t d = 0; d < D; ++d) pj[d] = (s0[d] + s1[d]) + (s2[d] + s3[d]);
   }
 }
 
@@ -509,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   auto gc32 = at::empty({K, D}, f32);
   float* gcp = gc32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D);
+    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acc(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
@@ -518,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           e_tile(b, k0, nc, l.data(), coef.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data());
+          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acc[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }
@@ -536,9 +550,11 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   return {gx32.to(x.scalar_type()), gc32.to(codebook.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::Tensor& keys,
-                                                 const at::Tensor& values, double temperature,
-                                                 c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x,
+                                                             const at::Tensor& keys,
+                                                             const at::Tensor& values,
+                                                             double temperature,
+                                                             c10::string_view metric_name) {
   check_2d_pair(x, keys, "soft_quantize");
   check_2d_pair(x, values, "soft_quantize");
   TORCH_CHECK(keys.sizes() == values.sizes(), "vqkernels.soft_quantize (cpu backend): keys ",
@@ -547,7 +563,9 @@ std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::
   const int64_t N = x.size(0), K = keys.size(0), D = x.size(1);
   auto f32 = x.options().dtype(at::kFloat);
   auto lse = at::empty({N}, f32);
-  if (N == 0) return {at::empty({0, D}, x.options()), lse};
+  auto indices = at::empty({N}, x.options().dtype(at::kLong));
+  if (N == 0) return {at::empty({0, D}, x.options()), lse, indices};
+  int64_t* ip = indices.data_ptr<int64_t>();
   const int64_t nb = (N + kRows - 1) / kRows;
   const Packed pk = pack(x, keys, nb);
   const Problem P = problem(pk, metric, temperature, N);
@@ -565,20 +583,34 @@ std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::
       for (int64_t b = b0; b < b1; ++b) {
         float m[kRows];
         double S[kRows];
+        int64_t best[kRows];
         for (int r = 0; r < kRows; ++r) {
           m[r] = -kInf;
           S[r] = 0.0;
+          best[r] = 0;
         }
         std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t t = 0; t < P.nt; ++t) {
           const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
           logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
+          // Tile max and its first position (strict >: ties keep the lowest index, as
+          // torch.argmax), which becomes the row's argmax when it beats the running max.
           float tmax[kRows];
-          for (int r = 0; r < kRows; ++r) tmax[r] = -kInf;
-          for (int64_t j = 0; j < nc; ++j)
-            for (int r = 0; r < kRows; ++r) tmax[r] = std::max(tmax[r], l[j * kRows + r]);
+          int32_t targ[kRows];
+          for (int r = 0; r < kRows; ++r) {
+            tmax[r] = -kInf;
+            targ[r] = 0;
+          }
+          for (int64_t j = 0; j < nc; ++j) {
+            for (int r = 0; r < kRows; ++r) {
+              const float v = l[j * kRows + r];
+              targ[r] = v > tmax[r] ? static_cast<int32_t>(j) : targ[r];
+              tmax[r] = v > tmax[r] ? v : tmax[r];
+            }
+          }
           for (int r = 0; r < kRows; ++r) {
             if (tmax[r] > m[r]) {
+              best[r] = k0 + targ[r];
               if (m[r] != -kInf) {
                 const double alpha =
                     std::exp(static_cast<double>(m[r]) - static_cast<double>(tmax[r]));
@@ -607,11 +639,12 @@ std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::
           const double shift =
               P.metric == Metric::kL2 ? static_cast<double>(P.xsq[i]) * inv_tau_d : 0.0;
           lp[i] = static_cast<float>(static_cast<double>(m[r]) + std::log(S[r]) - shift);
+          ip[i] = best[r];
         }
       }
     });
   });
-  return {out32.to(x.scalar_type()), lse};
+  return {out32.to(x.scalar_type()), lse, indices};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
@@ -698,7 +731,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
   float *gkp = gk32.data_ptr<float>(), *gvp = gv32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
-        gv(kCodes * kRows), part(kCodes * D);
+        gv(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acck(kCodes * D), accv(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
@@ -708,9 +741,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           tiles(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data());
+          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acck[i] += part[i];
-          accum_codes(p.data(), gor + b * kRows * D, D, nc, part.data());
+          accum_codes(p.data(), gor + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) accv[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }

@@ -133,9 +133,11 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     const at::Tensor& grad_mean_probs, const at::Tensor& x, const at::Tensor& codebook,
     const at::Tensor& row_weight, const at::Tensor& logsumexp, const at::Tensor& entropy,
     double temperature, c10::string_view metric);
-std::tuple<at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x, const at::Tensor& keys,
-                                                 const at::Tensor& values, double temperature,
-                                                 c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x,
+                                                             const at::Tensor& keys,
+                                                             const at::Tensor& values,
+                                                             double temperature,
+                                                             c10::string_view metric);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& out, const at::Tensor& logsumexp,

@@ -5,6 +5,9 @@
                              perplexity / usage statistics.
 ``ResidualVectorQuantizer``  (:mod:`.residual`) stages of ``VectorQuantizer`` that quantize the
                              residual of the previous ones.
+``IndexBackpropQuantizer``   (:mod:`.ibq`) IBQ: hard code forward, gradient through the streamed
+                             soft assignment to every code; optional entropy loss.
+``codebook_entropy_loss``    MAGVIT-2 / LlamaGen entropy loss on the streamed ``code_distribution``.
 
 Scalar / lookup-free quantizer math (the compat ``FSQ``/``LFQ`` families are built on these):
 :mod:`.fsq` (one-pass bound-and-round step, index <-> code), :mod:`.lfq` (LFQ's entropy loss in
@@ -12,7 +15,14 @@ Scalar / lookup-free quantizer math (the compat ``FSQ``/``LFQ`` families are bui
 fast GEMM layout).
 """
 
+from ._entropy import codebook_entropy_loss
+from .ibq import IndexBackpropQuantizer
 from .residual import ResidualVectorQuantizer
 from .vector_quantizer import VectorQuantizer
 
-__all__ = ["VectorQuantizer", "ResidualVectorQuantizer"]
+__all__ = [
+    "VectorQuantizer",
+    "ResidualVectorQuantizer",
+    "IndexBackpropQuantizer",
+    "codebook_entropy_loss",
+]

@@ -22,9 +22,9 @@ Numerics (DESIGN.md §3)
 """
 
 from .codebook_softmax import (
-    code_scores,
     code_distribution,
     code_distribution_backward,
+    code_scores,
     soft_quantize,
     soft_quantize_backward,
 )
@@ -39,6 +39,7 @@ __all__ = [
     "ema_blend_",
     "quantize",
     "quantize_backward",
+    "code_scores",
     "code_distribution",
     "code_distribution_backward",
     "soft_quantize",

@@ -15,8 +15,10 @@ A softmax over the whole codebook, per row ``i`` of ``x: [N, D]`` over the codes
     ``p_ik = softmax_k(l_ik)``; ``logsumexp_i = log Σ_k exp l_ik``; ``entropy_i = −Σ_k p_ik log p_ik``
     (nats); ``mean_probs_k = Σ_i row_weight_i · p_ik`` (the functional layer passes ``1/#rows`` on
     unmasked rows and 0 on masked ones).  All fp32.
-``soft_quantize(x, keys, values, τ, metric) -> (out [N, D] in x's dtype, logsumexp [N] fp32)``
-    ``out_i = Σ_k p_ik · values_k`` (attention with queries x, keys ``keys`` and values ``values``;
+``soft_quantize(x, keys, values, τ, metric) -> (out [N, D] in x's dtype, logsumexp [N] fp32,
+indices [N] int64)``
+    ``out_i = Σ_k p_ik · values_k``; ``indices_i = argmax_k l_ik`` (ties -> lowest index; the hard
+    code of index backpropagation, found in the same streamed pass) (attention with queries x, keys ``keys`` and values ``values``;
     the public function passes the codebook as both, or normalized keys for cosine).
 
 These functions materialize the N x K logits (they are the specification, the gradcheck target and
@@ -142,13 +144,15 @@ def soft_quantize(
     metric: str = "dot",
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Direct ``(out [N, D] = softmax(l)·values in x's dtype, logsumexp [N])``."""
+    """Direct ``(out [N, D] = softmax(l)·values in x's dtype, logsumexp [N], argmax [N])``."""
     out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     logits = code_scores(x.to(compute_dtype), keys.to(compute_dtype), metric) / temperature
     lse = torch.logsumexp(logits, dim=-1)
     p = (logits - lse.unsqueeze(-1)).exp()
     out = p @ values.to(compute_dtype)
-    return out.to(x.dtype if compute_dtype != torch.float64 else torch.float64), lse.to(out_dtype)
+    indices = logits.argmax(-1) if logits.shape[0] else logits.new_empty((0,), dtype=torch.int64)
+    out = out.to(x.dtype if compute_dtype != torch.float64 else torch.float64)
+    return out, lse.to(out_dtype), indices
 
 
 def soft_quantize_backward(
