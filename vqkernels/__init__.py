@@ -6,6 +6,8 @@ Public API::
     vqkernels.cluster_stats(x, indices, num_codes)
     vqkernels.ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps)
     vqkernels.quantize(x, codebook, beta=0.25, metric="l2")
+    vqkernels.code_distribution(x, codebook, temperature=1.0, metric="l2", mask=None)
+    vqkernels.soft_quantize(x, codebook, temperature=1.0, metric="dot")
     vqkernels.available_backends()
     vqkernels.VectorQuantizer, vqkernels.ResidualVectorQuantizer      (native layers, vqkernels.nn)
 
@@ -24,7 +26,15 @@ from . import (
     reference,
 )
 from .dispatch import BackendUnavailableError, available_backends, explain
-from .functional import cluster_stats, ema_blend_, ema_update_, nearest_code, quantize
+from .functional import (
+    cluster_stats,
+    code_distribution,
+    ema_blend_,
+    ema_update_,
+    nearest_code,
+    quantize,
+    soft_quantize,
+)
 
 __version__ = "0.1.0"
 
@@ -34,6 +44,8 @@ __all__ = [
     "ema_update_",
     "ema_blend_",
     "quantize",
+    "code_distribution",
+    "soft_quantize",
     "available_backends",
     "explain",
     "BackendUnavailableError",

@@ -12,12 +12,20 @@ Backends attach kernels to these schemas:
 The ops take already-flattened 2-D inputs (``x: [N, D]``); ``vqkernels.functional`` does the
 flattening, validation and backend choice.  Schemas (one name per op across every layer):
 
-``nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] i64, distance[N] f32)``
+``nearest_code(x[N,D], codebook[K,D], metric, sample_temperature=0, seed=0)
+    -> (indices[N] i64, distance[N] f32)``
 ``cluster_stats(x[N,D], indices[N] i64, num_codes) -> (counts[K] f32, sums[K,D] f32)``
 ``ema_update_(codebook!, cluster_size!, embed_sum!, x, indices, decay, eps) -> ()``
-``quantize(x, codebook, beta, metric, codebook_loss) -> (quantized[N,D], indices[N], loss[] f32)``
-``quantize_backward(grad_q, grad_loss, x, codebook, indices, beta, codebook_loss)
+``quantize(x, codebook, beta, metric, codebook_loss, estimator="ste")
+    -> (quantized[N,D], indices[N], loss[] f32)``
+``quantize_backward(grad_q, grad_loss, x, codebook, indices, beta, codebook_loss, estimator="ste")
     -> (grad_x[N,D], grad_codebook[K,D] or [0] when codebook_loss is False)``
+
+Multi-head (one codebook per head): every op also takes ``codebook [H, K, D]`` with
+``x [N, H, D]`` and ``indices [N, H]`` (outputs ``[N, H]``; ``counts [H, K]``, ``sums
+[H, K, D]``; EMA state ``[H, K]`` / ``[H, K, D]``).  ``sample_temperature > 0``: Gumbel-max
+sampling with the counter-based noise of ``vqkernels.reference.sampling`` keyed by ``seed``.
+``estimator``: ``"ste"`` or ``"rotation"`` (the rotation trick's backward).
 """
 
 from __future__ import annotations
@@ -28,19 +36,23 @@ NAMESPACE = "vqkernels"
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
-_lib.define("nearest_code(Tensor x, Tensor codebook, str metric) -> (Tensor indices, Tensor distance)")
+_lib.define(
+    "nearest_code(Tensor x, Tensor codebook, str metric, float sample_temperature=0., int seed=0) "
+    "-> (Tensor indices, Tensor distance)"
+)
 _lib.define("cluster_stats(Tensor x, Tensor indices, int num_codes) -> (Tensor counts, Tensor sums)")
 _lib.define(
     "ema_update_(Tensor(a!) codebook, Tensor(b!) cluster_size, Tensor(c!) embed_sum, "
     "Tensor x, Tensor indices, float decay, float eps) -> ()"
 )
 _lib.define(
-    "quantize(Tensor x, Tensor codebook, float beta, str metric, bool codebook_loss) "
-    "-> (Tensor quantized, Tensor indices, Tensor loss)"
+    "quantize(Tensor x, Tensor codebook, float beta, str metric, bool codebook_loss, "
+    "str estimator=\"ste\") -> (Tensor quantized, Tensor indices, Tensor loss)"
 )
 _lib.define(
     "quantize_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
-    "Tensor indices, float beta, bool codebook_loss) -> (Tensor grad_x, Tensor grad_codebook)"
+    "Tensor indices, float beta, bool codebook_loss, str estimator=\"ste\") "
+    "-> (Tensor grad_x, Tensor grad_codebook)"
 )
 
 OP_NAMES = ("nearest_code", "cluster_stats", "ema_update_", "quantize", "quantize_backward")
@@ -51,20 +63,32 @@ OP_NAMES = ("nearest_code", "cluster_stats", "ema_update_", "quantize", "quantiz
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.register_fake(f"{NAMESPACE}::nearest_code")
-def _nearest_code_fake(x, codebook, metric):
+def _check_heads(x, codebook) -> tuple[int, ...]:
+    """Leading output shape: ``(N,)`` for ``x [N, D]`` + ``codebook [K, D]``, ``(N, H)`` for
+    ``x [N, H, D]`` + ``codebook [H, K, D]``."""
+    if codebook.dim() == 3:
+        torch._check(x.dim() == 3, lambda: "a [H, K, D] codebook needs x of shape [N, H, D]")
+        torch._check(x.shape[1] == codebook.shape[0], lambda: "x and codebook must share H")
+        torch._check(x.shape[2] == codebook.shape[2], lambda: "x and codebook must share D")
+        return (x.shape[0], x.shape[1])
     torch._check(x.dim() == 2 and codebook.dim() == 2, lambda: "x and codebook must be 2-D")
     torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
-    n = x.shape[0]
-    return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+    return (x.shape[0],)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nearest_code")
+def _nearest_code_fake(x, codebook, metric, sample_temperature=0.0, seed=0):
+    lead = _check_heads(x, codebook)
+    return x.new_empty(lead, dtype=torch.int64), x.new_empty(lead, dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::cluster_stats")
 def _cluster_stats_fake(x, indices, num_codes):
-    torch._check(x.dim() == 2, lambda: "x must be 2-D")
+    torch._check(x.dim() in (2, 3), lambda: "x must be 2-D (or 3-D multi-head)")
+    heads = (x.shape[1],) if x.dim() == 3 else ()
     return (
-        x.new_empty((num_codes,), dtype=torch.float32),
-        x.new_empty((num_codes, x.shape[1]), dtype=torch.float32),
+        x.new_empty(heads + (num_codes,), dtype=torch.float32),
+        x.new_empty(heads + (num_codes, x.shape[-1]), dtype=torch.float32),
     )
 
 
@@ -75,18 +99,19 @@ def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize")
-def _quantize_fake(x, codebook, beta, metric, codebook_loss):
-    torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
-    n = x.shape[0]
+def _quantize_fake(x, codebook, beta, metric, codebook_loss, estimator="ste"):
+    lead = _check_heads(x, codebook)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty(lead, dtype=torch.int64),
         x.new_empty((), dtype=torch.float32),
     )
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize_backward")
-def _quantize_backward_fake(grad_quantized, grad_loss, x, codebook, indices, beta, codebook_loss):
+def _quantize_backward_fake(
+    grad_quantized, grad_loss, x, codebook, indices, beta, codebook_loss, estimator="ste"
+):
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if codebook_loss:
         grad_cb = torch.empty_like(codebook, memory_format=torch.contiguous_format)
@@ -96,12 +121,14 @@ def _quantize_backward_fake(grad_quantized, grad_loss, x, codebook, indices, bet
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd for quantize: straight-through + commitment (+ codebook) loss, fused backward kernel.
+# Autograd for quantize: straight-through or rotation-trick estimator + commitment (+ codebook)
+# loss, fused backward kernel.
 # ---------------------------------------------------------------------------------------------
 
 
 def _quantize_setup_context(ctx, inputs, output):
-    x, codebook, beta, metric, codebook_loss = inputs
+    x, codebook, beta, metric, codebook_loss = inputs[:5]
+    ctx.estimator = inputs[5] if len(inputs) > 5 else "ste"
     _, indices, _ = output
     ctx.save_for_backward(x, codebook, indices)
     ctx.beta = beta
@@ -116,11 +143,158 @@ def _quantize_backward(ctx, grad_quantized, grad_indices, grad_loss):
     if grad_loss is None:
         grad_loss = x.new_zeros((), dtype=torch.float32)
     grad_x, grad_cb = torch.ops.vqkernels.quantize_backward(
-        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss
-    )
-    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None
+        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss,
+        ctx.estimator,
+    )  # fmt: skip
+    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None, None
 
 
 torch.library.register_autograd(
     f"{NAMESPACE}::quantize", _quantize_backward, setup_context=_quantize_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook_softmax family: code_distribution and soft_quantize (streamed softmax over the codes).
+#
+# code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, temperature, metric)
+#     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)
+# code_distribution_backward(grad_logsumexp[N] or [0], grad_entropy[N] or [0],
+#     grad_mean_probs[K] or [0], x, codebook, row_weight, logsumexp, entropy, temperature, metric)
+#     -> (grad_x[N,D] dtype of x, grad_codebook[K,D] dtype of codebook)   ([0] grads = zero)
+# soft_quantize(x[N,D], keys[K,D], values[K,D], temperature, metric)
+#     -> (out[N,D] dtype of x, logsumexp[N] f32, indices[N] i64 = argmax_k logits, ties -> lowest)
+# soft_quantize_backward(grad_out[N,D], x, keys, values, out, logsumexp, temperature, metric)
+#     -> (grad_x, grad_keys, grad_values)
+# metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional.py).
+# ---------------------------------------------------------------------------------------------
+
+_lib.define(
+    "code_distribution(Tensor x, Tensor codebook, Tensor row_weight, float temperature, "
+    "str metric) -> (Tensor logsumexp, Tensor entropy, Tensor mean_probs)"
+)
+_lib.define(
+    "code_distribution_backward(Tensor grad_logsumexp, Tensor grad_entropy, "
+    "Tensor grad_mean_probs, Tensor x, Tensor codebook, Tensor row_weight, Tensor logsumexp, "
+    "Tensor entropy, float temperature, str metric) -> (Tensor grad_x, Tensor grad_codebook)"
+)
+_lib.define(
+    "soft_quantize(Tensor x, Tensor keys, Tensor values, float temperature, str metric) "
+    "-> (Tensor out, Tensor logsumexp, Tensor indices)"
+)
+_lib.define(
+    "soft_quantize_backward(Tensor grad_out, Tensor x, Tensor keys, Tensor values, Tensor out, "
+    "Tensor logsumexp, float temperature, str metric) "
+    "-> (Tensor grad_x, Tensor grad_keys, Tensor grad_values)"
+)
+
+CODEBOOK_SOFTMAX_OP_NAMES = (
+    "code_distribution",
+    "code_distribution_backward",
+    "soft_quantize",
+    "soft_quantize_backward",
+)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::code_distribution")
+def _code_distribution_fake(x, codebook, row_weight, temperature, metric):
+    torch._check(x.dim() == 2 and codebook.dim() == 2, lambda: "x and codebook must be 2-D")
+    torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
+    n, k = x.shape[0], codebook.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return x.new_empty((n,), **f32), x.new_empty((n,), **f32), x.new_empty((k,), **f32)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::code_distribution_backward")
+def _code_distribution_backward_fake(
+    grad_logsumexp, grad_entropy, grad_mean_probs, x, codebook, row_weight, logsumexp, entropy,
+    temperature, metric,
+):  # fmt: skip
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(codebook, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::soft_quantize")
+def _soft_quantize_fake(x, keys, values, temperature, metric):
+    torch._check(x.shape[1] == keys.shape[1], lambda: "x and keys must share D")
+    torch._check(keys.shape == values.shape, lambda: "keys and values must have the same shape")
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty((x.shape[0],), dtype=torch.float32),
+        x.new_empty((x.shape[0],), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake(f"{NAMESPACE}::soft_quantize_backward")
+def _soft_quantize_backward_fake(grad_out, x, keys, values, out, logsumexp, temperature, metric):
+    return tuple(
+        torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, keys, values)
+    )
+
+
+def _code_distribution_setup_context(ctx, inputs, output):
+    x, codebook, row_weight, temperature, metric = inputs
+    logsumexp, entropy, _ = output
+    ctx.save_for_backward(x, codebook, row_weight, logsumexp, entropy)
+    ctx.temperature = temperature
+    ctx.metric = metric
+
+
+def code_distribution_autograd(namespace: str = NAMESPACE):
+    """The backward of ``<namespace>::code_distribution`` (tests reuse it for the reference ops)."""
+
+    def backward(ctx, grad_logsumexp, grad_entropy, grad_mean_probs):
+        x, codebook, row_weight, logsumexp, entropy = ctx.saved_tensors
+        # An absent gradient travels as an empty tensor: the kernels then skip that term (and,
+        # for mean_probs, a whole streamed pass).
+        empty = x.new_empty((0,), dtype=torch.float32)
+        grads = [
+            empty if g is None else g.float().contiguous()
+            for g in (grad_logsumexp, grad_entropy, grad_mean_probs)
+        ]
+        op = getattr(torch.ops, namespace).code_distribution_backward
+        grad_x, grad_cb = op(
+            *grads, x, codebook, row_weight, logsumexp, entropy, ctx.temperature, ctx.metric
+        )
+        return grad_x, grad_cb, None, None, None
+
+    return backward
+
+
+def _soft_quantize_setup_context(ctx, inputs, output):
+    x, keys, values, temperature, metric = inputs
+    out, logsumexp, indices = output
+    ctx.save_for_backward(x, keys, values, out, logsumexp)
+    ctx.temperature = temperature
+    ctx.metric = metric
+    ctx.mark_non_differentiable(logsumexp, indices)
+
+
+def soft_quantize_autograd(namespace: str = NAMESPACE):
+    """The backward of ``<namespace>::soft_quantize`` (tests reuse it for the reference ops)."""
+
+    def backward(ctx, grad_out, grad_logsumexp, grad_indices):
+        x, keys, values, out, logsumexp = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        op = getattr(torch.ops, namespace).soft_quantize_backward
+        grad_x, grad_keys, grad_values = op(
+            grad_out.contiguous(), x, keys, values, out, logsumexp, ctx.temperature, ctx.metric
+        )
+        return grad_x, grad_keys, grad_values, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::code_distribution",
+    code_distribution_autograd(),
+    setup_context=_code_distribution_setup_context,
+)
+torch.library.register_autograd(
+    f"{NAMESPACE}::soft_quantize",
+    soft_quantize_autograd(),
+    setup_context=_soft_quantize_setup_context,
 )

@@ -17,6 +17,10 @@ TORCH_LIBRARY_IMPL(vqkernels, CPU, m) {
   m.impl("ema_update_", &vc::ema_update_);
   m.impl("quantize", &vc::quantize);
   m.impl("quantize_backward", &vc::quantize_backward);
+  m.impl("code_distribution", &vc::code_distribution);
+  m.impl("code_distribution_backward", &vc::code_distribution_backward);
+  m.impl("soft_quantize", &vc::soft_quantize);
+  m.impl("soft_quantize_backward", &vc::soft_quantize_backward);
 }
 
 PYBIND11_MODULE(_C, m) {

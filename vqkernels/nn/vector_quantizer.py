@@ -62,6 +62,7 @@ from ._common import (
     _require_int,
     _smoothed_counts,
 )
+from ._entropy import codebook_entropy_loss
 
 __all__ = ["VectorQuantizer"]
 
@@ -92,6 +93,12 @@ class VectorQuantizer(nn.Module):
         threshold_ema_dead_code: codes whose EMA ``cluster_size`` falls below it are re-seeded from
             the current batch; their ``cluster_size`` is reset to the threshold and their
             ``embed_sum`` to ``threshold·code`` (0 disables restarts).
+        entropy_loss_weight: weight of the MAGVIT-2 / LlamaGen entropy loss
+            ``sample_weight·mean_i H(p_i) − batch_weight·H(mean p)`` over the softmax of the layer's
+            metric (``−‖x − c‖²/τ`` or ``cos/τ``), added to ``loss`` in training (0 = off; see
+            :func:`vqkernels.nn.codebook_entropy_loss`; streamed, no N x K matrix).
+            entropy_temperature: its τ (0.01 as LlamaGen).  entropy_sample_weight,
+            entropy_batch_weight: the weights of its two terms.
         channel_dim: the channel dim of ``x`` (``-1`` for ``[B, ..., D]``, ``1`` for ``[B, D, H, W]``).
         usage_window: number of training batches in the ``codebook_usage`` window.
         sync_distributed: ``None`` -> sync when torch.distributed is initialized (decided per call).
@@ -126,6 +133,10 @@ class VectorQuantizer(nn.Module):
         kmeans_iters: int = 10,
         kmeans_seeding: str = "kmeans++",
         threshold_ema_dead_code: float = 0.0,
+        entropy_loss_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
+        entropy_sample_weight: float = 1.0,
+        entropy_batch_weight: float = 1.0,
         channel_dim: int = -1,
         usage_window: int = 8,
         sync_distributed: bool | None = None,
@@ -158,6 +169,12 @@ class VectorQuantizer(nn.Module):
         self.threshold_ema_dead_code = _require_float(
             "threshold_ema_dead_code", threshold_ema_dead_code, 0.0
         )
+        self.entropy_loss_weight = _require_float("entropy_loss_weight", entropy_loss_weight, 0.0)
+        self.entropy_temperature = _require_float(
+            "entropy_temperature", entropy_temperature, 0.0, lo_open=True
+        )
+        self.entropy_sample_weight = _require_float("entropy_sample_weight", entropy_sample_weight)
+        self.entropy_batch_weight = _require_float("entropy_batch_weight", entropy_batch_weight)
         self.channel_dim = channel_dim
         self.usage_window = _require_int("usage_window", usage_window, 1)
         self.sync_distributed = sync_distributed
@@ -337,6 +354,13 @@ class VectorQuantizer(nn.Module):
                 codebook_loss=False, backend=self.backend, check_inputs=check,
             )
             loss = self._masked_loss(flat, cb, idx, valid)
+        if training and self.entropy_loss_weight > 0:
+            ent = codebook_entropy_loss(
+                flat, cb, self.entropy_temperature, self.metric, valid,
+                sample_weight=self.entropy_sample_weight, batch_weight=self.entropy_batch_weight,
+                backend=self.backend, check_inputs=False,
+            )  # fmt: skip
+            loss = loss + self.entropy_loss_weight * ent
         if training:
             with torch.no_grad():
                 self._update_state(flat.detach(), idx, valid)

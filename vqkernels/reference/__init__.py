@@ -21,6 +21,13 @@ Numerics (DESIGN.md §3)
 * Indices ``-1`` mark ignored rows (padding/masking) in ``cluster_stats``/``ema_update_``.
 """
 
+from .codebook_softmax import (
+    code_distribution,
+    code_distribution_backward,
+    code_scores,
+    soft_quantize,
+    soft_quantize_backward,
+)
 from .ema_update import cluster_stats, ema_blend_, ema_update_
 from .nearest_code import nearest_code
 from .quantize import quantize, quantize_backward
@@ -32,4 +39,9 @@ __all__ = [
     "ema_blend_",
     "quantize",
     "quantize_backward",
+    "code_scores",
+    "code_distribution",
+    "code_distribution_backward",
+    "soft_quantize",
+    "soft_quantize_backward",
 ]

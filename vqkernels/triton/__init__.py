@@ -10,6 +10,9 @@ launchers (they only allocate).  The functions exported here are what
     ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None   (in place)
     quantize(x, codebook, beta, metric, codebook_loss, precision)
         -> (quantized[N,D], indices[N] i64, loss[] f32)                              (autograd)
+    code_distribution(x, codebook, row_weight[N], temperature, metric)
+        -> (logsumexp[N], entropy[N], mean_probs[K])   (autograd; codebook_softmax.py)
+    soft_quantize(x, keys, values, temperature, metric) -> (out, logsumexp, indices) (autograd)
 
 The kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (slow; used by the tests).  The search kernels autotune their row/code tiles
@@ -36,8 +39,16 @@ if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_t
     )
 
 from .. import _ops  # noqa: F401,E402  (the vqkernels namespace and its schemas come first)
+from .codebook_softmax import code_distribution, soft_quantize  # noqa: E402
 from .ema_update import cluster_stats, ema_update_  # noqa: E402
 from .nearest_code import nearest_code  # noqa: E402
 from .quantize import quantize  # noqa: E402
 
-__all__ = ["nearest_code", "cluster_stats", "ema_update_", "quantize"]
+__all__ = [
+    "nearest_code",
+    "cluster_stats",
+    "ema_update_",
+    "quantize",
+    "code_distribution",
+    "soft_quantize",
+]
