@@ -23,7 +23,10 @@ backward, same run, round-robin:
   ``ste-<backend>`` (straight-through) vs ``lr-rotate_to`` (vqkernels' search + LR 1.32's own
   ``rotate_to`` in PyTorch, what vector-quantize-pytorch runs);
 * multi-head: ``heads-<backend>`` (one call on a ``[H, K, D]`` codebook) vs ``loop-<backend>``
-  (a Python loop of H single-codebook calls).
+  (a Python loop of H single-codebook calls);
+* Gumbel sampling (``nearest_code`` only, no backward): ``sample-<backend>`` (fused, τ = 1) vs
+  ``sample-reference`` (the N×K reference) vs ``nearest-<backend>`` (the deterministic search:
+  the price of sampling).
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def make_check(n: int, d: int, k: int, device: str):
 FEATURE_SHAPES = [(8192, 64, 1024), (4096, 256, 1024)]  # (N, D, K); modest: shared 2-core machine
 QUICK_FEATURE_SHAPES = [(4096, 64, 512)]
 HEAD_SHAPES = [(8192, 8, 32, 512)]  # (N, H, D, K per head)
+SAMPLE_SHAPES = [(4096, 64, 1024)]  # (N, D, K)
 QUICK_HEAD_SHAPES = [(2048, 8, 32, 256)]
 
 
@@ -134,6 +138,20 @@ def make_feature_provider(
     import vqkernels
 
     kind, _, backend = provider.partition("-")
+    if kind in ("sample", "nearest"):
+        if backend != "reference":
+            harness.need_backend(backend, device)
+        g = torch.Generator().manual_seed(seed)
+        xs = torch.randn(n, d, generator=g).to(device)
+        cbs = torch.randn(k, d, generator=g).to(device)
+        temp = 1.0 if kind == "sample" else 0.0
+
+        def run_search():
+            return vqkernels.nearest_code(
+                xs, cbs, sample_temperature=temp, seed=7, backend=backend, check_inputs=False
+            )
+
+        return run_search
     if kind == "lr":
         backend = "cpu" if device == "cpu" else "triton"
     harness.need_backend(backend, device)
@@ -193,6 +211,9 @@ def main_features(args) -> int:
         provs = [f"heads-{ours}", f"loop-{ours}"]
         label = f"N{n}-H{h}-D{d}-K{k}"
         groups.append(("heads", label, provs, dict(n=n, d=d, k=k, heads=h)))
+    for n, d, k in QUICK_FEATURE_SHAPES if args.quick else SAMPLE_SHAPES:
+        provs = [f"sample-{ours}", "sample-reference", f"nearest-{ours}"]
+        groups.append(("sampling", harness.shape_label(n, d, k), provs, dict(n=n, d=d, k=k)))
     for feature, label, provs, params in groups:
         cases = [
             (
@@ -209,7 +230,11 @@ def main_features(args) -> int:
             harness.progress(row)
     summary = []
     for feature, label, provs, _ in groups:
-        rs = {r["provider"]: r for r in rows if r["case"] == label and r["median_ms"] is not None}
+        rs = {
+            r["provider"]: r
+            for r in rows
+            if r["case"] == label and r["feature"] == feature and r["median_ms"] is not None
+        }
         base = rs.get(provs[0])
         for p in provs[1:]:
             if base and p in rs:
