@@ -23,7 +23,11 @@ The first call of every provider is checked: ``agree`` = fraction of indices equ
 ``reference.nearest_code`` on the same input and initial codebook.  Peak memory is measured
 separately (fresh child process per provider, see ``benchmarks/harness.py``).
 
-Usage: ``python -m benchmarks.bench_layer [--device cpu|cuda] [--quick] [--out DIR]``
+Suites (``--suite``, default all): ``native`` (above) and ``vq`` (the VQ-family drop-ins
+``vqkernels.compat.{VectorQuantize, ResidualVQ, GroupedResidualVQ}`` vs vector-quantize-pytorch
+with LR's own defaults, see :mod:`benchmarks.bench_layer_vq`; written to ``layer_vq_cpu.*``).
+
+Usage: ``python -m benchmarks.bench_layer [--device cpu|cuda] [--quick] [--out DIR] [--suite S]``
 """
 
 from __future__ import annotations
@@ -138,8 +142,23 @@ def label(mode: str, b: int, t: int, d: int, k: int) -> str:
     return f"{mode} B{b}-T{t}-D{d}-K{k}"
 
 
+SUITES = ("native", "vq")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
+    parser = harness.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--suite", action="append", choices=SUITES,
+                        help="run only this suite (repeatable; default: all)")
+    args = harness.parse_args(parser, argv)
+    suites = args.suite or list(SUITES)
+    if "vq" in suites:
+        from benchmarks import bench_layer_vq
+
+        t0 = time.time()
+        vq_rows, vq_mem, vq_summary = bench_layer_vq.run_suite(args)
+        bench_layer_vq.print_and_save(args, vq_rows, vq_mem, vq_summary, time.time() - t0)
+    if "native" not in suites:
+        return 0
     device = args.device
     providers = [p for p in PROVIDERS if harness.wanted(args, p)]
     t_start = time.time()

@@ -15,6 +15,18 @@ upstream gradient for ``quantized`` and 1 for the loss, producing ``x.grad`` and
 agreement, relative loss error and the largest gradient errors.
 
 Usage: ``python -m benchmarks.bench_quantize [--device cpu|cuda] [--quick] [--out DIR]``
+
+``--features`` runs the issue-10 comparisons instead (results ``quantize_features.*``), forward +
+backward, same run, round-robin:
+
+* rotation trick: ``rotation-<backend>`` (``estimator="rotation"``, fused O(D) backward) vs
+  ``ste-<backend>`` (straight-through) vs ``lr-rotate_to`` (vqkernels' search + LR 1.32's own
+  ``rotate_to`` in PyTorch, what vector-quantize-pytorch runs);
+* multi-head: ``heads-<backend>`` (one call on a ``[H, K, D]`` codebook) vs ``loop-<backend>``
+  (a Python loop of H single-codebook calls);
+* Gumbel sampling (``nearest_code`` only, no backward): ``sample-<backend>`` (fused, τ = 1) vs
+  ``sample-reference`` (the N×K reference) vs ``nearest-<backend>`` (the deterministic search:
+  the price of sampling).
 """
 
 from __future__ import annotations
@@ -111,8 +123,171 @@ def make_check(n: int, d: int, k: int, device: str):
     return check
 
 
+FEATURE_SHAPES = [(8192, 64, 1024), (4096, 256, 1024)]  # (N, D, K); modest: shared 2-core machine
+QUICK_FEATURE_SHAPES = [(4096, 64, 512)]
+HEAD_SHAPES = [(8192, 8, 32, 512)]  # (N, H, D, K per head)
+SAMPLE_SHAPES = [(4096, 64, 1024)]  # (N, D, K)
+QUICK_HEAD_SHAPES = [(2048, 8, 32, 256)]
+
+
+def make_feature_provider(
+    provider: str, n: int, d: int, k: int, heads: int = 1, device: str = "cpu", seed: int = 0
+):
+    """Forward + backward of one issue-10 variant (see ``--features``); returns
+    ``(indices, loss, x.grad)`` of its call."""
+    import vqkernels
+
+    kind, _, backend = provider.partition("-")
+    if kind in ("sample", "nearest"):
+        if backend != "reference":
+            harness.need_backend(backend, device)
+        g = torch.Generator().manual_seed(seed)
+        xs = torch.randn(n, d, generator=g).to(device)
+        cbs = torch.randn(k, d, generator=g).to(device)
+        temp = 1.0 if kind == "sample" else 0.0
+
+        def run_search():
+            return vqkernels.nearest_code(
+                xs, cbs, sample_temperature=temp, seed=7, backend=backend, check_inputs=False
+            )
+
+        return run_search
+    if kind == "lr":
+        backend = "cpu" if device == "cpu" else "triton"
+    harness.need_backend(backend, device)
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, heads, d) if heads > 1 else (n, d)
+    x = torch.randn(*shape, generator=g).to(device).requires_grad_()
+    cb_shape = (heads, k, d) if heads > 1 else (k, d)
+    codebook = torch.randn(*cb_shape, generator=g).to(device)
+    grad_q = (torch.randn(*shape, generator=g) / x.numel()).to(device)
+    one = torch.ones((), device=device)
+    if kind == "lr":
+        from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to
+
+        def fwd():
+            idx = vqkernels.nearest_code(x.detach(), codebook, backend=backend, check_inputs=False)
+            q = codebook[idx]
+            loss = BETA * F.mse_loss(x, q)
+            return rotate_to(x, q), idx, loss
+    elif kind == "loop":
+
+        def fwd():
+            outs = [
+                vqkernels.quantize(x[:, h], codebook[h], BETA, backend=backend, check_inputs=False)
+                for h in range(heads)
+            ]
+            q = torch.stack([o[0] for o in outs], dim=1)
+            idx = torch.stack([o[1] for o in outs], dim=1)
+            return q, idx, sum(o[2] for o in outs) / heads
+    else:
+        estimator = "rotation" if kind == "rotation" else "ste"
+
+        def fwd():
+            return vqkernels.quantize(
+                x, codebook, BETA, estimator=estimator, backend=backend, check_inputs=False
+            )
+
+    def run():
+        x.grad = None
+        q, idx, loss = fwd()
+        torch.autograd.backward([q, loss], [grad_q, one])
+        return idx, loss.detach(), x.grad
+
+    return run
+
+
+def main_features(args) -> int:
+    """The --features comparisons (rotation trick, multi-head), one results file."""
+    device = args.device
+    ours = "cpu" if device == "cpu" else "triton"
+    t_start = time.time()
+    rows: list[dict[str, Any]] = []
+    groups = []
+    for n, d, k in QUICK_FEATURE_SHAPES if args.quick else FEATURE_SHAPES:
+        provs = [f"rotation-{ours}", f"ste-{ours}", "lr-rotate_to"]
+        groups.append(("rotation", harness.shape_label(n, d, k), provs, dict(n=n, d=d, k=k)))
+    for n, h, d, k in QUICK_HEAD_SHAPES if args.quick else HEAD_SHAPES:
+        provs = [f"heads-{ours}", f"loop-{ours}"]
+        label = f"N{n}-H{h}-D{d}-K{k}"
+        groups.append(("heads", label, provs, dict(n=n, d=d, k=k, heads=h)))
+    for n, d, k in QUICK_FEATURE_SHAPES if args.quick else SAMPLE_SHAPES:
+        provs = [f"sample-{ours}", "sample-reference", f"nearest-{ours}"]
+        groups.append(("sampling", harness.shape_label(n, d, k), provs, dict(n=n, d=d, k=k)))
+    for feature, label, provs, params in groups:
+        cases = [
+            (
+                p,
+                dict(provider=p, device=device, **params),
+                {"case": label, "feature": feature},
+                None,
+            )
+            for p in provs
+            if harness.wanted(args, p)
+        ]
+        for row in harness.bench_group(OP, MODULE, "make_feature_provider", cases, args=args):
+            rows.append(row)
+            harness.progress(row)
+    summary = []
+    for feature, label, provs, _ in groups:
+        rs = {
+            r["provider"]: r
+            for r in rows
+            if r["case"] == label and r["feature"] == feature and r["median_ms"] is not None
+        }
+        base = rs.get(provs[0])
+        for p in provs[1:]:
+            if base and p in rs:
+                summary.append(
+                    {
+                        "case": label,
+                        "feature": feature,
+                        "ours": provs[0],
+                        "vs": p,
+                        "ours_ms": base["median_ms"],
+                        "other_ms": rs[p]["median_ms"],
+                        "speedup": rs[p]["median_ms"] / base["median_ms"],
+                    }
+                )
+    cols = ["case", "feature", "ours", "vs", "ours_ms", "other_ms", "speedup"]
+    print()
+    print(
+        harness.format_table(
+            rows,
+            ["case", "provider", "median_ms", "p20_ms", "p80_ms", "loadavg", "status", "reason"],
+        )
+    )
+    print()
+    print(harness.format_table(summary, cols))
+    meta = harness.metadata(
+        device, elapsed_s=round(time.time() - t_start, 1), quick=args.quick, beta=BETA
+    )
+    name = ("quantize_features" if device == "cpu" else "gpu_quantize_features") + args.suffix
+    harness.save_op_results(
+        name,
+        args,
+        meta,
+        rows,
+        [],
+        summary,
+        label="quantize fwd+bwd: rotation trick and multi-head",
+        time_section=(
+            "Forward + backward (ms; median, 20/80 %), fp32",
+            ["case", "provider", "median_ms", "p20_ms", "p80_ms", "loadavg"],
+        ),
+        summary_section=("Speedup of the fused variant (same run)", cols),
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
+    parser = harness.make_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--features", action="store_true", help="rotation-trick and multi-head comparisons"
+    )
+    args = harness.parse_args(parser, argv)
+    if args.features:
+        return main_features(args)
     device = args.device
     providers = harness.selected_providers(args, CPU_PROVIDERS, CUDA_PROVIDERS)
     t_start = time.time()

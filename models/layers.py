@@ -138,15 +138,18 @@ class NLayerDiscriminator(nn.Module):
         in_channels: image channels.
         ndf: base width.
         n_layers: number of stride-2 layers after the first.
-        norm: ``"batch"`` (BatchNorm2d) or ``"actnorm"``.
+        norm: ``"batch"`` (BatchNorm2d), ``"actnorm"`` or ``"group"`` (GroupNorm: per-sample
+            statistics, so the result does not depend on how a batch is split across ranks).
     """
 
     def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
-        if norm not in ("batch", "actnorm"):
-            raise ValueError(f"norm must be 'batch' or 'actnorm', got {norm!r}")
+        if norm not in ("batch", "actnorm", "group"):
+            raise ValueError(f"norm must be 'batch', 'actnorm' or 'group', got {norm!r}")
 
         def make_norm(c):
+            if norm == "group":
+                return group_norm(c)
             return nn.BatchNorm2d(c) if norm == "batch" else ActNorm(c)
 
         layers: list[nn.Module] = [

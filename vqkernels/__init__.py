@@ -9,6 +9,7 @@ Public API::
     vqkernels.code_distribution(x, codebook, temperature=1.0, metric="l2", mask=None)
     vqkernels.soft_quantize(x, codebook, temperature=1.0, metric="dot")
     vqkernels.available_backends()
+    vqkernels.VectorQuantizer, vqkernels.ResidualVectorQuantizer      (native layers, vqkernels.nn)
 
 Importing the package registers the op schemas (``vqkernels._ops``) and loads the compiled C++
 extension when it is built; a missing extension is reported by a warning, never an import error
@@ -49,6 +50,8 @@ __all__ = [
     "explain",
     "BackendUnavailableError",
     "reference",
+    "VectorQuantizer",
+    "ResidualVectorQuantizer",
     "__version__",
 ]
 
@@ -71,3 +74,4 @@ def _load_extensions() -> None:
 _load_extensions()
 
 from . import nn  # noqa: E402,F401  (layers, after the ops exist)
+from .nn import ResidualVectorQuantizer, VectorQuantizer  # noqa: E402

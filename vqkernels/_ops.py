@@ -12,12 +12,20 @@ Backends attach kernels to these schemas:
 The ops take already-flattened 2-D inputs (``x: [N, D]``); ``vqkernels.functional`` does the
 flattening, validation and backend choice.  Schemas (one name per op across every layer):
 
-``nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] i64, distance[N] f32)``
+``nearest_code(x[N,D], codebook[K,D], metric, sample_temperature=0, seed=0)
+    -> (indices[N] i64, distance[N] f32)``
 ``cluster_stats(x[N,D], indices[N] i64, num_codes) -> (counts[K] f32, sums[K,D] f32)``
 ``ema_update_(codebook!, cluster_size!, embed_sum!, x, indices, decay, eps) -> ()``
-``quantize(x, codebook, beta, metric, codebook_loss) -> (quantized[N,D], indices[N], loss[] f32)``
-``quantize_backward(grad_q, grad_loss, x, codebook, indices, beta, codebook_loss)
+``quantize(x, codebook, beta, metric, codebook_loss, estimator="ste")
+    -> (quantized[N,D], indices[N], loss[] f32)``
+``quantize_backward(grad_q, grad_loss, x, codebook, indices, beta, codebook_loss, estimator="ste")
     -> (grad_x[N,D], grad_codebook[K,D] or [0] when codebook_loss is False)``
+
+Multi-head (one codebook per head): every op also takes ``codebook [H, K, D]`` with
+``x [N, H, D]`` and ``indices [N, H]`` (outputs ``[N, H]``; ``counts [H, K]``, ``sums
+[H, K, D]``; EMA state ``[H, K]`` / ``[H, K, D]``).  ``sample_temperature > 0``: Gumbel-max
+sampling with the counter-based noise of ``vqkernels.reference.sampling`` keyed by ``seed``.
+``estimator``: ``"ste"`` or ``"rotation"`` (the rotation trick's backward).
 """
 
 from __future__ import annotations
@@ -28,19 +36,23 @@ NAMESPACE = "vqkernels"
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
 
-_lib.define("nearest_code(Tensor x, Tensor codebook, str metric) -> (Tensor indices, Tensor distance)")
+_lib.define(
+    "nearest_code(Tensor x, Tensor codebook, str metric, float sample_temperature=0., int seed=0) "
+    "-> (Tensor indices, Tensor distance)"
+)
 _lib.define("cluster_stats(Tensor x, Tensor indices, int num_codes) -> (Tensor counts, Tensor sums)")
 _lib.define(
     "ema_update_(Tensor(a!) codebook, Tensor(b!) cluster_size, Tensor(c!) embed_sum, "
     "Tensor x, Tensor indices, float decay, float eps) -> ()"
 )
 _lib.define(
-    "quantize(Tensor x, Tensor codebook, float beta, str metric, bool codebook_loss) "
-    "-> (Tensor quantized, Tensor indices, Tensor loss)"
+    "quantize(Tensor x, Tensor codebook, float beta, str metric, bool codebook_loss, "
+    "str estimator=\"ste\") -> (Tensor quantized, Tensor indices, Tensor loss)"
 )
 _lib.define(
     "quantize_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
-    "Tensor indices, float beta, bool codebook_loss) -> (Tensor grad_x, Tensor grad_codebook)"
+    "Tensor indices, float beta, bool codebook_loss, str estimator=\"ste\") "
+    "-> (Tensor grad_x, Tensor grad_codebook)"
 )
 
 OP_NAMES = ("nearest_code", "cluster_stats", "ema_update_", "quantize", "quantize_backward")
@@ -51,20 +63,32 @@ OP_NAMES = ("nearest_code", "cluster_stats", "ema_update_", "quantize", "quantiz
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.register_fake(f"{NAMESPACE}::nearest_code")
-def _nearest_code_fake(x, codebook, metric):
+def _check_heads(x, codebook) -> tuple[int, ...]:
+    """Leading output shape: ``(N,)`` for ``x [N, D]`` + ``codebook [K, D]``, ``(N, H)`` for
+    ``x [N, H, D]`` + ``codebook [H, K, D]``."""
+    if codebook.dim() == 3:
+        torch._check(x.dim() == 3, lambda: "a [H, K, D] codebook needs x of shape [N, H, D]")
+        torch._check(x.shape[1] == codebook.shape[0], lambda: "x and codebook must share H")
+        torch._check(x.shape[2] == codebook.shape[2], lambda: "x and codebook must share D")
+        return (x.shape[0], x.shape[1])
     torch._check(x.dim() == 2 and codebook.dim() == 2, lambda: "x and codebook must be 2-D")
     torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
-    n = x.shape[0]
-    return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+    return (x.shape[0],)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::nearest_code")
+def _nearest_code_fake(x, codebook, metric, sample_temperature=0.0, seed=0):
+    lead = _check_heads(x, codebook)
+    return x.new_empty(lead, dtype=torch.int64), x.new_empty(lead, dtype=torch.float32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::cluster_stats")
 def _cluster_stats_fake(x, indices, num_codes):
-    torch._check(x.dim() == 2, lambda: "x must be 2-D")
+    torch._check(x.dim() in (2, 3), lambda: "x must be 2-D (or 3-D multi-head)")
+    heads = (x.shape[1],) if x.dim() == 3 else ()
     return (
-        x.new_empty((num_codes,), dtype=torch.float32),
-        x.new_empty((num_codes, x.shape[1]), dtype=torch.float32),
+        x.new_empty(heads + (num_codes,), dtype=torch.float32),
+        x.new_empty(heads + (num_codes, x.shape[-1]), dtype=torch.float32),
     )
 
 
@@ -75,18 +99,19 @@ def _ema_update_fake(codebook, cluster_size, embed_sum, x, indices, decay, eps):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize")
-def _quantize_fake(x, codebook, beta, metric, codebook_loss):
-    torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
-    n = x.shape[0]
+def _quantize_fake(x, codebook, beta, metric, codebook_loss, estimator="ste"):
+    lead = _check_heads(x, codebook)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty((n,), dtype=torch.int64),
+        x.new_empty(lead, dtype=torch.int64),
         x.new_empty((), dtype=torch.float32),
     )
 
 
 @torch.library.register_fake(f"{NAMESPACE}::quantize_backward")
-def _quantize_backward_fake(grad_quantized, grad_loss, x, codebook, indices, beta, codebook_loss):
+def _quantize_backward_fake(
+    grad_quantized, grad_loss, x, codebook, indices, beta, codebook_loss, estimator="ste"
+):
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if codebook_loss:
         grad_cb = torch.empty_like(codebook, memory_format=torch.contiguous_format)
@@ -96,12 +121,14 @@ def _quantize_backward_fake(grad_quantized, grad_loss, x, codebook, indices, bet
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd for quantize: straight-through + commitment (+ codebook) loss, fused backward kernel.
+# Autograd for quantize: straight-through or rotation-trick estimator + commitment (+ codebook)
+# loss, fused backward kernel.
 # ---------------------------------------------------------------------------------------------
 
 
 def _quantize_setup_context(ctx, inputs, output):
-    x, codebook, beta, metric, codebook_loss = inputs
+    x, codebook, beta, metric, codebook_loss = inputs[:5]
+    ctx.estimator = inputs[5] if len(inputs) > 5 else "ste"
     _, indices, _ = output
     ctx.save_for_backward(x, codebook, indices)
     ctx.beta = beta
@@ -116,9 +143,10 @@ def _quantize_backward(ctx, grad_quantized, grad_indices, grad_loss):
     if grad_loss is None:
         grad_loss = x.new_zeros((), dtype=torch.float32)
     grad_x, grad_cb = torch.ops.vqkernels.quantize_backward(
-        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss
-    )
-    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None
+        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss,
+        ctx.estimator,
+    )  # fmt: skip
+    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None, None
 
 
 torch.library.register_autograd(

@@ -143,16 +143,28 @@ def validate_backend(backend: str) -> str:
     return backend
 
 
-def _op_refusal(backend: str, op: str | None) -> str:
-    if op is None or backend in OP_TABLE.get(op, {}):
+def _op_refusal(backend: str, op: str | None, features: tuple[str, ...] = ()) -> str:
+    if op is None:
         return ""
-    have = ", ".join(OP_TABLE.get(op, {})) or "none"
-    return f"op {op!r} has no {backend} implementation (implemented on: {have})"
+    if backend not in OP_TABLE.get(op, {}):
+        have = ", ".join(OP_TABLE.get(op, {})) or "none"
+        return f"op {op!r} has no {backend} implementation (implemented on: {have})"
+    for feature in features:
+        have = OP_FEATURES.get(op, {}).get(feature, ())
+        if backend not in have:
+            return (
+                f"op {op!r} with {FEATURE_NAMES.get(feature, feature)} has no {backend} "
+                f"implementation (implemented on: {', '.join(have) or 'none'})"
+            )
+    return ""
 
 
-def resolve(backend: str, device: torch.device, op: str | None = None) -> str:
+def resolve(
+    backend: str, device: torch.device, op: str | None = None, features: tuple[str, ...] = ()
+) -> str:
     """The backend name that runs a call on ``device`` for the requested ``backend`` (and, when
-    ``op`` is given, one that implements it)."""
+    ``op`` is given, one that implements it and every feature in ``features``, see
+    :data:`OP_FEATURES`)."""
     validate_backend(backend)
     if op is not None and op not in OP_TABLE:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(OP_TABLE)}")
@@ -168,13 +180,13 @@ def resolve(backend: str, device: torch.device, op: str | None = None) -> str:
         p = _probe(backend)
         if not p.ok:
             raise BackendUnavailableError(f"backend {backend!r} is unavailable: {p.why}")
-        why = _device_refusal(backend, device) or _op_refusal(backend, op)
+        why = _device_refusal(backend, device) or _op_refusal(backend, op, features)
         if why:
             raise BackendUnavailableError(f"backend {backend!r} cannot run this call: {why}")
         return backend
     order = _AUTO_ORDER.get(device.type, ("reference",))
     for b in order:
-        if _probe(b).ok and not _device_refusal(b, device) and not _op_refusal(b, op):
+        if _probe(b).ok and not _device_refusal(b, device) and not _op_refusal(b, op, features):
             return b
     return "reference"  # pragma: no cover - reference always qualifies
 
@@ -198,9 +210,10 @@ def module(backend: str) -> ModuleType:
 OpFn = Callable[..., object]
 
 
-def call(op: str, backend: str, device: torch.device, *args):
-    """Run op ``op`` with its flattened arguments on the backend ``backend`` resolves to."""
-    return OP_TABLE[op][resolve(backend, device, op)](*args)
+def call(op: str, backend: str, device: torch.device, *args, features: tuple[str, ...] = ()):
+    """Run op ``op`` with its flattened arguments on the backend ``backend`` resolves to (one that
+    implements every feature the call uses)."""
+    return OP_TABLE[op][resolve(backend, device, op, features)](*args)
 
 
 def _triton(name: str) -> OpFn:
@@ -214,30 +227,37 @@ def _torch_op(name: str) -> OpFn:
     return lambda *args: getattr(torch.ops.vqkernels, name)(*args)
 
 
-def _drop_last(fn: OpFn) -> OpFn:
-    # For the backends without a ``precision`` choice (they always compute exactly in fp32).
-    return lambda *args: fn(*args[:-1])
-
-
 def _ref(name: str) -> OpFn:
     from . import reference
 
     return getattr(reference, name)
 
 
-# op -> {backend: impl}.  Signatures (flattened, validated inputs):
-#   nearest_code(x, codebook, metric, precision) -> (indices, distance)
+def _sig(name: str, keep: int) -> OpFn:
+    # The C++ ops take every argument but the trailing ``precision`` (they always compute
+    # exactly in fp32); a feature a backend lacks is refused by OP_FEATURES before the call.
+    return lambda *args: getattr(torch.ops.vqkernels, name)(*args[:keep])
+
+
+# op -> {backend: impl}.  Signatures (flattened, validated inputs; multi-head: x [N, H, D],
+# codebook [H, K, D], indices [N, H], cluster_size [H, K]):
+#   nearest_code(x, codebook, metric, sample_temperature, seed, precision) -> (indices, distance)
 #   cluster_stats(x, indices, num_codes) -> (counts, sums)
 #   ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None
-#   quantize(x, codebook, beta, metric, codebook_loss, precision) -> (quantized, indices, loss)
+#   quantize(x, codebook, beta, metric, codebook_loss, estimator, precision)
+#       -> (quantized, indices, loss)
 #   code_distribution(x, codebook, row_weight, temperature, metric) -> (lse, entropy, mean_probs)
 #   soft_quantize(x, keys, values, temperature, metric) -> (out, lse)
 OP_TABLE: dict[str, dict[str, OpFn]] = {
     "nearest_code": {
-        "reference": _drop_last(_ref("nearest_code")),
-        "cpu": _drop_last(_torch_op("nearest_code")),
-        "cuda": _drop_last(_torch_op("nearest_code")),
-        "triton": _triton("nearest_code"),
+        "reference": lambda x, cb, metric, temp, seed, precision: _ref("nearest_code")(
+            x, cb, metric, sample_temperature=temp, seed=seed
+        ),
+        "cpu": _sig("nearest_code", 5),
+        "cuda": _sig("nearest_code", 5),
+        "triton": lambda x, cb, metric, temp, seed, precision: _triton("nearest_code")(
+            x, cb, metric, precision, temp, seed
+        ),
     },
     "cluster_stats": {
         "reference": _ref("cluster_stats"),
@@ -252,10 +272,14 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
         "triton": _triton("ema_update_"),
     },
     "quantize": {
-        "reference": _drop_last(_ref("quantize")),
-        "cpu": _drop_last(_torch_op("quantize")),
-        "cuda": _drop_last(_torch_op("quantize")),
-        "triton": _triton("quantize"),
+        "reference": lambda x, cb, beta, metric, cl, est, precision: _ref("quantize")(
+            x, cb, beta, metric, cl, est
+        ),
+        "cpu": _sig("quantize", 6),
+        "cuda": _sig("quantize", 6),
+        "triton": lambda x, cb, beta, metric, cl, est, precision: _triton("quantize")(
+            x, cb, beta, metric, cl, precision, est
+        ),
     },
     "code_distribution": {
         "reference": _ref("code_distribution"),
@@ -267,4 +291,28 @@ OP_TABLE: dict[str, dict[str, OpFn]] = {
         "cpu": _torch_op("soft_quantize"),
         "triton": _triton("soft_quantize"),
     },
+}
+
+# Features a call may use beyond the plain op, and the backends implementing each: a call using
+# a feature resolves (``auto``) to the first backend in its order that implements all of them,
+# and an explicit backend that lacks one is refused with this table's answer.
+#   heads     multi-head codebooks [H, K, D] (x [N, H, D]) searched/updated in one call
+#   sample    Gumbel-max sampling fused into the search (sample_temperature > 0)
+#   rotation  the rotation-trick estimator of quantize
+OP_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
+    "nearest_code": {
+        "heads": ("reference", "cpu", "triton", "cuda"),
+        "sample": ("reference", "cpu", "triton", "cuda"),
+    },
+    "cluster_stats": {"heads": ("reference", "cpu", "triton", "cuda")},
+    "ema_update_": {"heads": ("reference", "cpu", "triton", "cuda")},
+    "quantize": {
+        "heads": ("reference", "cpu", "triton", "cuda"),
+        "rotation": ("reference", "cpu", "triton", "cuda"),
+    },
+}
+FEATURE_NAMES = {
+    "heads": "multi-head codebooks",
+    "sample": "Gumbel sampling (sample_temperature > 0)",
+    "rotation": "estimator='rotation'",
 }

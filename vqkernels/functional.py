@@ -24,6 +24,8 @@ from . import (
     dispatch,
     reference,
 )
+from .reference.quantize import ESTIMATORS
+from .reference.sampling import MAX_SEED
 
 __all__ = [
     "nearest_code",
@@ -75,19 +77,33 @@ def _check_x(x, d_name: str = "x") -> torch.Tensor:
 
 
 def _check_codebook(codebook, x: torch.Tensor | None, same_dtype: bool) -> torch.Tensor:
+    """``codebook: [K, D]`` (x: ``[..., D]``) or multi-head ``[H, K, D]`` (x: ``[..., H, D]``)."""
     codebook = _require_tensor("codebook", codebook)
     _require_float("codebook", codebook)
-    if codebook.dim() != 2:
-        raise ValueError(f"codebook must have shape [K, D], got shape {tuple(codebook.shape)}")
-    k, d = codebook.shape
-    if k < 1 or d < 1:
-        raise ValueError(f"codebook must have K >= 1 codes of D >= 1 dims, got shape {(k, d)}")
+    if codebook.dim() not in (2, 3):
+        raise ValueError(
+            f"codebook must have shape [K, D] (or [H, K, D] for one codebook per head), got shape "
+            f"{tuple(codebook.shape)}"
+        )
+    k, d = codebook.shape[-2:]
+    if k < 1 or d < 1 or codebook.shape[0] < 1:
+        raise ValueError(
+            f"codebook must have K >= 1 codes of D >= 1 dims (and H >= 1 heads), got shape "
+            f"{tuple(codebook.shape)}"
+        )
     if x is not None:
         if x.shape[-1] != d:
             raise ValueError(
                 f"x has last dim D={x.shape[-1]} but codebook has D={d} "
-                f"(x shape {tuple(x.shape)}, codebook shape {(k, d)})"
+                f"(x shape {tuple(x.shape)}, codebook shape {tuple(codebook.shape)})"
             )
+        if codebook.dim() == 3:
+            h = codebook.shape[0]
+            if x.dim() < 2 or x.shape[-2] != h:
+                raise ValueError(
+                    f"a multi-head codebook [H={h}, K={k}, D={d}] needs x of shape [..., {h}, {d}] "
+                    f"(head h is searched in codebook[h]), got x shape {tuple(x.shape)}"
+                )
         if x.device != codebook.device:
             raise ValueError(f"x is on {x.device} but codebook is on {codebook.device}")
         if same_dtype and x.dtype != codebook.dtype:
@@ -96,6 +112,38 @@ def _check_codebook(codebook, x: torch.Tensor | None, same_dtype: bool) -> torch
                 f"cast one of them (e.g. codebook.to(x.dtype))"
             )
     return codebook
+
+
+def _flatten_heads(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """``[..., D] -> [N, D]`` for one codebook, ``[..., H, D] -> [N, H, D]`` for H heads."""
+    if codebook.dim() == 3:
+        return x.reshape(-1, x.shape[-2], x.shape[-1])
+    return _flatten(x)
+
+
+def _check_sampling(sample_temperature, generator, seed) -> tuple[float, int]:
+    """Validated temperature and the noise seed (drawn from ``generator`` when sampling and no
+    explicit seed is given; 0 when not sampling)."""
+    if isinstance(sample_temperature, bool) or not isinstance(sample_temperature, (int, float)):
+        raise TypeError(f"sample_temperature must be a float >= 0, got {sample_temperature!r}")
+    temp = float(sample_temperature)
+    if not temp >= 0.0 or temp == float("inf"):
+        raise ValueError(f"sample_temperature must be a finite float >= 0, got {sample_temperature!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2^63) or None, got {seed!r}")
+        if generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+    if temp == 0.0:
+        return 0.0, 0
+    if seed is None:
+        # One draw per call from the torch generator (the default one when None): the noise of
+        # every (row, code) pair is then a pure function of this seed (counter-based, see
+        # vqkernels.reference.sampling), identical on every backend and thread count.
+        seed = int(torch.randint(0, MAX_SEED, (), generator=generator, dtype=torch.int64))
+    return temp, int(seed)
 
 
 def _check_metric(metric) -> str:
@@ -152,36 +200,58 @@ def nearest_code(
     metric: str = "l2",
     return_distance: bool = False,
     *,
+    sample_temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
     backend: str = "auto",
     precision: str = "exact",
     check_inputs: bool | None = None,
 ):
-    """Index of the nearest codebook entry for every vector, without an N x K matrix.
+    """Index of the nearest (or a Gumbel-sampled) codebook entry per vector, without an N x K matrix.
 
     Args:
-        x: ``[..., D]`` float32/bfloat16/float16, any strides.
-        codebook: ``[K, D]``, same dtype and device as ``x``.
+        x: ``[..., D]`` float32/bfloat16/float16, any strides; ``[..., H, D]`` with a multi-head
+            codebook.
+        codebook: ``[K, D]``, or ``[H, K, D]`` (one codebook per head: ``x[..., h, :]`` is
+            searched in ``codebook[h]``, all heads in one kernel call); same dtype/device as x.
+            (A codebook shared by the heads is the plain ``[K, D]`` case.)
         metric: ``"l2"`` (squared Euclidean) or ``"cosine"`` (codes are L2-normalized).
         return_distance: also return the distance to the chosen code.
+        sample_temperature: ``0`` (default): the nearest code.  ``τ > 0``: Gumbel-max sampling
+            fused into the search (vector-quantize-pytorch's ``stochastic_sample_codes``),
+            ``argmax_k(logit_k/τ + g_k)`` with LR's logits: ``−‖x − c_k‖`` (the non-squared
+            distance, ``sqrt(max(d², 1e-8))``) for l2, the cosine similarity for cosine.  The
+            noise ``g`` is a counter-based hash of ``(seed, row, code)``
+            (:mod:`vqkernels.reference.sampling`), so a seed gives the same codes on every
+            backend, run and thread count.
+        generator: ``torch.Generator`` the seed is drawn from (once per call) when sampling;
+            ``None`` = torch's default generator (so ``torch.manual_seed`` reproduces a call).
+        seed: an explicit noise seed in ``[0, 2^63)`` instead of a draw from ``generator``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
         precision: ``"exact"`` (fp32 products) or ``"fast"`` (tensor-core products with fp32
             accumulation; Triton/CUDA only, the other backends treat it as ``"exact"``).
         check_inputs: validate finiteness (default on; see module docs).
 
     Returns:
-        ``indices: [...] int64`` (ties -> lowest index), and with ``return_distance``
-        ``distance: [...] float32`` (squared L2 clamped >= 0, or ``1 - cosine``).
+        ``indices: [...] int64`` (``[..., H]`` multi-head; ties -> lowest index), and with
+        ``return_distance`` ``distance`` of the same shape, float32 (squared L2 clamped >= 0, or
+        ``1 - cosine``, to the chosen code).
     """
     x = _check_x(x)
     codebook = _check_codebook(codebook, x, same_dtype=True)
     _check_metric(metric)
     _check_precision(precision)
+    temp, seed_value = _check_sampling(sample_temperature, generator, seed)
     if _want_check(check_inputs):
         _check_finite("x", x)
         _check_finite("codebook", codebook)
-    lead = x.shape[:-1]
-    x2 = _flatten(x)
-    indices, distance = dispatch.call("nearest_code", backend, x.device, x2, codebook, metric, precision)
+    multi_head = codebook.dim() == 3
+    lead = x.shape[:-2] + (codebook.shape[0],) if multi_head else x.shape[:-1]
+    features = (("heads",) if multi_head else ()) + (("sample",) if temp > 0 else ())
+    indices, distance = dispatch.call(
+        "nearest_code", backend, x.device, _flatten_heads(x, codebook), codebook, metric, temp,
+        seed_value, precision, features=features,
+    )  # fmt: skip
     indices = indices.reshape(lead)
     if return_distance:
         return indices, distance.reshape(lead)
@@ -193,40 +263,60 @@ def cluster_stats(
     indices: torch.Tensor,
     num_codes: int,
     *,
+    heads: int | None = None,
     backend: str = "auto",
     check_inputs: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code counts and sums of assigned vectors (no one-hot matrix; deterministic).
 
     Args:
-        x: ``[..., D]`` float.
+        x: ``[..., D]`` float; ``[..., H, D]`` when ``heads=H``.
         indices: ``[...]`` int64 with ``x.shape[:-1]`` elements, values in ``[-1, num_codes)``;
-            ``-1`` marks a row to ignore (padding).
-        num_codes: K >= 1.
+            ``-1`` marks a row to ignore (padding).  With ``heads``: ``[..., H]``, head h's
+            index into its own codebook.
+        num_codes: K >= 1 (per head).
+        heads: ``None`` (one codebook) or H >= 1: statistics per head, in one kernel call.
 
     Returns:
-        ``counts: [K] float32`` and ``sums: [K, D] float32``.
+        ``counts: [K] float32`` and ``sums: [K, D] float32``; with ``heads``: ``[H, K]`` and
+        ``[H, K, D]``.
     """
     x = _check_x(x)
     if not isinstance(num_codes, int) or isinstance(num_codes, bool) or num_codes < 1:
         raise ValueError(f"num_codes must be an int >= 1, got {num_codes!r}")
-    x2 = _flatten(x)
     check = _want_check(check_inputs)
+    if heads is None:
+        x2 = _flatten(x)
+        if check:
+            _check_finite("x", x2)
+        idx = _check_indices(indices, x2.shape[0], num_codes, x.device, check)
+        return dispatch.call("cluster_stats", backend, x.device, x2, idx, num_codes)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an int >= 1 or None, got {heads!r}")
+    if x.dim() < 2 or x.shape[-2] != heads:
+        raise ValueError(f"with heads={heads}, x must have shape [..., {heads}, D], got {tuple(x.shape)}")
+    x3 = x.reshape(-1, heads, x.shape[-1])
     if check:
-        _check_finite("x", x2)
-    idx = _check_indices(indices, x2.shape[0], num_codes, x.device, check)
-    return dispatch.call("cluster_stats", backend, x.device, x2, idx, num_codes)
+        _check_finite("x", x3)
+    idx = _check_indices(indices, x3.shape[0] * heads, num_codes, x.device, check)
+    return dispatch.call(
+        "cluster_stats", backend, x.device, x3, idx.reshape(-1, heads), num_codes,
+        features=("heads",),
+    )  # fmt: skip
 
 
 def _check_ema_state(codebook, cluster_size, embed_sum) -> None:
     codebook = _require_tensor("codebook", codebook)
-    if codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"codebook must have shape [K, D] with K, D >= 1, got {tuple(codebook.shape)}")
-    k, d = codebook.shape
+    if codebook.dim() not in (2, 3) or min(codebook.shape) < 1:
+        raise ValueError(
+            f"codebook must have shape [K, D] (or [H, K, D]) with K, D (H) >= 1, got "
+            f"{tuple(codebook.shape)}"
+        )
+    lead = tuple(codebook.shape[:-1])  # (K,) or (H, K)
     for name, t, shape in (
-        ("codebook", codebook, (k, d)),
-        ("cluster_size", cluster_size, (k,)),
-        ("embed_sum", embed_sum, (k, d)),
+        ("codebook", codebook, tuple(codebook.shape)),
+        ("cluster_size", cluster_size, lead),
+        ("embed_sum", embed_sum, tuple(codebook.shape)),
     ):
         _require_tensor(name, t)
         if t.dtype != torch.float32:
@@ -267,11 +357,14 @@ def ema_update_(
     ``codebook_k = embed_sum_k / c_k``.  Counts and sums are computed without a one-hot matrix and
     deterministically (same bits on every run and thread count).
 
+    Multi-head (one codebook per head, all heads in one kernel call): the same update per head
+    with the head's own ``n = Σ_k cluster_size[h, k]``.
+
     Args:
-        codebook: ``[K, D] float32``, contiguous, written.
-        cluster_size: ``[K] float32``, contiguous, written.
-        embed_sum: ``[K, D] float32``, contiguous, written.
-        x: ``[..., D]`` float (accumulated in fp32).
+        codebook: ``[K, D] float32`` (or ``[H, K, D]``), contiguous, written.
+        cluster_size: ``[K] float32`` (or ``[H, K]``), contiguous, written.
+        embed_sum: ``[K, D] float32`` (or ``[H, K, D]``), contiguous, written.
+        x: ``[..., D]`` float (accumulated in fp32); ``[..., H, D]`` multi-head.
         indices: ``[...]`` int64 with ``x.shape[:-1]`` elements in ``[-1, K)``; ``-1`` = ignore.
         decay: in ``[0, 1]``.  eps: ``> 0``.
 
@@ -282,20 +375,28 @@ def ema_update_(
     """
     _check_ema_state(codebook, cluster_size, embed_sum)
     x = _check_x(x)
-    k, d = codebook.shape
+    k, d = codebook.shape[-2:]
     if x.shape[-1] != d:
         raise ValueError(f"x has last dim D={x.shape[-1]} but codebook has D={d}")
     if x.device != codebook.device:
         raise ValueError(f"x is on {x.device} but codebook is on {codebook.device}")
     decay, eps = _check_decay_eps(decay, eps)
-    x2 = _flatten(x)
+    multi_head = codebook.dim() == 3
+    if multi_head and (x.dim() < 2 or x.shape[-2] != codebook.shape[0]):
+        raise ValueError(
+            f"a multi-head codebook {list(codebook.shape)} needs x of shape "
+            f"[..., {codebook.shape[0]}, {d}], got {tuple(x.shape)}"
+        )
+    x2 = _flatten_heads(x, codebook)
     check = _want_check(check_inputs)
     if check:
         _check_finite("x", x2)
-    idx = _check_indices(indices, x2.shape[0], k, x.device, check)
+    idx = _check_indices(indices, x2.shape[:-1].numel(), k, x.device, check)
+    idx = idx.reshape(x2.shape[:-1])
     dispatch.call(
-        "ema_update_", backend, x.device, codebook, cluster_size, embed_sum, x2, idx, decay, eps
-    )
+        "ema_update_", backend, x.device, codebook, cluster_size, embed_sum, x2, idx, decay, eps,
+        features=("heads",) if multi_head else (),
+    )  # fmt: skip
 
 
 def ema_blend_(
@@ -308,7 +409,8 @@ def ema_blend_(
     eps: float = 1e-5,
 ) -> None:
     """Second half of :func:`ema_update_` from already-reduced ``counts: [K]``/``sums: [K, D]``
-    (fp32), e.g. after an all-reduce across ranks.  Plain PyTorch (O(K·D), not a hot spot)."""
+    (fp32; ``[H, K]``/``[H, K, D]`` multi-head), e.g. after an all-reduce across ranks.  Plain
+    PyTorch (O(K·D), not a hot spot)."""
     _check_ema_state(codebook, cluster_size, embed_sum)
     decay, eps = _check_decay_eps(decay, eps)
     if tuple(counts.shape) != tuple(cluster_size.shape) or tuple(sums.shape) != tuple(embed_sum.shape):
@@ -325,32 +427,41 @@ def quantize(
     beta: float = 0.25,
     metric: str = "l2",
     *,
+    estimator: str = "ste",
     codebook_loss: bool | None = None,
     backend: str = "auto",
     precision: str = "exact",
     check_inputs: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused straight-through quantization with the VQ-VAE losses.
+    """Fused quantization (straight-through or rotation-trick gradient) with the VQ-VAE losses.
 
     Args:
-        x: ``[..., D]`` float32/bfloat16/float16.
-        codebook: ``[K, D]``, same dtype/device as ``x``.
+        x: ``[..., D]`` float32/bfloat16/float16; ``[..., H, D]`` with a multi-head codebook.
+        codebook: ``[K, D]`` or ``[H, K, D]`` (head h uses ``codebook[h]``), same dtype/device.
         beta: commitment weight (>= 0).
         metric: search metric; the loss is always the squared error to the chosen code.
+        estimator: ``"ste"`` (straight-through: ``grad_x = grad_q``) or ``"rotation"`` (the
+            rotation trick of Fifty et al. 2024, exactly vector-quantize-pytorch 1.32's
+            ``rotate_to(x, q)`` gradient: with ``u = x/‖x‖``, ``q̂ = q/‖q‖``,
+            ``w = (u + q̂)/‖u + q̂‖`` and ``s = ‖q‖/‖x‖`` (norms clamped at 1e-6, as LR's
+            ``safe_div``), ``grad_x = s·(g − 2w(w·g) + 2u(q̂·g))``, O(D) per vector).  Either way
+            the value is exactly ``q`` and the codebook gets no gradient through ``quantized``.
         codebook_loss: add ``mean((sg(x) − q)²)`` (gives the codebook a gradient); defaults to
             ``codebook.requires_grad``.
 
     Returns:
-        ``quantized: [..., D]`` (dtype of x; the chosen codes' values, the gradient of x),
-        ``indices: [...] int64``, ``loss: [] float32`` =
-        ``beta·mean((x − sg(q))²) [+ mean((sg(x) − q)²)]`` (0 when x is empty).
-        Backward: ``grad_x = grad_q + grad_loss·2·beta·(x − q)/numel``; the codebook gets the
-        segment-summed gradient of its loss.
+        ``quantized`` (shape and dtype of x; the chosen codes' values),
+        ``indices: [...] int64`` (``[..., H]`` multi-head), ``loss: [] float32`` =
+        ``beta·mean((x − sg(q))²) [+ mean((sg(x) − q)²)]`` (means over every element; 0 when x
+        is empty).  Backward: ``grad_x = E(grad_q) + grad_loss·2·beta·(x − q)/numel`` (E the
+        estimator's map); the codebook gets the segment-summed gradient of its loss.
     """
     x = _check_x(x)
     codebook = _check_codebook(codebook, x, same_dtype=True)
     _check_metric(metric)
     _check_precision(precision)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if not isinstance(beta, (int, float)) or float(beta) < 0:
         raise ValueError(f"beta must be a float >= 0, got {beta!r}")
     beta = float(beta)
@@ -360,10 +471,12 @@ def quantize(
         _check_finite("x", x)
         _check_finite("codebook", codebook)
     lead = x.shape
-    x2 = _flatten(x)
+    multi_head = codebook.dim() == 3
+    features = (("heads",) if multi_head else ()) + (("rotation",) if estimator == "rotation" else ())
     q, idx, loss = dispatch.call(
-        "quantize", backend, x.device, x2, codebook, beta, metric, bool(codebook_loss), precision
-    )
+        "quantize", backend, x.device, _flatten_heads(x, codebook), codebook, beta, metric,
+        bool(codebook_loss), estimator, precision, features=features,
+    )  # fmt: skip
     return q.reshape(lead), idx.reshape(lead[:-1]), loss
 
 

@@ -540,3 +540,16 @@ def assert_bitwise_equal(a, b, what: str = "tensor") -> None:
         view = {torch.float64: torch.int64, torch.float32: torch.int32}.get(a.dtype, torch.int16)
         a, b = a.contiguous().view(view), b.contiguous().view(view)
     assert torch.equal(a.cpu(), b.cpu()), f"{what}: not bitwise identical"
+
+
+def require_feature(backend, op: str, *features: str) -> None:
+    """Skip the running test when ``backend`` (a tests/conftest.py ``Backend``) does not implement
+    ``features`` of ``op`` (see ``vqkernels.dispatch.OP_FEATURES``), with the dispatcher's reason:
+    coverage grows by itself as kernels land."""
+    import pytest
+
+    from . import dispatch
+
+    why = dispatch._op_refusal(backend.name, op, tuple(features))
+    if why:
+        pytest.skip(why)

@@ -2,13 +2,16 @@
 // │ vqkernels C++ CPU backend: shared declarations.                                            │
 // │                                                                                            │
 // │ Ops (schemas live in vqkernels/_ops.py; semantics are those of vqkernels/reference.py):    │
-// │   nearest_code(x[N,D], codebook[K,D], metric) -> (indices[N] i64, distance[N] f32)         │
+// │   nearest_code(x[N,D], codebook[K,D], metric, sample_temperature, seed)                    │
+// │       -> (indices[N] i64, distance[N] f32)                                                 │
 // │   cluster_stats(x[N,D], indices[N] i64, K)    -> (counts[K] f32, sums[K,D] f32)            │
 // │   ema_update_(codebook![K,D] f32, cluster_size![K] f32, embed_sum![K,D] f32, x, indices,   │
 // │               decay, eps) -> ()                                                            │
-// │   quantize(x, codebook, beta, metric, codebook_loss) -> (q[N,D], indices[N] i64, loss[])   │
-// │   quantize_backward(grad_q[N,D], grad_loss[], x, codebook, indices, beta, codebook_loss)   │
-// │       -> (grad_x[N,D], grad_codebook[K,D] or [0])                                          │
+// │   quantize(x, codebook, beta, metric, codebook_loss, estimator)                            │
+// │       -> (q[N,D], indices[N] i64, loss[])                                                  │
+// │   quantize_backward(grad_q[N,D], grad_loss[], x, codebook, indices, beta, codebook_loss,   │
+// │                     estimator) -> (grad_x[N,D], grad_codebook[K,D] or [0])                 │
+// │ Multi-head: codebook [H,K,D] with x [N,H,D], indices [N,H], counts [H,K], state [H,K(,D)]. │
 // │ x/codebook: float32, bfloat16 or float16 (same dtype), any strides; math in fp32 (sums of  │
 // │ many terms in fp64 where the reference does so).                                           │
 // └────────────────────────────────────────────────────────────────────────────────────────────┘
@@ -77,14 +80,30 @@ SearchKernel search_kernel_for(Isa isa, int64_t D);
 // packed row block per thread and, when rows are too few to occupy the threads, per-split
 // partial results ([splits, N]).
 // row_sq (optional, [N]) receives ‖x_i‖² (fp64 sum, rounded), computed while packing.
+// x may have strided rows (x.stride(1) must be 1): one head of an [N, H, D] input.
 void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_t* indices,
             float* best_score, float* row_sq = nullptr);
+
+// Gumbel-max sampling over the same scores (see reference/sampling.py for the noise): row i of x
+// uses the RNG row counter row_base + i·row_step.  best_score receives the chosen code's
+// (unperturbed) score; row_sq (required) ‖x_i‖².
+void sample_search(const at::Tensor& x, const at::Tensor& codebook, bool cosine,
+                   double temperature, int64_t seed, int64_t row_base, int64_t row_step,
+                   int64_t* indices, float* best_score, float* row_sq);
+
+// search / sample_search (temperature > 0) for x [N, D] + codebook [K, D], or per head for
+// x [N, H, D] + codebook [H, K, D] (outputs interleaved [N, H]; RNG row counter n·H + h).
+// row_sq is required when sampling.
+void search_heads(const at::Tensor& x, const at::Tensor& codebook, bool cosine, double temperature,
+                  int64_t seed, int64_t* indices, float* best_score, float* row_sq);
+void check_search_args(const at::Tensor& x, const at::Tensor& codebook);
 
 // ------------------------------------------------------------------------------ the ops
 // (registered for the CPU dispatch key in module.cpp)
 
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook,
-                                                c10::string_view metric);
+                                                c10::string_view metric,
+                                                double sample_temperature, int64_t seed);
 std::tuple<at::Tensor, at::Tensor> cluster_stats(const at::Tensor& x, const at::Tensor& indices,
                                                  int64_t num_codes);
 void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
@@ -93,13 +112,15 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x,
                                                         const at::Tensor& codebook, double beta,
                                                         c10::string_view metric,
-                                                        bool codebook_loss);
+                                                        bool codebook_loss,
+                                                        c10::string_view estimator);
 std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_quantized,
                                                      const at::Tensor& grad_loss,
                                                      const at::Tensor& x,
                                                      const at::Tensor& codebook,
                                                      const at::Tensor& indices, double beta,
-                                                     bool codebook_loss);
+                                                     bool codebook_loss,
+                                                     c10::string_view estimator);
 
 // codebook_softmax family (codebook_softmax.cpp): streamed softmax over the codebook.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tensor& x,
@@ -179,6 +200,11 @@ void check_same_dtype_and_dim(const at::Tensor& x, const at::Tensor& codebook);
 bool parse_metric(const std::string& metric);  // true for cosine
 // Checks every index lies in [lo, K) (lo = -1 where -1 means "ignored row").
 void check_indices(const at::Tensor& indices, int64_t n, int64_t k, int64_t lo, const char* op);
+
+// Multi-head indices [N, H] (local to each head's K codes) -> global codes h·K + idx of the
+// flattened codebook [H·K, D] for the flattened rows [N·H] (-1 stays -1).  2-D: a copy.
+std::vector<int64_t> global_indices(const int64_t* indices, int64_t n, int64_t heads, int64_t k);
+bool parse_estimator(c10::string_view estimator);  // true for "rotation"
 
 // Counting sort of rows by index: order[offsets[k] .. offsets[k+1]) are the rows i with
 // indices[i] == k, in increasing i (stable), so per-code sums run in row order on every thread

@@ -7,6 +7,10 @@
 // │   cluster_size ← decay·cluster_size + (1−decay)·counts;                                    │
 // │   embed_sum ← decay·embed_sum + (1−decay)·sums;  n = Σ cluster_size;                       │
 // │   codebook_k = embed_sum_k / ((cluster_size_k + eps) / (n + K·eps) · n).                   │
+// │ Multi-head: x [N,H,D], indices [N,H], counts [H,K], sums/codebook/embed_sum [H,K,D],       │
+// │ cluster_size [H,K]: the statistics of the flattened rows (n·H + h) by global code h·K + k  │
+// │ (the same sums, in the same row order, as H separate calls); n = Σ_k cluster_size[h, k]    │
+// │ per head.                                                                                  │
 // └────────────────────────────────────────────────────────────────────────────────────────────┘
 // No one-hot matrix: a counting sort groups the rows by code (O(N + K) extra), then each code's
 // rows are summed in row order in fp64.  The order of every sum is fixed by the data alone, so
@@ -59,11 +63,30 @@ void compute_stats(const at::Tensor& x, const int64_t* idx, int64_t K, float* co
   });
 }
 
-void check_x_and_indices(const at::Tensor& x, const at::Tensor& indices, int64_t K,
-                         const char* op) {
-  check_cpu_float_2d(x, "x");
+// x [N, D] (or [N, H, D]) and indices [N] ([N, H]) -> flattened contiguous rows [N·H, D] and
+// global codes (h·K + idx, -1 kept) over H·K codes.
+struct FlatStats {
+  at::Tensor x;
+  std::vector<int64_t> idx;
+  int64_t heads;
+};
+
+FlatStats check_x_and_indices(const at::Tensor& x, const at::Tensor& indices, int64_t K,
+                              const char* op) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "vqkernels.", op,
+              " (cpu backend): x must be [N, D] (or [N, H, D] multi-head), got ", x.sizes());
+  const int64_t H = x.dim() == 3 ? x.size(1) : 1;
+  const int64_t D = x.size(-1);
+  const at::Tensor x2 = x.contiguous().reshape({-1, D});
+  check_cpu_float_2d(x2, "x");
   TORCH_CHECK(K >= 1, "vqkernels.", op, " (cpu backend): num_codes must be >= 1, got ", K);
-  check_indices(indices, x.size(0), K, -1, op);
+  TORCH_CHECK(indices.sizes() == x.sizes().slice(0, x.dim() - 1), "vqkernels.", op,
+              " (cpu backend): indices must have shape ", x.sizes().slice(0, x.dim() - 1),
+              ", got ", indices.sizes());
+  const at::Tensor flat = indices.contiguous().reshape({-1});
+  check_indices(flat, x2.size(0), K, -1, op);
+  return {x2, global_indices(flat.data_ptr<int64_t>(), x2.size(0) / std::max<int64_t>(H, 1), H, K),
+          H};
 }
 
 }  // namespace
@@ -71,15 +94,14 @@ void check_x_and_indices(const at::Tensor& x, const at::Tensor& indices, int64_t
 std::tuple<at::Tensor, at::Tensor> cluster_stats(const at::Tensor& x_in,
                                                  const at::Tensor& indices_in,
                                                  int64_t num_codes) {
-  check_x_and_indices(x_in, indices_in, num_codes, "cluster_stats");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t D = x.size(1);
-  auto opts = x.options().dtype(at::kFloat);
-  auto counts = at::empty({num_codes}, opts);
-  auto sums = at::empty({num_codes, D}, opts);
-  compute_stats(x, indices.data_ptr<int64_t>(), num_codes, counts.data_ptr<float>(),
+  const FlatStats f = check_x_and_indices(x_in, indices_in, num_codes, "cluster_stats");
+  const int64_t D = f.x.size(1), H = f.heads;
+  auto opts = f.x.options().dtype(at::kFloat);
+  auto counts = at::empty({H * num_codes}, opts);
+  auto sums = at::empty({H * num_codes, D}, opts);
+  compute_stats(f.x, f.idx.data(), H * num_codes, counts.data_ptr<float>(),
                 sums.data_ptr<float>());
+  if (x_in.dim() == 3) return {counts.reshape({H, num_codes}), sums.reshape({H, num_codes, D})};
   return {counts, sums};
 }
 
@@ -95,34 +117,38 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
     TORCH_CHECK(t.scalar_type() == at::kFloat, "vqkernels.ema_update_ (cpu backend): ", name,
                 " must be float32 (EMA state stays fp32), got ", t.scalar_type());
   }
-  TORCH_CHECK(codebook.dim() == 2 && codebook.size(0) >= 1,
-              "vqkernels.ema_update_ (cpu backend): codebook must have shape [K, D] with K >= 1, "
-              "got ", codebook.sizes());
-  const int64_t K = codebook.size(0), D = codebook.size(1);
-  TORCH_CHECK(cluster_size.dim() == 1 && cluster_size.size(0) == K,
-              "vqkernels.ema_update_ (cpu backend): cluster_size must have shape [", K, "], got ",
-              cluster_size.sizes());
+  TORCH_CHECK((codebook.dim() == 2 || codebook.dim() == 3) && codebook.size(0) >= 1 &&
+                  codebook.size(-2) >= 1,
+              "vqkernels.ema_update_ (cpu backend): codebook must have shape [K, D] (or "
+              "[H, K, D]) with K >= 1, got ", codebook.sizes());
+  const int64_t H = codebook.dim() == 3 ? codebook.size(0) : 1;
+  const int64_t Kh = codebook.size(-2), D = codebook.size(-1), K = H * Kh;
+  TORCH_CHECK(cluster_size.sizes() == codebook.sizes().slice(0, codebook.dim() - 1),
+              "vqkernels.ema_update_ (cpu backend): cluster_size must have shape ",
+              codebook.sizes().slice(0, codebook.dim() - 1), ", got ", cluster_size.sizes());
   TORCH_CHECK(embed_sum.sizes() == codebook.sizes(),
               "vqkernels.ema_update_ (cpu backend): embed_sum must have shape ", codebook.sizes(),
               ", got ", embed_sum.sizes());
-  check_x_and_indices(x_in, indices_in, K, op);
-  TORCH_CHECK(x_in.size(1) == D, "vqkernels.ema_update_ (cpu backend): x has D=", x_in.size(1),
+  TORCH_CHECK(x_in.dim() == codebook.dim() && (H == 1 || x_in.size(1) == H),
+              "vqkernels.ema_update_ (cpu backend): x must be [N, D] for a [K, D] codebook and "
+              "[N, H, D] for an [H, K, D] one, got x ", x_in.sizes(), " and codebook ",
+              codebook.sizes());
+  const FlatStats f = check_x_and_indices(x_in, indices_in, Kh, op);
+  TORCH_CHECK(x_in.size(-1) == D, "vqkernels.ema_update_ (cpu backend): x has D=", x_in.size(-1),
               " but codebook has D=", D);
   TORCH_CHECK(decay >= 0.0 && decay <= 1.0,
               "vqkernels.ema_update_ (cpu backend): decay must lie in [0, 1], got ", decay);
   TORCH_CHECK(eps > 0.0, "vqkernels.ema_update_ (cpu backend): eps must be > 0, got ", eps);
 
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor indices = indices_in.contiguous();
   // The state is updated in place; a non-contiguous state is updated through a contiguous copy
   // that is written back at the end.
   at::Tensor cb = codebook.contiguous(), cs = cluster_size.contiguous(),
              es = embed_sum.contiguous();
 
   std::vector<float> counts(static_cast<size_t>(K));
-  at::Tensor sums_t = at::empty({K, D}, x.options().dtype(at::kFloat));
+  at::Tensor sums_t = at::empty({K, D}, f.x.options().dtype(at::kFloat));
   float* sums = sums_t.data_ptr<float>();
-  compute_stats(x, indices.data_ptr<int64_t>(), K, counts.data(), sums);
+  compute_stats(f.x, f.idx.data(), K, counts.data(), sums);
 
   // The blend follows the reference's fp32 operation order: mul_(decay) then
   // add_(·, alpha=1−decay), which PyTorch evaluates as one fused multiply-add; the scalars are
@@ -140,21 +166,23 @@ void ema_update_(const at::Tensor& codebook, const at::Tensor& cluster_size,
       for (int64_t j = k0 * D; j < k1 * D; ++j) esp[j] = std::fma(sums[j], omd_f, esp[j] * decay_f);
     });
   });
-  // n = Σ cluster_size: sequential fp64 sum (deterministic), rounded to fp32.
-  double n64 = 0.0;
-  for (int64_t k = 0; k < K; ++k) n64 += csp[k];
-  const float n = static_cast<float>(n64);
+  // Per head: n = Σ_k cluster_size: sequential fp64 sum (deterministic), rounded to fp32;
   // Laplace smoothing, same fp32 order as the reference: (cs + eps) / (n + K·eps) · n.
   const float eps_f = static_cast<float>(eps);
-  const float denom = n + static_cast<float>(static_cast<double>(K) * eps);
-  at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
-    with_isa(isa, [&]() VQK_INLINE {
-      for (int64_t k = k0; k < k1; ++k) {
-        const float smoothed = (csp[k] + eps_f) / denom * n;
-        for (int64_t d = 0; d < D; ++d) cbp[k * D + d] = esp[k * D + d] / smoothed;
-      }
+  for (int64_t h = 0; h < H; ++h) {
+    double n64 = 0.0;
+    for (int64_t k = h * Kh; k < (h + 1) * Kh; ++k) n64 += csp[k];
+    const float n = static_cast<float>(n64);
+    const float denom = n + static_cast<float>(static_cast<double>(Kh) * eps);
+    at::parallel_for(h * Kh, (h + 1) * Kh, grain, [&](int64_t k0, int64_t k1) {
+      with_isa(isa, [&]() VQK_INLINE {
+        for (int64_t k = k0; k < k1; ++k) {
+          const float smoothed = (csp[k] + eps_f) / denom * n;
+          for (int64_t d = 0; d < D; ++d) cbp[k * D + d] = esp[k * D + d] / smoothed;
+        }
+      });
     });
-  });
+  }
   if (!cb.is_same(codebook)) codebook.copy_(cb);
   if (!cs.is_same(cluster_size)) cluster_size.copy_(cs);
   if (!es.is_same(embed_sum)) embed_sum.copy_(es);

@@ -142,6 +142,24 @@ void check_indices(const at::Tensor& indices, int64_t n, int64_t k, int64_t lo, 
               "] = ", (bad >= 0 ? p[bad] : 0));
 }
 
+std::vector<int64_t> global_indices(const int64_t* indices, int64_t n, int64_t heads, int64_t k) {
+  std::vector<int64_t> out(static_cast<size_t>(n * heads));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t v = indices[i * heads + h];
+      out[i * heads + h] = v < 0 ? v : h * k + v;
+    }
+  }
+  return out;
+}
+
+bool parse_estimator(c10::string_view estimator) {
+  if (estimator == "ste") return false;
+  if (estimator == "rotation") return true;
+  TORCH_CHECK(false, "vqkernels (cpu backend): estimator must be 'ste' or 'rotation', got '",
+              std::string(estimator.data(), estimator.size()), "'");
+}
+
 void bucket_rows(const int64_t* indices, int64_t n, int64_t k, std::vector<int64_t>& offsets,
                  std::vector<int64_t>& order) {
   offsets.assign(static_cast<size_t>(k + 1), 0);
@@ -267,14 +285,14 @@ void pack_codebook(const T* c, int64_t K, int64_t D, int64_t CT, bool cosine, fl
 // (fp64 sum in a fixed order, see sum_sq8) for these rows while they are in cache: x is read
 // from memory once per call.
 template <typename T>
-VQK_INLINE inline void pack_rows(const T* x, int64_t r0, int64_t nrows, int64_t ntiles, int64_t D,
-                                 int64_t RT, float* xt, float* row_sq) {
+VQK_INLINE inline void pack_rows(const T* x, int64_t ld, int64_t r0, int64_t nrows, int64_t ntiles,
+                                 int64_t D, int64_t RT, float* xt, float* row_sq) {
   for (int64_t t = 0; t < ntiles; ++t) {
     float* tile = xt + t * D * RT;
     for (int64_t r = 0; r < RT; ++r) {
       const int64_t i = t * RT + r;
       if (i < nrows) {
-        const T* src = x + (r0 + i) * D;
+        const T* src = x + (r0 + i) * ld;
         for (int64_t d = 0; d < D; ++d) tile[d * RT + r] = to_f32(src[d]);
         if (row_sq != nullptr) {
           row_sq[r0 + i] = static_cast<float>(
@@ -295,6 +313,9 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
             float* best_score, float* row_sq) {
   const int64_t N = x.size(0), D = x.size(1), K = codebook.size(0);
   if (N == 0) return;
+  // Rows may be strided (one head of an [N, H, D] input); elements within a row are not.
+  TORCH_CHECK(D <= 1 || x.stride(1) == 1, "vqkernels (cpu backend): search needs unit-stride rows");
+  const int64_t ld = x.stride(0);
   const SearchKernel ker = search_kernel_for(active_isa(), D);
   const int64_t RT = ker.rt, CT = ker.ct;
   const int64_t nct = (K + CT - 1) / CT;
@@ -369,7 +390,7 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
       dispatch_float(st, [&](auto tag) {
         using T = decltype(tag);
         with_isa(isa, [&]() VQK_INLINE {
-          pack_rows(reinterpret_cast<const T*>(xraw), r0, nrows, ntiles, D, RT, xt, sq);
+          pack_rows(reinterpret_cast<const T*>(xraw), ld, r0, nrows, ntiles, D, RT, xt, sq);
         });
       });
       packed_group[worker] = g;
@@ -426,25 +447,193 @@ void search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, int64_
   }
 }
 
+// ============================================================================== sampling
+
+namespace {
+
+constexpr int64_t kSampleCT = 16;  // codes per packed tile of the sampling kernel
+// An upper bound of every Gumbel value the hash can produce: u <= 1 − 2^-24 gives
+// g = −log(−log(u)) <= 16.64 (fp32).  A code whose noiseless perturbed score a = −logit/τ
+// satisfies a − kGumbelMax >= best cannot win (fp32 rounding is monotonic, so fl(a − g) >= best
+// too, and only a strictly lower score replaces the best): its noise is never computed.  This
+// skips the two logs for most codes at low temperature without changing any result.
+constexpr float kGumbelMax = 16.7f;
+
+// The counter-based hash of vqkernels/reference/sampling.py, on 32-bit words.
+inline uint32_t mix32(uint32_t v) {
+  v ^= v >> 16;
+  v *= 0x21F0AAADu;
+  v ^= v >> 15;
+  v *= 0x735A2D97u;
+  v ^= v >> 15;
+  return v;
+}
+
+inline uint32_t row_key(uint64_t seed, uint64_t row) {
+  uint32_t h = mix32(static_cast<uint32_t>(seed >> 32) ^ 0x9E3779B9u);
+  h = mix32(h ^ static_cast<uint32_t>(seed));
+  h = mix32(h ^ static_cast<uint32_t>(row >> 32));
+  return mix32(h ^ static_cast<uint32_t>(row));
+}
+
+inline float gumbel(uint32_t key, uint32_t code) {
+  const uint32_t bits = mix32(key ^ mix32(code));
+  // (2·(bits >> 9) + 1)·2^-24: an odd multiple of 2^-24 in (0, 1), exact in fp32.
+  const float u = static_cast<float>((bits >> 9) * 2u + 1u) * 0x1p-24f;
+  return -std::log(-std::log(u));
+}
+
+// Gumbel-max over all K codes for rows [0, N) of x (row stride ld): indices[i] = argmin_k
+// (−logit_k·inv_temp − g(seed, row_base + i·row_step, k)) with the reference's logits, and
+// best_score[i] = the (unperturbed) search score of the chosen code, row_sq[i] = ‖x_i‖².
+// The scores come from the same packed codebook and the same operation order (bias, then one
+// fma per d in increasing d) as the search kernels, so they are bit-identical to nearest_code's.
+template <typename T>
+void sample_rows(const T* x, int64_t ld, int64_t N, int64_t D, int64_t K, const float* cb,
+                 const float* bias, bool cosine, float inv_temp, uint64_t seed, int64_t row_base,
+                 int64_t row_step, int64_t* indices, float* best_score, float* row_sq) {
+  constexpr int64_t CT = kSampleCT;
+  const int64_t nct = (K + CT - 1) / CT;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * D, 1));
+  const Isa isa = active_isa();
+  at::parallel_for(0, N, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> xr(static_cast<size_t>(std::max<int64_t>(D, 1)));
+    with_isa(isa, [&]() VQK_INLINE {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* src = x + i * ld;
+        for (int64_t d = 0; d < D; ++d) xr[d] = to_f32(src[d]);
+        const float xsq =
+            static_cast<float>(sum_sq8(D, [&](int64_t d) VQK_INLINE { return xr[d]; }));
+        const float nrm = std::max(static_cast<float>(std::sqrt(static_cast<double>(xsq))), 1e-12f);
+        const uint32_t key = row_key(seed, static_cast<uint64_t>(row_base + i * row_step));
+        float best = std::numeric_limits<float>::infinity(), best_s = 0.f;
+        int64_t best_k = 0;
+        for (int64_t t = 0; t < nct; ++t) {
+          const float* tile = cb + t * D * CT;
+          float acc[CT];
+          for (int64_t j = 0; j < CT; ++j) acc[j] = bias[t * CT + j];
+          for (int64_t d = 0; d < D; ++d) {
+            const float xd = xr[d];
+            for (int64_t j = 0; j < CT; ++j) acc[j] = std::fma(xd, tile[d * CT + j], acc[j]);
+          }
+          const int64_t jn = std::min(CT, K - t * CT);
+          for (int64_t j = 0; j < jn; ++j) {
+            const float s = acc[j];
+            // LR's logits: −sqrt(max(d², 1e-8)) (l2), the cosine similarity −s/‖x‖ (cosine).
+            const float logit = cosine ? -s / nrm : -std::sqrt(std::max(s + xsq, 1e-8f));
+            const float a = -(logit * inv_temp);
+            if (a - kGumbelMax >= best) continue;  // cannot win (see kGumbelMax)
+            const float z = a - gumbel(key, static_cast<uint32_t>(t * CT + j));
+            if (z < best) {  // strict: ties keep the lowest index
+              best = z;
+              best_k = t * CT + j;
+              best_s = s;
+            }
+          }
+        }
+        indices[i] = best_k;
+        best_score[i] = best_s;
+        row_sq[i] = xsq;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void sample_search(const at::Tensor& x, const at::Tensor& codebook, bool cosine, double temperature,
+                   int64_t seed, int64_t row_base, int64_t row_step, int64_t* indices,
+                   float* best_score, float* row_sq) {
+  const int64_t N = x.size(0), D = x.size(1), K = codebook.size(0);
+  if (N == 0) return;
+  TORCH_CHECK(D <= 1 || x.stride(1) == 1, "vqkernels (cpu backend): search needs unit-stride rows");
+  constexpr int64_t CT = kSampleCT;
+  const int64_t nct = (K + CT - 1) / CT;
+  AlignedBuf cb(nct * CT * D), bias(nct * CT);
+  // 1/τ rounded once to fp32 (the reference multiplies the fp32 logits by the same value).
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    pack_codebook(reinterpret_cast<const T*>(codebook.data_ptr()), K, D, CT, cosine, cb.p, bias.p);
+    sample_rows(reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), N, D, K, cb.p, bias.p,
+                cosine, inv_temp, static_cast<uint64_t>(seed), row_base, row_step, indices,
+                best_score, row_sq);
+  });
+}
+
+void search_heads(const at::Tensor& x, const at::Tensor& codebook, bool cosine, double temperature,
+                  int64_t seed, int64_t* indices, float* best_score, float* row_sq) {
+  if (codebook.dim() == 2) {
+    if (temperature > 0.0) {
+      sample_search(x, codebook, cosine, temperature, seed, 0, 1, indices, best_score, row_sq);
+    } else {
+      search(x, codebook, cosine, indices, best_score, row_sq);
+    }
+    return;
+  }
+  // One codebook per head: a loop over heads inside the op (each head's search is parallel over
+  // its rows); results are interleaved into [N, H] order.
+  const int64_t N = x.size(0), H = x.size(1);
+  if (N == 0) return;
+  std::vector<int64_t> idx(static_cast<size_t>(N));
+  std::vector<float> best(static_cast<size_t>(N)), sq(static_cast<size_t>(N));
+  for (int64_t h = 0; h < H; ++h) {
+    const at::Tensor xh = x.select(1, h), ch = codebook.select(0, h);
+    if (temperature > 0.0) {
+      sample_search(xh, ch, cosine, temperature, seed, h, H, idx.data(), best.data(), sq.data());
+    } else {
+      search(xh, ch, cosine, idx.data(), best.data(), sq.data());
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      indices[n * H + h] = idx[n];
+      best_score[n * H + h] = best[n];
+      if (row_sq != nullptr) row_sq[n * H + h] = sq[n];
+    }
+  }
+}
+
+void check_search_args(const at::Tensor& x, const at::Tensor& codebook) {
+  if (codebook.dim() == 3) {
+    TORCH_CHECK(x.dim() == 3 && x.size(1) == codebook.size(0) && codebook.size(0) >= 1,
+                "vqkernels (cpu backend): a multi-head codebook [H, K, D] ", codebook.sizes(),
+                " needs x of shape [N, H, D], got ", x.sizes());
+    check_same_dtype_and_dim(x.select(1, 0), codebook.select(0, 0));
+  } else {
+    check_same_dtype_and_dim(x, codebook);
+  }
+}
+
+void check_sampling(double temperature, int64_t seed) {
+  TORCH_CHECK(temperature >= 0.0 && std::isfinite(temperature),
+              "vqkernels (cpu backend): sample_temperature must be a finite float >= 0, got ",
+              temperature);
+  TORCH_CHECK(seed >= 0, "vqkernels (cpu backend): seed must be >= 0, got ", seed);
+}
+
 // ============================================================================== the op
 
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x_in, const at::Tensor& cb_in,
-                                                c10::string_view metric) {
-  check_same_dtype_and_dim(x_in, cb_in);
+                                                c10::string_view metric,
+                                                double sample_temperature, int64_t seed) {
+  check_search_args(x_in, cb_in);
+  check_sampling(sample_temperature, seed);
   const bool cosine = parse_metric(std::string(metric.data(), metric.size()));
   const at::Tensor x = x_in.contiguous();
   const at::Tensor codebook = cb_in.contiguous();
   const int64_t N = x.size(0);
-  auto indices = at::empty({N}, x.options().dtype(at::kLong));
-  auto distance = at::empty({N}, x.options().dtype(at::kFloat));
+  const int64_t R = x.dim() == 3 ? N * x.size(1) : N;  // (row, head) pairs
+  auto lead = x.sizes().slice(0, x.dim() - 1);
+  auto indices = at::empty(lead, x.options().dtype(at::kLong));
+  auto distance = at::empty(lead, x.options().dtype(at::kFloat));
   if (N == 0) return {indices, distance};
   float* dist = distance.data_ptr<float>();
-  std::vector<float> xsq(static_cast<size_t>(N));
-  search(x, codebook, cosine, indices.data_ptr<int64_t>(), dist, xsq.data());
+  std::vector<float> xsq(static_cast<size_t>(R));
+  search_heads(x, codebook, cosine, sample_temperature, seed, indices.data_ptr<int64_t>(), dist,
+               xsq.data());
 
   // Best score -> distance.  ‖x‖² is added back only here (it does not change the argmin);
   // cancellation can leave a tiny negative L2 value, clamped at 0 like the reference.
-  at::parallel_for(0, N, 65536, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, R, 65536, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (!cosine) {
         dist[i] = std::max(dist[i] + xsq[i], 0.f);

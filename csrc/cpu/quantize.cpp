@@ -1,14 +1,18 @@
 // ┌────────────────────────────────────────────────────────────────────────────────────────────┐
-// │ quantize(x[N,D], codebook[K,D], beta, metric, codebook_loss)                               │
+// │ quantize(x[N,D], codebook[K,D], beta, metric, codebook_loss, estimator)                    │
 // │   -> (quantized[N,D] dtype of x, indices[N] int64, loss[] float32)                         │
 // │   quantized = codebook[indices] (its value; the straight-through gradient is autograd's);   │
 // │   loss = beta·SSE/numel [+ SSE/numel], SSE = Σ (x − q)² in fp32 terms / fp64 sum,          │
 // │   numel = max(N·D, 1) (loss = 0 for N = 0).                                                │
 // │ quantize_backward(grad_q[N,D], grad_loss[], x[N,D], codebook[K,D], indices[N] int64,       │
-// │                   beta, codebook_loss) -> (grad_x[N,D] dtype of x, grad_codebook)          │
-// │   grad_x = grad_q + (2·beta/numel)·grad_loss·(x − q);                                      │
+// │                   beta, codebook_loss, estimator) -> (grad_x[N,D] dtype of x, grad_cb)     │
+// │   grad_x = E(grad_q) + (2·beta/numel)·grad_loss·(x − q), E = identity ("ste") or the       │
+// │   rotation trick's s·(g − 2w(w·g) + 2u(q̂·g)) ("rotation", O(D) per row, see below);        │
 // │   grad_codebook[k] = Σ_{i: idx_i = k} (−2/numel)·grad_loss·(x_i − q_i)  (dtype of the       │
 // │   codebook), or an empty [0] tensor when codebook_loss is false.                           │
+// │ Multi-head: codebook [H,K,D], x [N,H,D], indices [N,H]: each (row, head) vector is a row  │
+// │ of the flattened problem x [N·H, D] against the flattened codebook [H·K, D] with global    │
+// │ codes h·K + idx; only the search is per head.                                             │
 // └────────────────────────────────────────────────────────────────────────────────────────────┘
 // The forward fuses the search (shared with nearest_code), the gather and the per-row squared
 // error; the backward fuses grad_x and the segment sum of the codebook gradient.  Every sum has
@@ -18,6 +22,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstring>
 
 namespace vqkernels {
@@ -30,22 +35,31 @@ constexpr int64_t kSseBlock = 1024;  // rows per partial SSE; fixed so the sum o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in,
                                                         const at::Tensor& cb_in, double beta,
                                                         c10::string_view metric,
-                                                        bool codebook_loss) {
-  check_same_dtype_and_dim(x_in, cb_in);
+                                                        bool codebook_loss,
+                                                        c10::string_view estimator) {
+  check_search_args(x_in, cb_in);
+  parse_estimator(estimator);  // the forward is the same for both estimators
   const bool cosine = parse_metric(std::string(metric.data(), metric.size()));
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor codebook = cb_in.contiguous();
-  const int64_t N = x.size(0), D = x.size(1);
-  auto q = at::empty({N, D}, x.options());
-  auto indices = at::empty({N}, x.options().dtype(at::kLong));
+  const at::Tensor x3 = x_in.contiguous();
+  const at::Tensor cb3 = cb_in.contiguous();
+  const int64_t H = cb3.dim() == 3 ? cb3.size(0) : 1;
+  const int64_t D = x3.size(-1), Kh = cb3.size(-2);
+  // Flattened views: rows (n, h) -> n·H + h, codes (h, k) -> h·K + k.
+  const at::Tensor x = x3.reshape({-1, D});
+  const at::Tensor codebook = cb3.reshape({-1, D});
+  const int64_t N = x.size(0);
+  auto q = at::empty(x3.sizes(), x3.options());
+  auto indices = at::empty(x3.sizes().slice(0, x3.dim() - 1), x3.options().dtype(at::kLong));
   auto loss = at::zeros({}, x.options().dtype(at::kFloat));
   if (N == 0) return {q, indices, loss};
 
-  int64_t* idx = indices.data_ptr<int64_t>();
+  std::vector<int64_t> gidx;
   {
     std::vector<float> best(static_cast<size_t>(N));
-    search(x, codebook, cosine, idx, best.data());
+    search_heads(x3, cb3, cosine, 0.0, 0, indices.data_ptr<int64_t>(), best.data(), nullptr);
+    gidx = global_indices(indices.data_ptr<int64_t>(), N / H, H, Kh);
   }
+  const int64_t* idx = gidx.data();
 
   const int64_t nblocks = (N + kSseBlock - 1) / kSseBlock;
   std::vector<double> partial(static_cast<size_t>(nblocks), 0.0);
@@ -87,28 +101,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in,
   return {q, indices, loss};
 }
 
+namespace {
+
+// Rotation trick (LR 1.32's rotate_to), per row, in fp32 from fp64 dot products: with
+// u = x/max(‖x‖, ε), q̂ = q/max(‖q‖, ε), w = (u + q̂)/max(‖u + q̂‖, ε), s = ‖q‖/max(‖x‖, ε)
+// (ε = 1e-6, LR's safe_div / l2norm), the gradient s·(g − 2w(w·g) + 2u(q̂·g)) is written
+// s·g − a·(u + q̂) + b·u with a = 2s(w·g)/max(‖u+q̂‖, ε) = 2s((u+q̂)·g)/max(‖u+q̂‖, ε)² and
+// b = 2s(q̂·g): three O(D) passes (norms; the two dot products; the output), never a D×D matrix.
+struct RotationCoefs {
+  float cu, cq, s, a, b;  // u = cu·x, q̂ = cq·q
+};
+
+template <typename T, typename G>
+VQK_INLINE inline RotationCoefs rotation_coefs(const T* row, const T* code, const G* g,
+                                               int64_t D) {
+  constexpr double kEps = 1e-6;
+  double xx = 0.0, qq = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double xv = to_f32(row[d]), qv = to_f32(code[d]);
+    xx += xv * xv;
+    qq += qv * qv;
+  }
+  const double xn = std::sqrt(xx), qn = std::sqrt(qq);
+  const double cu = 1.0 / std::max(xn, kEps), cq = 1.0 / std::max(qn, kEps);
+  double vv = 0.0, vg = 0.0, qg = 0.0;  // v = u + q̂
+  for (int64_t d = 0; d < D; ++d) {
+    const double v = cu * to_f32(row[d]) + cq * to_f32(code[d]);
+    const double gd = to_f32(g[d]);
+    vv += v * v;
+    vg += v * gd;
+    qg += cq * to_f32(code[d]) * gd;
+  }
+  const double vn = std::max(std::sqrt(vv), kEps);
+  const double s = qn * cu;
+  RotationCoefs c;
+  c.cu = static_cast<float>(cu);
+  c.cq = static_cast<float>(cq);
+  c.s = static_cast<float>(s);
+  c.a = static_cast<float>(2.0 * s * vg / (vn * vn));
+  c.b = static_cast<float>(2.0 * s * qg);
+  return c;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in,
                                                      const at::Tensor& grad_loss,
                                                      const at::Tensor& x_in,
                                                      const at::Tensor& cb_in,
                                                      const at::Tensor& indices_in, double beta,
-                                                     bool codebook_loss) {
-  check_same_dtype_and_dim(x_in, cb_in);
-  check_cpu_float_2d(grad_q_in, "grad_quantized");
+                                                     bool codebook_loss,
+                                                     c10::string_view estimator) {
+  check_search_args(x_in, cb_in);
+  const bool rotation = parse_estimator(estimator);
+  TORCH_CHECK(grad_q_in.device().is_cpu(),
+              "vqkernels.quantize_backward (cpu backend): grad_quantized must be a CPU tensor");
   TORCH_CHECK(grad_q_in.sizes() == x_in.sizes(),
               "vqkernels.quantize_backward (cpu backend): grad_quantized must have the shape of "
               "x ", x_in.sizes(), ", got ", grad_q_in.sizes());
+  check_cpu_float_2d(grad_q_in.reshape({-1, x_in.size(-1)}), "grad_quantized");
   TORCH_CHECK(grad_loss.device().is_cpu() && grad_loss.numel() == 1,
               "vqkernels.quantize_backward (cpu backend): grad_loss must be a one-element CPU "
               "tensor, got shape ", grad_loss.sizes(), " on ", grad_loss.device());
-  const int64_t N = x_in.size(0), D = x_in.size(1), K = cb_in.size(0);
-  check_indices(indices_in, N, K, 0, "quantize_backward");
+  const int64_t H = cb_in.dim() == 3 ? cb_in.size(0) : 1;
+  const int64_t D = x_in.size(-1), Kh = cb_in.size(-2);
+  const int64_t N = x_in.numel() / std::max<int64_t>(D, 1), K = H * Kh;
+  TORCH_CHECK(indices_in.sizes() == x_in.sizes().slice(0, x_in.dim() - 1),
+              "vqkernels.quantize_backward (cpu backend): indices must have shape ",
+              x_in.sizes().slice(0, x_in.dim() - 1), ", got ", indices_in.sizes());
+  check_indices(indices_in.reshape({-1}), N, Kh, 0, "quantize_backward");
 
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor codebook = cb_in.contiguous();
-  const at::Tensor gq = grad_q_in.contiguous();
+  const at::Tensor x = x_in.contiguous().reshape({-1, D});
+  const at::Tensor codebook = cb_in.contiguous().reshape({-1, D});
+  const at::Tensor gq = grad_q_in.contiguous().reshape({-1, D});
   const at::Tensor indices = indices_in.contiguous();
-  const int64_t* idx = indices.data_ptr<int64_t>();
+  const std::vector<int64_t> gidx = global_indices(indices.data_ptr<int64_t>(), N / H, H, Kh);
+  const int64_t* idx = gidx.data();
 
   const double numel = static_cast<double>(std::max<int64_t>(N * D, 1));
   const float g = grad_loss.to(at::kFloat).item<float>();
@@ -116,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
   const float coef_x = static_cast<float>(2.0 * beta / numel) * g;
   const float coef_c = static_cast<float>(-2.0 / numel) * g;
 
-  auto grad_x = at::empty({N, D}, x.options());
+  auto grad_x = at::empty(x_in.sizes(), x.options());
   at::Tensor grad_cb;
   at::Tensor grad_cb32;
   if (codebook_loss) {
@@ -140,9 +208,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
             const T* code = cp + idx[i] * D;
             const G* gqr = gqp + i * D;
             T* gxr = gxp + i * D;
-            for (int64_t d = 0; d < D; ++d) {
-              const float diff = to_f32(row[d]) - to_f32(code[d]);
-              gxr[d] = static_cast<T>(to_f32(gqr[d]) + coef_x * diff);
+            if (rotation) {
+              const RotationCoefs c = rotation_coefs(row, code, gqr, D);
+              for (int64_t d = 0; d < D; ++d) {
+                const float xv = to_f32(row[d]), qv = to_f32(code[d]);
+                const float u = c.cu * xv;
+                const float rot = c.s * to_f32(gqr[d]) - c.a * (u + c.cq * qv) + c.b * u;
+                gxr[d] = static_cast<T>(rot + coef_x * (xv - qv));
+              }
+            } else {
+              for (int64_t d = 0; d < D; ++d) {
+                const float diff = to_f32(row[d]) - to_f32(code[d]);
+                gxr[d] = static_cast<T>(to_f32(gqr[d]) + coef_x * diff);
+              }
             }
           }
         });
@@ -175,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_q_in
     }
   });
   if (codebook_loss) {
-    grad_cb = grad_cb32.to(codebook.scalar_type());
+    grad_cb = grad_cb32.to(codebook.scalar_type()).reshape(cb_in.sizes());
   } else {
     grad_cb = at::empty({0}, codebook.options());
   }

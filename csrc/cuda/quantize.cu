@@ -7,7 +7,12 @@
 //   loss         []      float32 out: beta * S/numel [+ S/numel when codebook_loss],
 //                        S = sum (x - q)^2 in fp32 per element; 0 when N = 0
 // backward:
-//   grad_x       [N, D]  dtype of x: grad_q + ((2 beta/numel) * g) * (x - q), fp32 math
+//   grad_x       [N, D]  dtype of x: E(grad_q) + ((2 beta/numel) * g) * (x - q), fp32 math, with
+//                        E = identity (straight-through) or, for vq_quantize_backward_rotation,
+//                        the rotation trick (LR 1.32's rotate_to): s (g' - 2 w (w.g') + 2 u (q^.g'))
+//                        with u = x/max(|x|, 1e-6), q^ = q/max(|q|, 1e-6),
+//                        w = (u + q^)/max(|u + q^|, 1e-6), s = |q|/max(|x|, 1e-6); one warp per
+//                        row, O(D): three passes over the row, never a D x D matrix
 //   grad_codebook[K, D]  dtype of the codebook (codebook_loss only):
 //                        sum_{i: idx_i = k} ((-2/numel) * g) * (x_i - q_i), deterministic
 //                        (segment_sum.cu), accumulated in float64
@@ -111,6 +116,66 @@ __global__ void grad_x_kernel(const T* __restrict__ grad_q, int64_t gq_rs,
   }
 }
 
+// Rotation trick backward, one warp per row.  Written as s·g' − a·(u + q̂) + b·u with
+// a = 2s((u + q̂)·g')/max(|u + q̂|, ε)² and b = 2s(q̂·g'); the row sums use the fixed warp
+// butterfly (deterministic).
+template <typename T>
+__global__ void grad_x_rotation_kernel(const T* __restrict__ grad_q, int64_t gq_rs,
+                                       const float* __restrict__ grad_loss,
+                                       const T* __restrict__ x, int64_t x_rs,
+                                       const T* __restrict__ cb, int64_t cb_rs,
+                                       const int64_t* __restrict__ indices, int64_t n, int64_t k,
+                                       int64_t d, float coef, T* __restrict__ grad_x) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (row >= n) return;  // uniform per warp
+  const float kEps = 1e-6f;
+  const float cg = __fmul_rn(coef, *grad_loss);
+  const int64_t code = indices[row];
+  const bool valid = code >= 0 && code < k;
+  const T* xr = x + row * x_rs;
+  const T* qr = cb + (valid ? code : 0) * cb_rs;
+  const T* gr = grad_q + row * gq_rs;
+  float xx = 0.f, qq = 0.f;
+  for (int64_t j = lane; j < d; j += 32) {
+    const float xf = to_f(xr[j]);
+    const float qf = valid ? to_f(qr[j]) : 0.f;
+    xx = __fmaf_rn(xf, xf, xx);
+    qq = __fmaf_rn(qf, qf, qq);
+  }
+  xx = warp_sum(xx);
+  qq = warp_sum(qq);
+  const float xn = __fsqrt_rn(xx), qn = __fsqrt_rn(qq);
+  const float cu = __frcp_rn(fmaxf(xn, kEps)), cq = __frcp_rn(fmaxf(qn, kEps));
+  float vv = 0.f, vg = 0.f, qg = 0.f;  // v = u + q^
+  for (int64_t j = lane; j < d; j += 32) {
+    const float xf = to_f(xr[j]);
+    const float qf = valid ? to_f(qr[j]) : 0.f;
+    const float gf = to_f(gr[j]);
+    const float v = __fadd_rn(__fmul_rn(cu, xf), __fmul_rn(cq, qf));
+    vv = __fmaf_rn(v, v, vv);
+    vg = __fmaf_rn(v, gf, vg);
+    qg = __fmaf_rn(__fmul_rn(cq, qf), gf, qg);
+  }
+  vv = warp_sum(vv);
+  vg = warp_sum(vg);
+  qg = warp_sum(qg);
+  const float vn = fmaxf(__fsqrt_rn(vv), kEps);
+  const float sc = __fmul_rn(qn, cu);
+  const float a = __fdiv_rn(__fmul_rn(__fmul_rn(2.f, sc), vg), __fmul_rn(vn, vn));
+  const float b = __fmul_rn(__fmul_rn(2.f, sc), qg);
+  T* out = grad_x + row * d;
+  for (int64_t j = lane; j < d; j += 32) {
+    const float xf = to_f(xr[j]);
+    const float qf = valid ? to_f(qr[j]) : 0.f;
+    const float u = __fmul_rn(cu, xf);
+    const float v = __fadd_rn(u, __fmul_rn(cq, qf));
+    float r = __fsub_rn(__fmul_rn(sc, to_f(gr[j])), __fmul_rn(a, v));
+    r = __fadd_rn(r, __fmul_rn(b, u));
+    out[j] = from_f<T>(__fadd_rn(r, __fmul_rn(cg, __fsub_rn(xf, qf))));
+  }
+}
+
 struct QuantizeBuffers {
   SearchBuffers search;
   float* row_err = nullptr;  // [N]
@@ -138,9 +203,17 @@ cudaError_t quantize_finalize_t(const T* x, int64_t x_rs, const T* cb, int64_t c
 template <typename T>
 cudaError_t grad_x_t(const T* grad_q, int64_t gq_rs, const float* grad_loss, const T* x,
                      int64_t x_rs, const T* cb, int64_t cb_rs, const int64_t* indices, int64_t n,
-                     int64_t k, int64_t d, float coef, T* grad_x, cudaStream_t stream) {
+                     int64_t k, int64_t d, float coef, T* grad_x, bool rotation,
+                     cudaStream_t stream) {
   const int64_t numel = n * d;
   if (numel == 0) return cudaSuccess;
+  if (rotation) {
+    const int rthreads = 256;  // 8 rows (warps) per block
+    const int64_t rblocks = ceil_div(n * 32, static_cast<int64_t>(rthreads));
+    grad_x_rotation_kernel<T><<<static_cast<unsigned>(rblocks), rthreads, 0, stream>>>(
+        grad_q, gq_rs, grad_loss, x, x_rs, cb, cb_rs, indices, n, k, d, coef, grad_x);
+    return cudaGetLastError();
+  }
   const int threads = 256;
   const int64_t want = ceil_div(numel, threads);
   const unsigned blocks = static_cast<unsigned>(want < 65536 ? want : 65536);
@@ -215,11 +288,12 @@ extern "C" size_t vq_quantize_backward_workspace_bytes(int64_t n, int64_t k, int
   return c.size();
 }
 
-extern "C" cudaError_t vq_quantize_backward(
+static cudaError_t quantize_backward_impl(
     const void* grad_quantized, int64_t grad_quantized_row_stride, const float* grad_loss,
     const void* x, int64_t x_row_stride, const void* codebook, int64_t codebook_row_stride,
     const int64_t* indices, int64_t n, int64_t k, int64_t d, vq_dtype dtype, double beta,
-    bool codebook_loss, void* workspace, void* grad_x, void* grad_codebook, cudaStream_t stream) {
+    bool codebook_loss, void* workspace, void* grad_x, void* grad_codebook, bool rotation,
+    cudaStream_t stream) {
   if (n < 0 || k <= 0 || d < 0 || n > INT_MAX || k >= INT_MAX || d > INT_MAX)
     return cudaErrorInvalidValue;
   const int64_t numel = n * d > 0 ? n * d : 1;
@@ -233,20 +307,21 @@ extern "C" cudaError_t vq_quantize_backward(
       err = vqk::grad_x_t(static_cast<const float*>(grad_quantized), grad_quantized_row_stride,
                           grad_loss, static_cast<const float*>(x), x_row_stride,
                           static_cast<const float*>(codebook), codebook_row_stride, indices, n, k,
-                          d, coef_x, static_cast<float*>(grad_x), stream);
+                          d, coef_x, static_cast<float*>(grad_x), rotation, stream);
       break;
     case VQ_BFLOAT16:
       err = vqk::grad_x_t(static_cast<const __nv_bfloat16*>(grad_quantized),
                           grad_quantized_row_stride, grad_loss,
                           static_cast<const __nv_bfloat16*>(x), x_row_stride,
                           static_cast<const __nv_bfloat16*>(codebook), codebook_row_stride,
-                          indices, n, k, d, coef_x, static_cast<__nv_bfloat16*>(grad_x), stream);
+                          indices, n, k, d, coef_x, static_cast<__nv_bfloat16*>(grad_x), rotation,
+                          stream);
       break;
     case VQ_FLOAT16:
       err = vqk::grad_x_t(static_cast<const __half*>(grad_quantized), grad_quantized_row_stride,
                           grad_loss, static_cast<const __half*>(x), x_row_stride,
                           static_cast<const __half*>(codebook), codebook_row_stride, indices, n,
-                          k, d, coef_x, static_cast<__half*>(grad_x), stream);
+                          k, d, coef_x, static_cast<__half*>(grad_x), rotation, stream);
       break;
     default:
       return cudaErrorInvalidValue;
@@ -259,4 +334,26 @@ extern "C" cudaError_t vq_quantize_backward(
   return vqk::launch_segment_sum(x, x_row_stride, codebook, codebook_row_stride, dtype,
                                  /*out_is_f32=*/false, n, k, d, grad_loss, coef_cb, seg,
                                  grad_codebook, stream);
+}
+
+extern "C" cudaError_t vq_quantize_backward(
+    const void* grad_quantized, int64_t grad_quantized_row_stride, const float* grad_loss,
+    const void* x, int64_t x_row_stride, const void* codebook, int64_t codebook_row_stride,
+    const int64_t* indices, int64_t n, int64_t k, int64_t d, vq_dtype dtype, double beta,
+    bool codebook_loss, void* workspace, void* grad_x, void* grad_codebook, cudaStream_t stream) {
+  return quantize_backward_impl(grad_quantized, grad_quantized_row_stride, grad_loss, x,
+                                x_row_stride, codebook, codebook_row_stride, indices, n, k, d,
+                                dtype, beta, codebook_loss, workspace, grad_x, grad_codebook,
+                                /*rotation=*/false, stream);
+}
+
+extern "C" cudaError_t vq_quantize_backward_rotation(
+    const void* grad_quantized, int64_t grad_quantized_row_stride, const float* grad_loss,
+    const void* x, int64_t x_row_stride, const void* codebook, int64_t codebook_row_stride,
+    const int64_t* indices, int64_t n, int64_t k, int64_t d, vq_dtype dtype, double beta,
+    bool codebook_loss, void* workspace, void* grad_x, void* grad_codebook, cudaStream_t stream) {
+  return quantize_backward_impl(grad_quantized, grad_quantized_row_stride, grad_loss, x,
+                                x_row_stride, codebook, codebook_row_stride, indices, n, k, d,
+                                dtype, beta, codebook_loss, workspace, grad_x, grad_codebook,
+                                /*rotation=*/true, stream);
 }

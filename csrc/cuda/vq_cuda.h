@@ -61,6 +61,15 @@ cudaError_t vq_ema_update(float* codebook, float* cluster_size, float* embed_sum
                           int64_t d, vq_dtype dtype, double decay, double eps, void* workspace,
                           cudaStream_t stream);
 
+// ---- nearest_code with Gumbel-max sampling (sampling.cu) ---------------------------------------
+// temperature > 0; row i uses the RNG row counter row_base + i * row_step (vqkernels/reference/
+// sampling.py); no workspace.  indices: [N] int64; distance: [N] float32.
+cudaError_t vq_nearest_code_sample(const void* x, int64_t x_row_stride, const void* codebook,
+                                   int64_t codebook_row_stride, int64_t n, int64_t k, int64_t d,
+                                   vq_dtype dtype, vq_metric metric, double temperature,
+                                   uint64_t seed, int64_t row_base, int64_t row_step,
+                                   int64_t* indices, float* distance, cudaStream_t stream);
+
 // ---- quantize (forward) ------------------------------------------------------------------------
 size_t vq_quantize_workspace_bytes(int64_t n, int64_t k, int num_sms);
 // quantized: [N, D] contiguous, dtype of x; indices: [N] int64; loss: [] float32.
@@ -82,5 +91,12 @@ cudaError_t vq_quantize_backward(const void* grad_quantized, int64_t grad_quanti
                                  const int64_t* indices, int64_t n, int64_t k, int64_t d,
                                  vq_dtype dtype, double beta, bool codebook_loss, void* workspace,
                                  void* grad_x, void* grad_codebook, cudaStream_t stream);
+// The same with the rotation-trick estimator: grad_x = s (g' - 2 w (w.g') + 2 u (q^.g')) +
+// ((2 beta/numel) g) (x - q) (LR 1.32's rotate_to gradient; see quantize.cu).  Same workspace.
+cudaError_t vq_quantize_backward_rotation(
+    const void* grad_quantized, int64_t grad_quantized_row_stride, const float* grad_loss,
+    const void* x, int64_t x_row_stride, const void* codebook, int64_t codebook_row_stride,
+    const int64_t* indices, int64_t n, int64_t k, int64_t d, vq_dtype dtype, double beta,
+    bool codebook_loss, void* workspace, void* grad_x, void* grad_codebook, cudaStream_t stream);
 
 }  // extern "C"

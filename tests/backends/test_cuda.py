@@ -511,6 +511,11 @@ def emu(tmp_path_factory):
         "vq_quantize_backward_workspace_bytes": (_SZ, [_I64, _I64, _I64, ctypes.c_bool]),
         "vq_quantize_backward": (_INT, [_VP, _I64, _VP, _VP, _I64, _VP, _I64, _VP, _I64, _I64,
                                         _I64, _INT, _DBL, ctypes.c_bool, _VP, _VP, _VP, _VP]),
+        "vq_nearest_code_sample": (_INT, [_VP, _I64, _VP, _I64, _I64, _I64, _I64, _INT, _INT,
+                                          _DBL, ctypes.c_uint64, _I64, _I64, _VP, _VP, _VP]),
+        "vq_quantize_backward_rotation": (_INT, [_VP, _I64, _VP, _VP, _I64, _VP, _I64, _VP, _I64,
+                                                 _I64, _I64, _INT, _DBL, ctypes.c_bool, _VP, _VP,
+                                                 _VP, _VP]),
     }  # fmt: skip
     for name, (res_t, args) in sigs.items():
         fn = getattr(lib, name)
@@ -552,13 +557,14 @@ def _emu_quantize(lib, x, cb, beta, metric, cb_loss, sms):
     return q, idx, loss
 
 
-def _emu_backward(lib, gq, gl, x, cb, idx, beta, cb_loss):
+def _emu_backward(lib, gq, gl, x, cb, idx, beta, cb_loss, rotation=False):
     n, d = x.shape
     k = cb.shape[0]
     gx = torch.empty(n, d, dtype=x.dtype)
     gcb = torch.empty(k, d, dtype=cb.dtype) if cb_loss else None
     ws = _ws(lib.vq_quantize_backward_workspace_bytes(n, k, d, cb_loss))
-    err = lib.vq_quantize_backward(_p(gq), gq.stride(0), _p(gl), _p(x), x.stride(0), _p(cb),
+    launcher = lib.vq_quantize_backward_rotation if rotation else lib.vq_quantize_backward
+    err = launcher(_p(gq), gq.stride(0), _p(gl), _p(x), x.stride(0), _p(cb),
                                    cb.stride(0), _p(idx), n, k, d, _DT[x.dtype], beta, cb_loss,
                                    _p(ws), _p(gx), _p(gcb), None)  # fmt: skip
     assert err == 0, f"launcher returned CUDA error {err}"
@@ -659,6 +665,47 @@ def test_emulated_quantize(emu, dtype):
         gx, gcb = _emu_backward(emu, gq, gl, x, cb, idx, beta, cb_loss)
         rgx, rgcb = reference.quantize_backward(gq, gl, x, cb, idx, beta, cb_loss)
         assert torch.equal(gx, rgx)  # the same fp32 operations elementwise
+        if cb_loss:
+            torch.testing.assert_close(gcb, rgcb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (40, 37, 5), (9, 70, 33)], ids=_ids([(1, 1, 1), (40, 37, 5), (9, 70, 33)]))
+def test_emulated_sampling(emu, shape, metric):
+    """Gumbel-max sampling (sampling.cu) against the reference's draws with the same seed: equal
+    except where two perturbed scores are within float rounding (none expected at these sizes)."""
+    n, k, d = shape
+    x, cb = make_inputs(n, k, d, seed=k, kind="gaussian")
+    for temp, seed in ((0.5, 3), (5.0, 2**40 + 1)):
+        idx = torch.empty(n, dtype=torch.int64)
+        dist = torch.empty(n, dtype=torch.float32)
+        err = emu.vq_nearest_code_sample(_p(x), x.stride(0), _p(cb), cb.stride(0), n, k, d,
+                                         _DT[x.dtype], _METRIC[metric], temp, seed, 0, 1,
+                                         _p(idx), _p(dist), None)  # fmt: skip
+        assert err == 0
+        ridx, rdist = reference.nearest_code(x, cb, metric, sample_temperature=temp, seed=seed)
+        assert int((idx != ridx).sum()) <= max(1, n // 50)
+        same = idx == ridx
+        torch.testing.assert_close(dist[same], rdist[same], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 5, 3), (70, 9, 45)], ids=_ids([(1, 1, 1), (37, 5, 3), (70, 9, 45)]))
+def test_emulated_rotation_backward(emu, shape, dtype):
+    """estimator="rotation": the warp-per-row kernel against the reference (LR's rotate_to
+    gradient, itself tested against LR in tests/ops/test_rotation.py); a zero row included."""
+    n, k, d = shape
+    x, cb = make_inputs(n, k, d, dtype, seed=n + d, kind="clustered", noise=0.4)
+    x[0] = 0
+    idx, _ = reference.nearest_code(x, cb)
+    gq = torch.randn(n, d).to(dtype)
+    gl = torch.tensor(0.9)
+    for cb_loss in (True, False):
+        gx, gcb = _emu_backward(emu, gq, gl, x, cb, idx, 0.25, cb_loss, rotation=True)
+        rgx, rgcb = reference.quantize_backward(gq, gl, x, cb, idx, 0.25, cb_loss, "rotation")
+        tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+        scale = float(rgx.float().abs().max())
+        assert float((gx.float() - rgx.float()).abs().max()) <= tol * scale
         if cb_loss:
             torch.testing.assert_close(gcb, rgcb, rtol=1e-5, atol=1e-7)
 

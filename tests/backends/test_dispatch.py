@@ -124,3 +124,19 @@ def test_op_table_lists_every_op_on_every_backend_or_says_why():
                 dispatch.resolve("cpu", torch.device("cpu"), "_only_reference")
     finally:
         del dispatch.OP_TABLE["_only_reference"]
+
+
+def test_feature_refusal_names_the_feature(monkeypatch, cpu_backend):
+    """A call using a feature (multi-head, sampling, rotation) skips backends lacking it under
+    ``auto`` and an explicit backend lacking it is refused with the feature named."""
+    monkeypatch.setitem(
+        dispatch.OP_FEATURES, "nearest_code", {"heads": ("reference",), "sample": ("reference",)}
+    )
+    x = torch.randn(5, 2, 3)
+    cb = torch.randn(2, 4, 3)
+    assert dispatch.resolve("auto", torch.device("cpu"), "nearest_code", ("heads",)) == "reference"
+    with pytest.raises(dispatch.BackendUnavailableError, match="multi-head codebooks has no cpu"):
+        vqkernels.nearest_code(x, cb, backend="cpu")
+    with pytest.raises(dispatch.BackendUnavailableError, match=r"Gumbel sampling .* no cpu"):
+        vqkernels.nearest_code(x[:, 0], cb[0], sample_temperature=1.0, backend="cpu")
+    assert vqkernels.nearest_code(x, cb).shape == (5, 2)  # auto -> reference

@@ -610,6 +610,7 @@ from triton.compiler import ASTSource
 NC = importlib.import_module("vqkernels.triton.nearest_code")
 EM = importlib.import_module("vqkernels.triton.ema_update")
 QZ = importlib.import_module("vqkernels.triton.quantize")
+SP = importlib.import_module("vqkernels.triton.sampling")
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTR = {"f32": "*fp32", "bf16": "*bf16", "f16": "*fp16", "i64": "*i64", "i32": "*i32"}
 
@@ -650,10 +651,10 @@ def build(kernel, args, num_warps=4, num_stages=2):
 
 
 def search(dt, n, k, d, splits, meta, bn, bk):
-    return dict(x_ptr=dt, stride_xn=d, stride_xd=1, cb_ptr=dt, stride_ck=d, stride_cd=1,
-                aux_ptr="f32", idx_ptr="i64", dist_ptr="f32", part_best_ptr="f32",
-                part_idx_ptr="i32", q_ptr=dt, stride_qn=d, err_ptr="f32", N=n, K=k, D=d,
-                N_BUCKET=1024, EPS=1e-12, BLOCK_N=bn, BLOCK_K=bk, IS_COSINE=splits > 1,
+    return dict(x_ptr=dt, stride_xn=d, stride_xd=1, stride_xh=d, cb_ptr=dt, stride_ck=d,
+                stride_cd=1, stride_ch=k * d, aux_ptr="f32", idx_ptr="i64", dist_ptr="f32",
+                part_best_ptr="f32", part_idx_ptr="i32", q_ptr=dt, stride_qn=d, stride_qh=d,
+                err_ptr="f32", N=n, K=k, D=d, H=8, N_BUCKET=1024, EPS=1e-12, BLOCK_N=bn, BLOCK_K=bk, IS_COSINE=splits > 1,
                 NUM_SPLITS=splits, **meta)
 
 
@@ -669,14 +670,15 @@ if sys.argv[1] == "kernels":
         "nearest_split": (NC._nearest_code_kernel, search("bf16", 100, 4096, 192, 4, m16, 64, 128)),
         "nearest_odd_d": (NC._nearest_code_kernel, search("f16", 100, 4096, 200, 1, modd, 64, 128)),
         "nearest_combine": (NC._nearest_combine_kernel, dict(x_ptr="f32", stride_xn=1,
-                            stride_xd=1, part_best_ptr="f32", part_idx_ptr="i32",
-                            idx_ptr="i64", dist_ptr="f32", N=1, D=1, EPS=1e-12, BLOCK_N=64,
+                            stride_xd=1, stride_xh=1, part_best_ptr="f32", part_idx_ptr="i32",
+                            idx_ptr="i64", dist_ptr="f32", N=1, D=1, H=1, EPS=1e-12, BLOCK_N=64,
                             BLOCK_D=16, IS_COSINE=True, NUM_SPLITS=4)),
         "quantize_fwd": (QZ._quantize_fwd_kernel, search("bf16", 1, 1, 192, 1, m16, 64, 64)),
         "quantize_combine": (QZ._quantize_combine_kernel, dict(x_ptr="f16", stride_xn=64,
-                             stride_xd=1, cb_ptr="f16", stride_ck=64, stride_cd=1,
-                             part_best_ptr="f32", part_idx_ptr="i32", q_ptr="f16",
-                             stride_qn=64, idx_ptr="i64", err_ptr="f32", N=1000, D=64,
+                             stride_xd=1, stride_xh=64, cb_ptr="f16", stride_ck=64, stride_cd=1,
+                             stride_ch=64 * 512, part_best_ptr="f32", part_idx_ptr="i32",
+                             q_ptr="f16", stride_qn=64, stride_qh=64, idx_ptr="i64",
+                             err_ptr="f32", N=1000, D=64, H=8,
                              BLOCK_N=64, BLOCK_D=64, NUM_SPLITS=3)),
         "loss": (QZ._loss_kernel, dict(err_ptr="f32", loss_ptr="f32", N=1, D=1, beta=0.25,
                  BLOCK=1024, HAS_CODEBOOK_LOSS=True)),
@@ -704,8 +706,21 @@ if sys.argv[1] == "kernels":
                                 HAS_SCALE=False)),
         "sum": (EM._sum_kernel, dict(v_ptr="f32", out_ptr="f32", K=1, BLOCK=1024)),
         "ema_refresh": (EM._ema_refresh_kernel, dict(cb_ptr="f32", stride_ck=1, es_ptr="f32",
-                        stride_ek=1, cs_ptr="f32", n_ptr="f32", eps=1e-5, K=1, D=1,
+                        stride_ek=1, cs_ptr="f32", n_ptr="f32", eps=1e-5, K=1, KT=1, D=1,
                         BLOCK_KC=16, BLOCK_D=16)),
+        "ema_refresh_heads": (EM._ema_refresh_kernel, dict(cb_ptr="f32", stride_ck=64,
+                              es_ptr="f32", stride_ek=64, cs_ptr="f32", n_ptr="f32", eps=1e-5,
+                              K=512, KT=4096, D=64, BLOCK_KC=16, BLOCK_D=64)),
+        "backward_x_rotation": (QZ._quantize_bwd_x_rotation_kernel, dict(gq_ptr="bf16",
+                                stride_gn=256, stride_gd=1, gl_ptr="f32", x_ptr="bf16",
+                                stride_xn=256, stride_xd=1, cb_ptr="bf16", stride_ck=256,
+                                stride_cd=1, idx_ptr="i64", gx_ptr="bf16", stride_on=256,
+                                beta=0.25, N=1000, D=256, EPS=1e-6, BLOCK_N=32, BLOCK_D=64)),
+        "sample": (SP._sample_kernel, dict(x_ptr="f32", stride_xn=256, stride_xd=1,
+                   stride_xh=32, cb_ptr="f32", stride_ck=32, stride_cd=1, stride_ch=32 * 512,
+                   aux_ptr="f32", idx_ptr="i64", dist_ptr="f32", seed_key=123456, inv_temp=0.5,
+                   N=1000, K=512, D=32, H=8, EPS=1e-12, L2_EPS=1e-8, BLOCK_N=64, BLOCK_K=64,
+                   BLOCK_D=32, IS_COSINE=False)),
     }
     for name, (kern, args) in jobs.items():
         try:

@@ -36,7 +36,10 @@ BAD_X_CB = [
     ("x-0d", lambda x, cb: (x[0, 0], cb), ValueError, r"^x must have shape"),
     ("codebook-int", lambda x, cb: (x, cb.long()), TypeError, r"^codebook must be float"),
     ("codebook-1d", lambda x, cb: (x, cb[0]), ValueError, r"^codebook must have shape \[K, D\]"),
-    ("codebook-3d", lambda x, cb: (x, cb[None]), ValueError, r"^codebook must have shape"),
+    ("codebook-4d", lambda x, cb: (x, cb[None, None]), ValueError, r"^codebook must have shape"),
+    # a 3-D codebook is multi-head [H, K, D]: x must then be [..., H, D]
+    ("codebook-3d-heads-mismatch", lambda x, cb: (x, cb[None].expand(3, -1, -1)), ValueError,
+     r"^a multi-head codebook \[H=3"),
     ("codebook-empty", lambda x, cb: (x, cb[:0]), ValueError, r"^codebook must have K >= 1"),
     ("codebook-D0", lambda x, cb: (x[:, :0], cb[:, :0]), ValueError, r"^codebook must have K"),
     ("D-mismatch", lambda x, cb: (x[:, :3], cb), ValueError, r"x has last dim D=3 but codebook"),

@@ -75,6 +75,35 @@ def _cases(device="cpu"):
             ("quantize_backward", (gq, gl, x, cb, qidx, 0.25, cb_loss), f"quantize_backward-{tag}"),
         ]
     cases.append(("quantize", (x0.clone().requires_grad_(), cb, 0.25, "l2", False), "quantize-N0"))
+    # Issue 10: Gumbel sampling, the rotation-trick estimator, multi-head [H, K, D] codebooks.
+    x3 = x[:36].reshape(12, 3, 6)
+    cb3 = torch.stack([cb, cb.flip(0), cb * 0.5])  # [3, 11, 6]
+    idx3 = idx[:36].reshape(12, 3)
+    state3 = (cb3.clone(), torch.rand(3, 11, device=device) + 0.5, cb3.clone())
+    cases += [
+        ("nearest_code", (x, cb, "l2", 0.7, 5), "nearest_code-sample-l2"),
+        ("nearest_code", (xb, cbb, "cosine", 2.0, 2**40), "nearest_code-sample-cosine-bf16"),
+        ("nearest_code", (x3, cb3, "l2"), "nearest_code-heads"),
+        ("nearest_code", (x3, cb3, "cosine", 0.5, 3), "nearest_code-heads-sample"),
+        ("cluster_stats", (x3, idx3, 11), "cluster_stats-heads"),
+        ("ema_update_", (*state3, x3, idx3, 0.9, 1e-5), "ema_update_-heads"),
+        (
+            "quantize",
+            (x.clone().requires_grad_(), cb.clone().requires_grad_(), 0.25, "l2", True, "rotation"),
+            "quantize-rotation",
+        ),
+        (
+            "quantize",
+            (x3.clone().requires_grad_(), cb3.clone().requires_grad_(), 0.25, "l2", True, "rotation"),
+            "quantize-heads-rotation",
+        ),
+        ("quantize_backward", (gq, gl, x, cb, qidx, 0.25, True, "rotation"), "quantize_backward-rotation"),
+        (
+            "quantize_backward",
+            (gq[:36].reshape(12, 3, 6), gl, x3, cb3, idx3.clamp_min(0), 0.25, True, "ste"),
+            "quantize_backward-heads",
+        ),
+    ]  # fmt: skip
     return [pytest.param(name, args, id=i) for name, args, i in cases]
 
 
@@ -100,21 +129,29 @@ for _name in OPS:
     _lib.define(_schema.split("::", 1)[1])
 
 
-def _ref_quantize_backward(grad_q, grad_loss, x, codebook, indices, beta, codebook_loss):
+def _ref_quantize_backward(
+    grad_q, grad_loss, x, codebook, indices, beta, codebook_loss, estimator="ste"
+):
     grad_x, grad_cb = reference.quantize_backward(
-        grad_q, grad_loss, x, codebook, indices, beta, codebook_loss
+        grad_q, grad_loss, x, codebook, indices, beta, codebook_loss, estimator
     )
     if grad_cb is None:
         grad_cb = codebook.new_empty((0,))
     return grad_x, grad_cb
 
 
-def _ref_quantize(x, codebook, beta, metric, codebook_loss):
-    return reference.quantize(x, codebook, beta, metric, codebook_loss)
+def _ref_quantize(x, codebook, beta, metric, codebook_loss, estimator="ste"):
+    return reference.quantize(x, codebook, beta, metric, codebook_loss, estimator)
+
+
+def _ref_nearest_code(x, codebook, metric, sample_temperature=0.0, seed=0):
+    return reference.nearest_code(
+        x, codebook, metric, sample_temperature=sample_temperature, seed=seed
+    )
 
 
 _IMPLS = {
-    "nearest_code": reference.nearest_code,
+    "nearest_code": _ref_nearest_code,
     "cluster_stats": reference.cluster_stats,
     "ema_update_": reference.ema_update_,
     "quantize": _ref_quantize,
@@ -140,9 +177,10 @@ def _ref_backward(ctx, grad_quantized, grad_indices, grad_loss):
     if grad_loss is None:
         grad_loss = x.new_zeros((), dtype=torch.float32)
     grad_x, grad_cb = torch.ops.vqkernels_reftest.quantize_backward(
-        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss
-    )
-    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None
+        grad_quantized.contiguous(), grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss,
+        ctx.estimator,
+    )  # fmt: skip
+    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None, None
 
 
 torch.library.register_autograd(

@@ -2,11 +2,13 @@
 
 One sub-module per upstream library, named after it; inside, one module per upstream module:
 
-``vector_quantize_pytorch``  vector-quantize-pytorch (``from vqkernels.compat import VectorQuantize``)
+``vector_quantize_pytorch``  vector-quantize-pytorch: the one-line switch is
+                             ``from vqkernels.compat import VectorQuantize, ResidualVQ, FSQ, LFQ``
 ``taming``                   taming-transformers' ``VectorQuantizer2``
 """
 
 from .taming import VectorQuantizer2
-from .vector_quantize_pytorch import LossBreakdown, VectorQuantize
+from .vector_quantize_pytorch import *  # noqa: F403  (its __all__: LR's class names)
+from .vector_quantize_pytorch import __all__ as _lr_names
 
-__all__ = ["VectorQuantize", "LossBreakdown", "VectorQuantizer2"]
+__all__ = [*_lr_names, "VectorQuantizer2"]

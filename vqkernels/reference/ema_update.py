@@ -13,13 +13,22 @@ def cluster_stats(
     """Counts and sums of rows per code, without a one-hot matrix.
 
     Args:
-        x: ``[N, D]`` float (accumulated in fp32).
-        indices: ``[N]`` int64 in ``[-1, num_codes)``; ``-1`` rows are ignored.
-        num_codes: K.
+        x: ``[N, D]`` float (accumulated in fp32), or ``[N, H, D]`` (multi-head).
+        indices: ``[N]`` (``[N, H]``) int64 in ``[-1, num_codes)``; ``-1`` rows are ignored.
+        num_codes: K (per head).
 
     Returns:
-        counts ``[K] float32`` and sums ``[K, D] float32``.
+        counts ``[K] float32`` and sums ``[K, D] float32``; multi-head ``[H, K]`` / ``[H, K, D]``
+        (head h's statistics of the vectors ``x[:, h]`` by ``indices[:, h]``).
     """
+    if x.dim() == 3:
+        # Head h's codes are the global codes [h·K, (h+1)·K): one flat reduction, same bits as
+        # H separate ones (each code's rows are still summed in row order).
+        n, h, d = x.shape
+        offs = torch.arange(h, device=x.device) * num_codes
+        flat = torch.where(indices >= 0, indices + offs, -1).reshape(n * h)
+        counts, sums = cluster_stats(x.reshape(n * h, d), flat, h * num_codes)
+        return counts.reshape(h, num_codes), sums.reshape(h, num_codes, d)
     d = x.shape[1]
     counts = torch.zeros(num_codes, dtype=torch.float32, device=x.device)
     sums = torch.zeros(num_codes, d, dtype=torch.float32, device=x.device)
@@ -51,16 +60,19 @@ def ema_update_(
     ``n = Σ cluster_size``, ``c_k = (cluster_size_k + eps) / (n + K·eps) · n``,
     ``codebook_k = embed_sum_k / c_k``.
 
+    Multi-head (one codebook per head): the same update per head, ``n`` being the head's own
+    ``Σ_k cluster_size[h, k]``.
+
     Args:
-        codebook: ``[K, D] float32`` (written).
-        cluster_size: ``[K] float32`` (written).
-        embed_sum: ``[K, D] float32`` (written).
-        x: ``[N, D]`` float.
-        indices: ``[N] int64`` in ``[-1, K)``; ``-1`` rows are ignored.
+        codebook: ``[K, D] float32`` (written), or ``[H, K, D]``.
+        cluster_size: ``[K] float32`` (written), or ``[H, K]``.
+        embed_sum: ``[K, D] float32`` (written), or ``[H, K, D]``.
+        x: ``[N, D]`` float, or ``[N, H, D]``.
+        indices: ``[N] int64`` (``[N, H]``) in ``[-1, K)``; ``-1`` rows are ignored.
         decay: in ``[0, 1]``.
         eps: Laplace smoothing, ``> 0``.
     """
-    k = codebook.shape[0]
+    k = codebook.shape[-2]
     counts, sums = cluster_stats(x, indices, k)
     ema_blend_(codebook, cluster_size, embed_sum, counts, sums, decay, eps)
 
@@ -75,10 +87,11 @@ def ema_blend_(
     eps: float,
 ) -> None:
     """The second half of :func:`ema_update_` given already-reduced ``counts``/``sums`` (used after
-    an all-reduce in distributed training).  Same formulas, same rounding order."""
-    k = codebook.shape[0]
+    an all-reduce in distributed training).  Same formulas, same rounding order.  Multi-head
+    state (``[H, K]`` / ``[H, K, D]``): ``n`` is per head."""
+    k = codebook.shape[-2]
     cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
     embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
-    n = cluster_size.sum()
+    n = cluster_size.sum(dim=-1, keepdim=True)
     smoothed = (cluster_size + eps) / (n + k * eps) * n
-    codebook.copy_(embed_sum / smoothed.unsqueeze(1))
+    codebook.copy_(embed_sum / smoothed.unsqueeze(-1))

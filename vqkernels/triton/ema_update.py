@@ -175,12 +175,14 @@ def _sum_kernel(
     K,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """out[0] = Σ v in fp32, one program, fixed order (deterministic)."""
+    """out[h] = Σ v[h·K : (h+1)·K] in fp32, one program per head h, fixed order (deterministic)."""
+    head = tl.program_id(0)
+    v_ptr += head.to(tl.int64) * K
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         acc += tl.load(v_ptr + offs, mask=offs < K, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0))
+    tl.store(out_ptr + head, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -190,18 +192,20 @@ def _ema_refresh_kernel(
     cs_ptr,
     n_ptr,
     eps,
-    K, D,
+    K, KT, D,
     BLOCK_KC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """codebook_k = embed_sum_k / ((cluster_size_k + eps) / (n + K·eps) · n), fp32, IEEE division
-    (the reference's evaluation order; K·eps in fp32 here, so K is not baked into a float)."""
+    (the reference's evaluation order; K·eps in fp32 here, so K is not baked into a float).
+    Rows [0, KT) of the (flattened multi-head) state; row r belongs to head r // K, whose own
+    n = n_ptr[r // K] is used."""
     pid_k = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_k = pid_k * BLOCK_KC + tl.arange(0, BLOCK_KC)
-    mask_k = offs_k < K
+    mask_k = offs_k < KT
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = mask_k[:, None] & (offs_d[None, :] < D)
-    n = tl.load(n_ptr)
+    n = tl.load(n_ptr + offs_k // K, mask=mask_k, other=1.0)
     cs = tl.load(cs_ptr + offs_k, mask=mask_k, other=1.0)
     smoothed = tl.div_rn(cs + eps, n + tl.cast(K, tl.float32) * eps) * n
     row = offs_k[:, None].to(tl.int64)
@@ -294,15 +298,29 @@ def segment_sums(
     )  # fmt: skip
 
 
+def _flatten_heads(x: torch.Tensor, indices: torch.Tensor, num_codes: int):
+    """Multi-head ``x [N, H, D]``, ``indices [N, H]`` -> rows ``[N·H, D]`` and global codes
+    ``h·K + idx`` (``-1`` kept) over ``H·K`` codes: each code's rows keep their row order, so the
+    sums have the bits of H separate calls.  2-D inputs pass through."""
+    if x.dim() == 2:
+        return x, indices, 1
+    n, h, d = x.shape
+    offs = torch.arange(h, dtype=torch.int64, device=x.device) * num_codes
+    flat = torch.where(indices >= 0, indices + offs, -1).reshape(n * h)
+    return x.reshape(n * h, d), flat, h
+
+
 @triton_op("vqkernels::cluster_stats_triton", mutates_args=())
 def _cluster_stats_op(
     x: torch.Tensor, indices: torch.Tensor, num_codes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    d = x.shape[1]
-    counts = torch.empty(num_codes, dtype=torch.float32, device=x.device)
-    sums = torch.empty((num_codes, d), dtype=torch.float32, device=x.device)
-    segment_sums(x, indices, num_codes, sums, counts)
-    return counts, sums
+    d = x.shape[-1]
+    lead = (x.shape[1],) if x.dim() == 3 else ()
+    x2, idx2, h = _flatten_heads(x, indices, num_codes)
+    counts = torch.empty(h * num_codes, dtype=torch.float32, device=x.device)
+    sums = torch.empty((h * num_codes, d), dtype=torch.float32, device=x.device)
+    segment_sums(x2, idx2, h * num_codes, sums, counts)
+    return counts.reshape(lead + (num_codes,)), sums.reshape(lead + (num_codes, d))
 
 
 @triton_op("vqkernels::ema_update_triton_", mutates_args=("codebook", "cluster_size", "embed_sum"))
@@ -315,31 +333,36 @@ def _ema_update_op(
     decay: float,
     eps: float,
 ) -> None:
-    k, d = codebook.shape
+    k, d = codebook.shape[-2:]
+    x2, idx2, h = _flatten_heads(x, indices, k)
+    kt = h * k
+    # The state is contiguous (checked): flat views [H·K(, D)] share its storage.
+    cb2, cs2, es2 = codebook.view(kt, d), cluster_size.view(kt), embed_sum.view(kt, d)
     # (1 − decay) in double, then fp32, as the reference's alpha=1.0 − decay
-    segment_sums(x, indices, k, embed_sum, cluster_size, ema=(decay, 1.0 - decay))
-    n = torch.empty((), dtype=torch.float32, device=codebook.device)
-    wrap_triton(_sum_kernel)[(1,)](cluster_size, n, k, BLOCK=64 if interpreting() else 1024)
+    segment_sums(x2, idx2, kt, es2, cs2, ema=(decay, 1.0 - decay))
+    n = torch.empty(h, dtype=torch.float32, device=codebook.device)
+    wrap_triton(_sum_kernel)[(h,)](cs2, n, k, BLOCK=64 if interpreting() else 1024)
     block_kc, block_d = _block_kc(), _block_d(d)
-    grid = (triton.cdiv(k, block_kc), triton.cdiv(d, block_d))
+    grid = (triton.cdiv(kt, block_kc), triton.cdiv(d, block_d))
     wrap_triton(_ema_refresh_kernel)[grid](
-        codebook, codebook.stride(0),
-        embed_sum, embed_sum.stride(0),
-        cluster_size,
+        cb2, cb2.stride(0),
+        es2, es2.stride(0),
+        cs2,
         n,
         float(eps),
-        k, d,
+        k, kt, d,
         BLOCK_KC=block_kc, BLOCK_D=block_d,
         num_warps=4,
     )  # fmt: skip
 
 
 def _check_stats_args(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be [N, D], got shape {tuple(x.shape)}")
-    if indices.dtype != torch.int64 or indices.shape != (x.shape[0],):
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, D] (or [N, H, D] multi-head), got shape {tuple(x.shape)}")
+    if indices.dtype != torch.int64 or indices.shape != x.shape[:-1]:
         raise ValueError(
-            f"indices must be int64 of shape [{x.shape[0]}], got {indices.dtype} {tuple(indices.shape)}"
+            f"indices must be int64 of shape {list(x.shape[:-1])}, got {indices.dtype} "
+            f"{tuple(indices.shape)}"
         )
     if num_codes < 1:
         raise ValueError(f"num_codes must be >= 1, got {num_codes}")
@@ -351,12 +374,12 @@ def cluster_stats(
     """Per-code counts and fp32 sums of rows (Triton backend, deterministic).
 
     Args:
-        x: ``[N, D]`` float32/bfloat16/float16, any strides.
-        indices: ``[N] int64`` in ``[-1, num_codes)``; ``-1`` rows are ignored.
-        num_codes: K >= 1.
+        x: ``[N, D]`` float32/bfloat16/float16, any strides; or ``[N, H, D]`` (multi-head).
+        indices: ``[N]`` (``[N, H]``) int64 in ``[-1, num_codes)``; ``-1`` rows are ignored.
+        num_codes: K >= 1 (per head).
 
     Returns:
-        ``counts [K] float32``, ``sums [K, D] float32``.
+        ``counts [K] float32``, ``sums [K, D] float32`` (``[H, K]`` / ``[H, K, D]``).
     """
     _check_stats_args(x, indices, num_codes)
     return torch.ops.vqkernels.cluster_stats_triton(x, indices, int(num_codes))
@@ -374,14 +397,14 @@ def ema_update_(
     """EMA codebook update in place (Triton backend, bitwise reproducible).
 
     Args:
-        codebook: ``[K, D] float32`` contiguous (written).
-        cluster_size: ``[K] float32`` contiguous (written).
-        embed_sum: ``[K, D] float32`` contiguous (written).
-        x: ``[N, D]`` float, any strides.
-        indices: ``[N] int64`` in ``[-1, K)``; ``-1`` rows are ignored.
+        codebook: ``[K, D] float32`` contiguous (written), or ``[H, K, D]`` (one per head).
+        cluster_size: ``[K] float32`` contiguous (written), or ``[H, K]``.
+        embed_sum: ``[K, D] float32`` contiguous (written), or ``[H, K, D]``.
+        x: ``[N, D]`` float, any strides; ``[N, H, D]`` multi-head.
+        indices: ``[N]`` (``[N, H]``) int64 in ``[-1, K)``; ``-1`` rows are ignored.
         decay: in ``[0, 1]``.  eps: ``> 0``.
     """
-    k = codebook.shape[0]
+    k = codebook.shape[-2]
     _check_stats_args(x, indices, k)
     for name, t in (
         ("codebook", codebook),

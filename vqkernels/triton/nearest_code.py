@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .sampling import sample_search
+
 __all__ = ["nearest_code", "code_aux", "search_meta", "num_splits", "SEARCH_CONFIGS"]
 
 COSINE_EPS = 1e-12
@@ -391,7 +393,7 @@ def fold_splits(
 @triton.jit
 def _nearest_epilogue(
     x_ptr, stride_xd,
-    row_off, offs_n, mask_n,
+    row_off, out_off, mask_n,
     best, best_idx,
     idx_ptr, dist_ptr,
     D,
@@ -417,29 +419,34 @@ def _nearest_epilogue(
     else:
         # ‖x‖² − 2x·c + ‖c‖² cancels: clamp the tiny negative results at 0 (NaN stays NaN)
         dist = tl.maximum(best + xsq, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(idx_ptr + offs_n, best_idx.to(tl.int64), mask=mask_n)
-    tl.store(dist_ptr + offs_n, dist, mask=mask_n)
+    tl.store(idx_ptr + out_off, best_idx.to(tl.int64), mask=mask_n)
+    tl.store(dist_ptr + out_off, dist, mask=mask_n)
 
 
 @search_autotune
 @triton.jit
 def _nearest_code_kernel(
-    x_ptr, stride_xn, stride_xd,
-    cb_ptr, stride_ck, stride_cd,
+    x_ptr, stride_xn, stride_xd, stride_xh,
+    cb_ptr, stride_ck, stride_cd, stride_ch,
     aux_ptr,
     idx_ptr,
     dist_ptr,
     part_best_ptr, part_idx_ptr,
-    N, K, D, N_BUCKET,
+    N, K, D, H, N_BUCKET,
     EPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
     USE_TF32: tl.constexpr, IS_ROUND_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(N, BLOCK_N), NUM_SPLITS).  One split: search + epilogue.  Several: each
+    """Grid (cdiv(N, BLOCK_N), NUM_SPLITS, H).  One split: search + epilogue.  Several: each
     program searches its code range and stores (best, index) partials for
-    ``_nearest_combine_kernel``."""
+    ``_nearest_combine_kernel``.  Axis 2 is the head: x[:, h] against codebook[h] (aux[h·K:]),
+    outputs at n·H + h (H = 1: a plain [K, D] codebook)."""
+    pid_h = tl.program_id(2)
+    x_ptr += pid_h.to(tl.int64) * stride_xh
+    cb_ptr += pid_h.to(tl.int64) * stride_ch
+    aux_ptr += pid_h.to(tl.int64) * K
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     row_off = offs_n.to(tl.int64) * stride_xn
@@ -451,36 +458,42 @@ def _nearest_code_kernel(
         IS_UPCAST_DOT,
     )  # fmt: skip
     if NUM_SPLITS == 1:
+        out_off = offs_n.to(tl.int64) * H + pid_h
         _nearest_epilogue(
-            x_ptr, stride_xd, row_off, offs_n, mask_n, best, best_idx, idx_ptr, dist_ptr, D,
+            x_ptr, stride_xd, row_off, out_off, mask_n, best, best_idx, idx_ptr, dist_ptr, D,
             EPS, BLOCK_N, BLOCK_D, IS_COSINE,
         )  # fmt: skip
     else:
-        part = tl.program_id(1) * N + offs_n
+        part = (pid_h * NUM_SPLITS + tl.program_id(1)).to(tl.int64) * N + offs_n
         tl.store(part_best_ptr + part, best, mask=mask_n)
         tl.store(part_idx_ptr + part, best_idx, mask=mask_n)
 
 
 @triton.jit
 def _nearest_combine_kernel(
-    x_ptr, stride_xn, stride_xd,
+    x_ptr, stride_xn, stride_xd, stride_xh,
     part_best_ptr, part_idx_ptr,
     idx_ptr,
     dist_ptr,
-    N, D,
+    N, D, H,
     EPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_N), H)."""
+    pid_h = tl.program_id(1)
+    x_ptr += pid_h.to(tl.int64) * stride_xh
+    part_off = pid_h.to(tl.int64) * NUM_SPLITS * N
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     row_off = offs_n.to(tl.int64) * stride_xn
     best, best_idx = fold_splits(
-        part_best_ptr, part_idx_ptr, offs_n, mask_n, N, BLOCK_N, NUM_SPLITS
+        part_best_ptr + part_off, part_idx_ptr + part_off, offs_n, mask_n, N, BLOCK_N, NUM_SPLITS
     )
+    out_off = offs_n.to(tl.int64) * H + pid_h
     _nearest_epilogue(
-        x_ptr, stride_xd, row_off, offs_n, mask_n, best, best_idx, idx_ptr, dist_ptr, D,
+        x_ptr, stride_xd, row_off, out_off, mask_n, best, best_idx, idx_ptr, dist_ptr, D,
         EPS, BLOCK_N, BLOCK_D, IS_COSINE,
     )  # fmt: skip
 
@@ -533,14 +546,28 @@ def num_splits(n: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(sms, tiles), k // 512, _MAX_SPLITS))
 
 
-def split_buffers(n: int, splits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partials ``best [splits, N] f32`` and ``index [splits, N] i32`` (1-element dummies when
-    there is one split: the kernel does not touch them then)."""
+def split_buffers(
+    n: int, splits: int, device: torch.device, heads: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials ``best [H, splits, N] f32`` and ``index [H, splits, N] i32`` (1-element dummies
+    when there is one split: the kernel does not touch them then)."""
     rows = n if splits > 1 else 1
+    h = heads if splits > 1 else 1
     return (
-        torch.empty((splits, rows), dtype=torch.float32, device=device),
-        torch.empty((splits, rows), dtype=torch.int32, device=device),
+        torch.empty((h, splits, rows), dtype=torch.float32, device=device),
+        torch.empty((h, splits, rows), dtype=torch.int32, device=device),
     )
+
+
+def head_views(x: torch.Tensor, codebook: torch.Tensor):
+    """``(x2, cb2, H, stride_xh, stride_ch)``: for a multi-head ``x [N, H, D]`` and codebook
+    ``[H, K, D]`` the per-head row views (x2 = ``x[:, 0]``-shaped, cb2 = ``[H·K, D]`` with
+    ``codebook[h]`` at ``h·stride_ch``); plain 2-D inputs pass through with H = 1."""
+    if codebook.dim() == 2:
+        return x, codebook, 1, 0, 0
+    h, k, d = codebook.shape
+    cb2 = codebook.reshape(h * k, d)  # a view when contiguous (copied otherwise)
+    return x[:, 0], cb2, h, x.stride(1), k * cb2.stride(0)
 
 
 def check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str) -> None:
@@ -549,9 +576,12 @@ def check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: 
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     if precision not in ("exact", "fast"):
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
-    if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
+    heads = codebook.dim() == 3 and x.dim() == 3 and x.shape[1] == codebook.shape[0]
+    plain = x.dim() == 2 and codebook.dim() == 2
+    if not (heads or plain) or x.shape[-1] != codebook.shape[-1]:
         raise ValueError(
-            f"x must be [N, D] and codebook [K, D], got {tuple(x.shape)} and {tuple(codebook.shape)}"
+            f"x must be [N, D] and codebook [K, D] (or [N, H, D] and [H, K, D]), got "
+            f"{tuple(x.shape)} and {tuple(codebook.shape)}"
         )
     if x.dtype != codebook.dtype:
         raise TypeError(f"x ({x.dtype}) and codebook ({codebook.dtype}) must share a dtype")
@@ -561,26 +591,36 @@ def check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: 
 
 @triton_op("vqkernels::nearest_code_triton", mutates_args=())
 def _nearest_code_op(
-    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str,
+    precision: str,
+    sample_temperature: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, d = x.shape
-    k = codebook.shape[0]
-    indices = torch.empty(n, dtype=torch.int64, device=x.device)
-    distance = torch.empty(n, dtype=torch.float32, device=x.device)
+    n, d = x.shape[0], x.shape[-1]
+    k = codebook.shape[-2]
+    indices = torch.empty(x.shape[:-1], dtype=torch.int64, device=x.device)
+    distance = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if n == 0:
         return indices, distance
-    aux = code_aux(codebook, metric)
+    x2, cb2, h, stride_xh, stride_ch = head_views(x, codebook)
+    aux = code_aux(cb2, metric)
+    if sample_temperature > 0.0:
+        sample_search(x2, cb2, aux, stride_xh, stride_ch, h, k, metric, sample_temperature, seed,
+                      indices, distance)  # fmt: skip
+        return indices, distance
     meta = search_meta(x, d, precision)
-    splits = num_splits(n, k, x.device)
-    part_best, part_idx = split_buffers(n, splits, x.device)
-    wrap_triton(_nearest_code_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits)](
-        x, x.stride(0), x.stride(1),
-        codebook, codebook.stride(0), codebook.stride(1),
+    splits = num_splits(n * h, k, x.device)
+    part_best, part_idx = split_buffers(n, splits, x.device, h)
+    wrap_triton(_nearest_code_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits, h)](
+        x2, x2.stride(0), x2.stride(1), stride_xh,
+        cb2, cb2.stride(0), cb2.stride(1), stride_ch,
         aux,
         indices,
         distance,
         part_best, part_idx,
-        n, k, d, n_bucket(n),
+        n, k, d, h, n_bucket(n),
         EPS=COSINE_EPS,
         IS_COSINE=metric == "cosine",
         NUM_SPLITS=splits,
@@ -588,12 +628,12 @@ def _nearest_code_op(
     )  # fmt: skip
     if splits > 1:
         block_n = 16 if interpreting() else 64
-        wrap_triton(_nearest_combine_kernel)[(triton.cdiv(n, block_n),)](
-            x, x.stride(0), x.stride(1),
+        wrap_triton(_nearest_combine_kernel)[(triton.cdiv(n, block_n), h)](
+            x2, x2.stride(0), x2.stride(1), stride_xh,
             part_best, part_idx,
             indices,
             distance,
-            n, d,
+            n, d, h,
             EPS=COSINE_EPS,
             BLOCK_N=block_n, BLOCK_D=meta["BLOCK_D"],
             IS_COSINE=metric == "cosine",
@@ -604,18 +644,28 @@ def _nearest_code_op(
 
 
 def nearest_code(
-    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "exact"
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    precision: str = "exact",
+    sample_temperature: float = 0.0,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest codebook entry per row (Triton backend).
+    """Nearest (or Gumbel-sampled) codebook entry per row (Triton backend).
 
     Args:
-        x: ``[N, D]`` float32/bfloat16/float16, any strides.
-        codebook: ``[K, D]``, same dtype and device.
+        x: ``[N, D]`` float32/bfloat16/float16, any strides; ``[N, H, D]`` multi-head.
+        codebook: ``[K, D]`` (or ``[H, K, D]``: head h searches codebook[h]), same dtype/device.
         metric: ``"l2"`` or ``"cosine"``.
-        precision: ``"exact"`` or ``"fast"`` (see the contract box above).
+        precision: ``"exact"`` or ``"fast"`` (see the contract box above; sampling always
+            computes exact fp32 products).
+        sample_temperature, seed: Gumbel-max sampling (``> 0``), see
+            ``vqkernels.reference.sampling`` and ``sampling.py``.
 
     Returns:
-        ``indices [N] int64`` (ties -> lowest index), ``distance [N] float32``.
+        ``indices [N] int64`` (``[N, H]``; ties -> lowest index), ``distance`` float32, same shape.
     """
     check_args(x, codebook, metric, precision)
-    return torch.ops.vqkernels.nearest_code_triton(x, codebook, metric, precision)
+    return torch.ops.vqkernels.nearest_code_triton(
+        x, codebook, metric, precision, float(sample_temperature), int(seed)
+    )

@@ -8,6 +8,8 @@
 │ backward (grad_q [N, D], grad_loss []):                                                      │
 │     grad_x        = grad_q + (2·beta/numel)·grad_loss·(x − q)        (fp32, cast to x dtype) │
 │     grad_codebook = Σ_{i: idx_i = k} (−2/numel)·grad_loss·(x_i − q_i)  (codebook_loss only) │
+│ estimator "rotation": grad_x = s·(g − 2w(w·g) + 2u(q̂·g)) + the loss term (LR's rotate_to). │
+│ Multi-head: x [N, H, D], codebook [H, K, D], indices [N, H] (grid axis 2 = head).           │
 │ Deterministic: the loss and the codebook gradient are reduced in a fixed order.              │
 └──────────────────────────────────────────────────────────────────────────────────────────────┘
 
@@ -31,6 +33,7 @@ from .nearest_code import (
     check_args,
     code_aux,
     fold_splits,
+    head_views,
     interpreting,
     n_bucket,
     num_splits,
@@ -50,12 +53,12 @@ def _quantize_epilogue(
     cb_ptr, stride_ck, stride_cd,
     q_ptr, stride_qn,
     idx_ptr, err_ptr,
-    row_off, offs_n, mask_n, best_idx,
+    row_off, offs_n, out_off, mask_n, best_idx,
     D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """q = codebook[idx] (stored in the codebook dtype = x dtype, bit-exact copies of the codes)
-    and err[n] = Σ_d (x − q)² in fp32."""
+    and err = Σ_d (x − q)² in fp32; index and err stored at ``out_off`` (n·H + h)."""
     code_off = best_idx.to(tl.int64) * stride_ck
     q_off = offs_n.to(tl.int64) * stride_qn
     err = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -67,28 +70,33 @@ def _quantize_epilogue(
         tl.store(q_ptr + q_off[:, None] + offs_d[None, :], q, mask=mask)
         diff = xv.to(tl.float32) - q.to(tl.float32)
         err += tl.sum(diff * diff, axis=1)
-    tl.store(idx_ptr + offs_n, best_idx.to(tl.int64), mask=mask_n)
-    tl.store(err_ptr + offs_n, err, mask=mask_n)
+    tl.store(idx_ptr + out_off, best_idx.to(tl.int64), mask=mask_n)
+    tl.store(err_ptr + out_off, err, mask=mask_n)
 
 
 @search_autotune
 @triton.jit
 def _quantize_fwd_kernel(
-    x_ptr, stride_xn, stride_xd,
-    cb_ptr, stride_ck, stride_cd,
+    x_ptr, stride_xn, stride_xd, stride_xh,
+    cb_ptr, stride_ck, stride_cd, stride_ch,
     aux_ptr,
-    q_ptr, stride_qn,
+    q_ptr, stride_qn, stride_qh,
     idx_ptr,
     err_ptr,
     part_best_ptr, part_idx_ptr,
-    N, K, D, N_BUCKET,
+    N, K, D, H, N_BUCKET,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_COSINE: tl.constexpr, IS_SINGLE_D_TILE: tl.constexpr,
     USE_TF32: tl.constexpr, IS_ROUND_TF32: tl.constexpr, IS_UPCAST_DOT: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(N, BLOCK_N), NUM_SPLITS): search (of this split's code range), then with one
-    split the gather/error epilogue, else (best, index) partials for the combine kernel."""
+    """Grid (cdiv(N, BLOCK_N), NUM_SPLITS, H): search (of this split's code range), then with one
+    split the gather/error epilogue, else (best, index) partials for the combine kernel.  Axis 2
+    is the head (x[:, h] against codebook[h]; H = 1 for a plain codebook)."""
+    pid_h = tl.program_id(2)
+    x_ptr += pid_h.to(tl.int64) * stride_xh
+    cb_ptr += pid_h.to(tl.int64) * stride_ch
+    aux_ptr += pid_h.to(tl.int64) * K
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     row_off = offs_n.to(tl.int64) * stride_xn
@@ -100,35 +108,46 @@ def _quantize_fwd_kernel(
         IS_UPCAST_DOT,
     )  # fmt: skip
     if NUM_SPLITS == 1:
+        out_off = offs_n.to(tl.int64) * H + pid_h
         _quantize_epilogue(
-            x_ptr, stride_xd, cb_ptr, stride_ck, stride_cd, q_ptr, stride_qn, idx_ptr, err_ptr,
-            row_off, offs_n, mask_n, best_idx, D, BLOCK_N, BLOCK_D,
+            x_ptr, stride_xd, cb_ptr, stride_ck, stride_cd, q_ptr + pid_h.to(tl.int64) * stride_qh,
+            stride_qn, idx_ptr, err_ptr, row_off, offs_n, out_off, mask_n, best_idx, D, BLOCK_N,
+            BLOCK_D,
         )  # fmt: skip
     else:
-        part = tl.program_id(1) * N + offs_n
+        part = (pid_h * NUM_SPLITS + tl.program_id(1)).to(tl.int64) * N + offs_n
         tl.store(part_best_ptr + part, best, mask=mask_n)
         tl.store(part_idx_ptr + part, best_idx, mask=mask_n)
 
 
 @triton.jit
 def _quantize_combine_kernel(
-    x_ptr, stride_xn, stride_xd,
-    cb_ptr, stride_ck, stride_cd,
+    x_ptr, stride_xn, stride_xd, stride_xh,
+    cb_ptr, stride_ck, stride_cd, stride_ch,
     part_best_ptr, part_idx_ptr,
-    q_ptr, stride_qn,
+    q_ptr, stride_qn, stride_qh,
     idx_ptr,
     err_ptr,
-    N, D,
+    N, D, H,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):  # fmt: skip
+    """Grid (cdiv(N, BLOCK_N), H)."""
+    pid_h = tl.program_id(1)
+    x_ptr += pid_h.to(tl.int64) * stride_xh
+    cb_ptr += pid_h.to(tl.int64) * stride_ch
+    part_off = pid_h.to(tl.int64) * NUM_SPLITS * N
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     row_off = offs_n.to(tl.int64) * stride_xn
-    _, best_idx = fold_splits(part_best_ptr, part_idx_ptr, offs_n, mask_n, N, BLOCK_N, NUM_SPLITS)
+    _, best_idx = fold_splits(
+        part_best_ptr + part_off, part_idx_ptr + part_off, offs_n, mask_n, N, BLOCK_N, NUM_SPLITS
+    )
+    out_off = offs_n.to(tl.int64) * H + pid_h
     _quantize_epilogue(
-        x_ptr, stride_xd, cb_ptr, stride_ck, stride_cd, q_ptr, stride_qn, idx_ptr, err_ptr,
-        row_off, offs_n, mask_n, best_idx, D, BLOCK_N, BLOCK_D,
+        x_ptr, stride_xd, cb_ptr, stride_ck, stride_cd, q_ptr + pid_h.to(tl.int64) * stride_qh,
+        stride_qn, idx_ptr, err_ptr, row_off, offs_n, out_off, mask_n, best_idx, D, BLOCK_N,
+        BLOCK_D,
     )  # fmt: skip
 
 
@@ -194,6 +213,73 @@ def _quantize_bwd_x_kernel(
     tl.store(gx_ptr + rows[:, None] * stride_on + offs_d[None, :], gx, mask=mask)
 
 
+@triton.jit
+def _quantize_bwd_x_rotation_kernel(
+    gq_ptr, stride_gn, stride_gd,
+    gl_ptr,
+    x_ptr, stride_xn, stride_xd,
+    cb_ptr, stride_ck, stride_cd,
+    idx_ptr,
+    gx_ptr, stride_on,
+    beta,
+    N, D,
+    EPS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Rotation-trick backward (LR 1.32's rotate_to), O(D) per row in three passes over D tiles:
+    norms; (u + q̂)·g and q̂·g; then grad_x = s·g − a·(u + q̂) + b·u + coef·grad_loss·(x − q)
+    with u = x/max(‖x‖, ε), q̂ = q/max(‖q‖, ε), s = ‖q‖/max(‖x‖, ε),
+    a = 2s((u + q̂)·g)/max(‖u + q̂‖, ε)² and b = 2s(q̂·g) (ε = 1e-6), all fp32."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
+    idx = tl.load(idx_ptr + offs_n, mask=mask_n, other=0)
+    x_row = rows[:, None] * stride_xn
+    c_row = idx[:, None] * stride_ck
+    g_row = rows[:, None] * stride_gn
+    xx = tl.zeros([BLOCK_N], dtype=tl.float32)
+    qq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < D)
+        xv = tl.load(x_ptr + x_row + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        qv = tl.load(cb_ptr + c_row + offs_d[None, :] * stride_cd, mask=mask, other=0.0).to(tl.float32)
+        xx += tl.sum(xv * xv, axis=1)
+        qq += tl.sum(qv * qv, axis=1)
+    xn = tl.sqrt_rn(xx)
+    qn = tl.sqrt_rn(qq)
+    cu = tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), tl.maximum(xn, EPS))
+    cq = tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), tl.maximum(qn, EPS))
+    vv = tl.zeros([BLOCK_N], dtype=tl.float32)
+    vg = tl.zeros([BLOCK_N], dtype=tl.float32)
+    qg = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < D)
+        xv = tl.load(x_ptr + x_row + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        qv = tl.load(cb_ptr + c_row + offs_d[None, :] * stride_cd, mask=mask, other=0.0).to(tl.float32)
+        gv = tl.load(gq_ptr + g_row + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        v = cu[:, None] * xv + cq[:, None] * qv
+        vv += tl.sum(v * v, axis=1)
+        vg += tl.sum(v * gv, axis=1)
+        qg += tl.sum(cq[:, None] * qv * gv, axis=1)
+    vn = tl.maximum(tl.sqrt_rn(vv), EPS)
+    s = qn * cu
+    a = tl.div_rn(2.0 * s * vg, vn * vn)
+    b = 2.0 * s * qg
+    coef = tl.div_rn(2.0 * beta, numel_f32(N, D)) * tl.load(gl_ptr).to(tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_n[:, None] & (offs_d[None, :] < D)
+        xv = tl.load(x_ptr + x_row + offs_d[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        qv = tl.load(cb_ptr + c_row + offs_d[None, :] * stride_cd, mask=mask, other=0.0).to(tl.float32)
+        gv = tl.load(gq_ptr + g_row + offs_d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+        u = cu[:, None] * xv
+        gx = s[:, None] * gv - a[:, None] * (u + cq[:, None] * qv) + b[:, None] * u
+        gx = gx + coef * (xv - qv)
+        tl.store(gx_ptr + rows[:, None] * stride_on + offs_d[None, :], gx, mask=mask)
+
+
 # ------------------------------------------------------------------------------- launchers
 
 
@@ -205,41 +291,45 @@ def _quantize_op(
     metric: str,
     codebook_loss: bool,
     precision: str,
+    estimator: str = "ste",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, d = x.shape
-    k = codebook.shape[0]
-    quantized = torch.empty((n, d), dtype=x.dtype, device=x.device)
-    indices = torch.empty(n, dtype=torch.int64, device=x.device)
+    # (the estimator only changes the backward)
+    n, d = x.shape[0], x.shape[-1]
+    k = codebook.shape[-2]
+    x2, cb2, h, stride_xh, stride_ch = head_views(x, codebook)
+    quantized = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    indices = torch.empty(x.shape[:-1], dtype=torch.int64, device=x.device)
     loss = torch.empty((), dtype=torch.float32, device=x.device)
-    err = torch.empty(n, dtype=torch.float32, device=x.device)
+    err = torch.empty(n * h, dtype=torch.float32, device=x.device)
+    stride_qn = h * d
     if n > 0:
-        aux = code_aux(codebook, metric)
+        aux = code_aux(cb2, metric)
         meta = search_meta(x, d, precision)
-        splits = num_splits(n, k, x.device)
-        part_best, part_idx = split_buffers(n, splits, x.device)
-        wrap_triton(_quantize_fwd_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits)](
-            x, x.stride(0), x.stride(1),
-            codebook, codebook.stride(0), codebook.stride(1),
+        splits = num_splits(n * h, k, x.device)
+        part_best, part_idx = split_buffers(n, splits, x.device, h)
+        wrap_triton(_quantize_fwd_kernel)[lambda m: (triton.cdiv(n, m["BLOCK_N"]), splits, h)](
+            x2, x2.stride(0), x2.stride(1), stride_xh,
+            cb2, cb2.stride(0), cb2.stride(1), stride_ch,
             aux,
-            quantized, quantized.stride(0),
+            quantized, stride_qn, d,
             indices,
             err,
             part_best, part_idx,
-            n, k, d, n_bucket(n),
+            n, k, d, h, n_bucket(n),
             IS_COSINE=metric == "cosine",
             NUM_SPLITS=splits,
             **meta,
         )  # fmt: skip
         if splits > 1:
             block_n = 16 if interpreting() else 64
-            wrap_triton(_quantize_combine_kernel)[(triton.cdiv(n, block_n),)](
-                x, x.stride(0), x.stride(1),
-                codebook, codebook.stride(0), codebook.stride(1),
+            wrap_triton(_quantize_combine_kernel)[(triton.cdiv(n, block_n), h)](
+                x2, x2.stride(0), x2.stride(1), stride_xh,
+                cb2, cb2.stride(0), cb2.stride(1), stride_ch,
                 part_best, part_idx,
-                quantized, quantized.stride(0),
+                quantized, stride_qn, d,
                 indices,
                 err,
-                n, d,
+                n, d, h,
                 BLOCK_N=block_n, BLOCK_D=meta["BLOCK_D"],
                 NUM_SPLITS=splits,
                 num_warps=4,
@@ -248,7 +338,7 @@ def _quantize_op(
     wrap_triton(_loss_kernel)[(1,)](
         err,
         loss,
-        n, d,
+        n * h, d,
         float(beta),
         BLOCK=64 if interpreting() else 1024,
         HAS_CODEBOOK_LOSS=codebook_loss,
@@ -265,37 +355,72 @@ def _quantize_backward_op(
     indices: torch.Tensor,
     beta: float,
     codebook_loss: bool,
+    estimator: str = "ste",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, d = x.shape
+    d = x.shape[-1]
+    x_shape = x.shape
+    # Multi-head: every (row, head) vector is a row of x [N·H, D] against the flattened codebook
+    # [H·K, D] with the global code h·K + idx (the backward has no per-head search).
+    if codebook.dim() == 3:
+        h, kh = codebook.shape[0], codebook.shape[1]
+        offs = torch.arange(h, dtype=torch.int64, device=x.device) * kh
+        indices = (indices + offs).reshape(-1)
+        x = x.reshape(-1, d)
+        grad_quantized = grad_quantized.reshape(-1, d)
+    cb_shape = codebook.shape
+    codebook = codebook.reshape(-1, d)
+    n = x.shape[0]
     k = codebook.shape[0]
     grad_x = torch.empty((n, d), dtype=x.dtype, device=x.device)
     g = grad_loss.to(torch.float32).reshape(())
     if n > 0:
         block_n = 16 if interpreting() else 32
         block_d = min(max(16, triton.next_power_of_2(d)), 32 if interpreting() else 128)
-        wrap_triton(_quantize_bwd_x_kernel)[(triton.cdiv(n, block_n), triton.cdiv(d, block_d))](
-            grad_quantized, grad_quantized.stride(0), grad_quantized.stride(1),
-            g,
-            x, x.stride(0), x.stride(1),
-            codebook, codebook.stride(0), codebook.stride(1),
-            indices,
-            grad_x, grad_x.stride(0),
-            float(beta),
-            n, d,
-            BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=4,
-        )  # fmt: skip
+        if estimator == "rotation":
+            # 3 row tiles live at once (x, q, grad): BLOCK_D <= 64 keeps a 32-row tile of
+            # 4 warps under the register cap on sm_90 (no spills; tests/backends/test_triton.py).
+            block_d = min(block_d, 64)
+            wrap_triton(_quantize_bwd_x_rotation_kernel)[(triton.cdiv(n, block_n),)](
+                grad_quantized, grad_quantized.stride(0), grad_quantized.stride(1),
+                g,
+                x, x.stride(0), x.stride(1),
+                codebook, codebook.stride(0), codebook.stride(1),
+                indices,
+                grad_x, grad_x.stride(0),
+                float(beta),
+                n, d,
+                EPS=1e-6,
+                BLOCK_N=block_n, BLOCK_D=block_d,
+                num_warps=4,
+            )  # fmt: skip
+        else:
+            wrap_triton(_quantize_bwd_x_kernel)[
+                (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+            ](
+                grad_quantized, grad_quantized.stride(0), grad_quantized.stride(1),
+                g,
+                x, x.stride(0), x.stride(1),
+                codebook, codebook.stride(0), codebook.stride(1),
+                indices,
+                grad_x, grad_x.stride(0),
+                float(beta),
+                n, d,
+                BLOCK_N=block_n, BLOCK_D=block_d,
+                num_warps=4,
+            )  # fmt: skip
     if codebook_loss:
         grad_cb = torch.empty((k, d), dtype=codebook.dtype, device=codebook.device)
         counts = torch.empty(k, dtype=torch.float32, device=codebook.device)  # unused by-product
         segment_sums(x, indices, k, grad_cb, counts, codebook=codebook, scale=-2.0, scale_tensor=g)
+        grad_cb = grad_cb.reshape(cb_shape)
     else:
         grad_cb = codebook.new_empty((0,))
-    return grad_x, grad_cb
+    return grad_x.reshape(x_shape), grad_cb
 
 
 def _setup_context(ctx, inputs, output):
-    x, codebook, beta, metric, codebook_loss, precision = inputs
+    x, codebook, beta, metric, codebook_loss, precision = inputs[:6]
+    ctx.estimator = inputs[6] if len(inputs) > 6 else "ste"
     _, indices, _ = output
     ctx.save_for_backward(x, codebook, indices)
     ctx.beta = beta
@@ -310,9 +435,9 @@ def _backward(ctx, grad_quantized, grad_indices, grad_loss):
     if grad_loss is None:
         grad_loss = x.new_zeros((), dtype=torch.float32)
     grad_x, grad_cb = torch.ops.vqkernels.quantize_backward_triton(
-        grad_quantized, grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss
+        grad_quantized, grad_loss, x, codebook, indices, ctx.beta, ctx.codebook_loss, ctx.estimator
     )
-    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None, None
+    return grad_x, (grad_cb if ctx.codebook_loss else None), None, None, None, None, None
 
 
 _quantize_op.register_autograd(_backward, setup_context=_setup_context)
@@ -326,19 +451,22 @@ def quantize_backward(
     indices: torch.Tensor,
     beta: float,
     codebook_loss: bool,
+    estimator: str = "ste",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused backward on its own (for tests and benchmarks).
 
     Args:
         grad_quantized: ``[N, D]`` (dtype of x), any strides.  grad_loss: ``[]`` float.
-        x: ``[N, D]``; codebook: ``[K, D]``; indices: ``[N] int64`` in ``[0, K)``.
+        x: ``[N, D]``; codebook: ``[K, D]``; indices: ``[N] int64`` in ``[0, K)`` (multi-head:
+        ``[N, H, D]``, ``[H, K, D]``, ``[N, H]``).  estimator: ``"ste"`` or ``"rotation"``.
 
     Returns:
-        ``grad_x [N, D]`` (dtype of x) and ``grad_codebook [K, D]`` (dtype of codebook) or None.
+        ``grad_x`` (shape/dtype of x) and ``grad_codebook`` (shape/dtype of codebook) or None.
     """
     gx, gc = torch.ops.vqkernels.quantize_backward_triton(
-        grad_quantized, grad_loss, x, codebook, indices, float(beta), bool(codebook_loss)
-    )
+        grad_quantized, grad_loss, x, codebook, indices, float(beta), bool(codebook_loss),
+        estimator,
+    )  # fmt: skip
     return gx, (gc if codebook_loss else None)
 
 
@@ -349,8 +477,10 @@ def quantize(
     metric: str = "l2",
     codebook_loss: bool | None = None,
     precision: str = "exact",
+    estimator: str = "ste",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Straight-through quantization with the VQ-VAE losses (Triton backend, differentiable).
+    """Quantization with the VQ-VAE losses (Triton backend, differentiable); straight-through or
+    rotation-trick (``estimator="rotation"``) gradient; multi-head with ``[H, K, D]`` codebooks.
 
     Args:
         x: ``[N, D]`` float32/bfloat16/float16, any strides.
@@ -365,6 +495,8 @@ def quantize(
     check_args(x, codebook, metric, precision)
     if codebook_loss is None:
         codebook_loss = codebook.requires_grad
+    if estimator not in ("ste", "rotation"):
+        raise ValueError(f"estimator must be 'ste' or 'rotation', got {estimator!r}")
     return torch.ops.vqkernels.quantize_triton(
-        x, codebook, float(beta), metric, bool(codebook_loss), precision
+        x, codebook, float(beta), metric, bool(codebook_loss), precision, estimator
     )

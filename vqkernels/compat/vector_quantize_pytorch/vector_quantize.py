@@ -1,76 +1,82 @@
-"""Drop-in for vector-quantize-pytorch's ``vector_quantize_pytorch/vector_quantize.py``, on
-vqkernels' fused ops.
+"""Drop-in for vector-quantize-pytorch 1.32's ``VectorQuantize`` (LR below), on vqkernels' ops.
 
-``VectorQuantize``    vector-quantize-pytorch's ``VectorQuantize`` constructor/forward (the subset
-                      below) and its ``state_dict`` layout (``_codebook.embed``, ``_codebook.embed_avg``,
-                      ``_codebook.cluster_size``, ``_codebook.initted``, ``project_in.*``,
-                      ``project_out.*``): a checkpoint of one loads into the other.
+Same constructor (every keyword, LR's defaults; an unknown keyword is a ``TypeError``), same
+forward signature and return values, same ``state_dict`` keys and shapes (``_codebook.embed``,
+``_codebook.embed_avg``, ``_codebook.cluster_size``, ``_codebook.initted``, affine buffers,
+``project_in``/``project_out``), so a checkpoint of one loads strictly into the other.
 
-Supported subset of ``VectorQuantize``: euclidean or cosine (``use_cosine_sim``) codebooks learned by
-EMA (``decay``, ``eps``, Laplace smoothing), ``kmeans_init``/``kmeans_iters`` (random-sample seeding,
-as upstream), ``threshold_ema_dead_code``, ``commitment_weight``, ``codebook_dim`` projections,
-``channel_last``/``accept_image_fmap``/``accept_3d_fmap``, ``mask``/``lens``, ``freeze_codebook``,
-``sync_codebook``, ``return_zeros_for_masked_padding``, ``heads=1`` and ``rotation_trick=False``
-(the plain straight-through estimator).  Every other option that changes the numbers raises
-``NotImplementedError`` naming it (note: upstream's default ``rotation_trick=None`` means the
-rotation trick for ``dim > 1``, so pass ``rotation_trick=False`` explicitly).
+Fused: the nearest-code search and the EMA / k-means statistics (see :mod:`._codebook`); the
+rotation trick (LR's default for ``dim > 1``) is an O(d)-per-row autograd function
+(:func:`._streamed.rotate_to`); the distance-based terms (Gumbel sampling and straight-through,
+``codebook_diversity_loss_weight``, ``commitment_use_cross_entropy_loss``, ``indices=``) are
+streamed over row chunks, never ``N x K``.  Everything else is LR's math in plain PyTorch.
 
-Semantics matched on purpose (tests compare against the installed package): EMA with
-``cluster_size``/``embed_avg`` starting at ones/the codebook, the codebook re-normalized after each
-update for cosine, the loss is ``commitment_weight·mse(q, x)`` in training and ``0`` in eval,
-k-means init runs on the first forward in any mode, masked positions return zeros (or the input)
-and index ``-1``.  Upstream's quirk of computing the *masked* commitment loss against the raw
-(unprojected, un-normalized) input is reproduced when ``codebook_dim == dim``; with a projection
-(where upstream fails on a shape mismatch) the projected input is used.  Random choices (k-means
-seeds, dead-code replacements) use vqkernels' own sampling, so they differ draw by draw.
+Implemented with LR's semantics: ``heads`` (shared or ``separate_codebook_per_head``),
+``codebook_dim`` (+ ``layernorm_after_project_in``), ``use_cosine_sim``, EMA (``decay``, ``eps``,
+``ema_update``, ``manual_ema_update``, ``accum_ema_update``, ``ema_update_weight``),
+``learnable_codebook`` / ``ema_update=False`` (+ ``in_place_codebook_optimizer``,
+``manual_in_place_optimizer_update``), ``kmeans_init``, ``threshold_ema_dead_code``,
+``stochastic_sample_codes`` / ``sample_codebook_temp`` / ``straight_through``, ``rotation_trick``,
+``directional_reparam``, ``orthogonal_reg_*``, ``codebook_diversity_*``,
+``commitment_use_cross_entropy_loss``, ``freeze_codebook``, ``affine_param`` (+ sync),
+``sync_update_v``, ``vq_bridge``, ``route_gradients_to_input``, ``return_zeros_for_masked_padding``,
+``sync_codebook``, ``forward(codebook_transform_fn=...)`` (implicit neural codebooks: per-row
+codes, plain PyTorch as LR since the codes themselves are ``N x K x d``).  Refused
+(``NotImplementedError``): ``forward(topk=...)`` (beam search): use the upstream package.
+
+Deliberate differences: the rotation-trick output is exactly the chosen code (LR's equals it up to
+rounding); masked commitment loss with a projection or heads uses the projected input (LR fails on
+a shape mismatch there); stochastic draws follow LR's distribution, not its exact noise.
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
+from math import sqrt
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ... import functional as vqf
-from ...nn import VectorQuantizer
+from ... import dispatch
+from ... import distributed as vqdist
+from . import _streamed
+from ._codebook import Codebook
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
 
-# upstream state_dict key (under the module prefix) <-> ours, and whether upstream adds a lead dim
-_KEY_MAP = (
-    ("_codebook.embed", "codebook", True),
-    ("_codebook.embed_avg", "embed_sum", True),
-    ("_codebook.cluster_size", "cluster_size", True),
-    ("_codebook.initted", "initted", False),
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
 )
 
 
-class LossBreakdown(tuple):
-    """``(commitment, codebook_diversity, orthogonal_reg, inplace_optimize)`` as upstream."""
-
-    def __new__(cls, commitment, codebook_diversity, orthogonal_reg, inplace_optimize):
-        return super().__new__(cls, (commitment, codebook_diversity, orthogonal_reg, inplace_optimize))
-
-    commitment = property(lambda self: self[0])
-    codebook_diversity = property(lambda self: self[1])
-    orthogonal_reg = property(lambda self: self[2])
-    inplace_optimize = property(lambda self: self[3])
+def _unsupported(name: str, why: str) -> NotImplementedError:
+    return NotImplementedError(f"vqkernels.compat.VectorQuantize does not support {name} ({why})")
 
 
-def _unsupported(name: str, why: str = "") -> NotImplementedError:
-    msg = f"vqkernels.compat.VectorQuantize does not support {name}"
-    return NotImplementedError(msg + (f" ({why})" if why else ""))
+def _orthogonal_loss(t: torch.Tensor) -> torch.Tensor:
+    # eq (2) of https://arxiv.org/abs/2112.00384, as LR: [h, n, d] codes
+    h, n = t.shape[:2]
+    normed = F.normalize(t, p=2, dim=-1, eps=1e-6)
+    cosine = torch.einsum("hid,hjd->hij", normed, normed)
+    return (cosine**2).sum() / (h * n**2) - (1 / n)
 
 
-class VectorQuantize(VectorQuantizer):
-    """vector-quantize-pytorch's ``VectorQuantize`` on fused kernels (see the module docs for the
-    supported subset).  Extra keywords: ``backend``, ``check_inputs`` (as VectorQuantizer).
+def _entropy(prob: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return (-prob * torch.log(prob.clamp(min=eps))).sum(dim=-1)
 
-    Forward: ``quantized, indices, loss = vq(x, mask=None, lens=None)``
 
-    * ``x``: ``[B, N, D]`` (``channel_last``), ``[B, D, N]`` (``channel_last=False``),
-      ``[B, D, H, W]`` (``accept_image_fmap``), ``[B, D, T, H, W]`` (``accept_3d_fmap``) or ``[B, D]``.
-    * ``quantized``: like ``x``; ``indices``: int64 without the channel dim (``-1`` where masked);
-      ``loss``: ``[] float32``, ``commitment_weight·mse`` in training, ``0`` in eval.
+class VectorQuantize(nn.Module):
+    """vector-quantize-pytorch's ``VectorQuantize`` on fused kernels (see the module docs).
+
+    Forward: ``quantized, indices, loss[, breakdown] = vq(x, indices=None, mask=None, lens=None,
+    sample_codebook_temp=None, freeze_codebook=None, return_loss_breakdown=False, ...)``
+
+    * ``x``: ``[B, N, D]`` (``channel_last``), ``[B, D, N]``, ``[B, D, H, W]``
+      (``accept_image_fmap``), ``[B, D, T, H, W]`` (``accept_3d_fmap``) or ``[B, D]``; float.
+    * ``quantized``: like ``x``; ``indices``: int64, ``x`` without the channel dim (plus a heads dim
+      when ``heads > 1``; ``-1`` where masked); ``loss``: ``[]`` float32 (0 in eval).
+    * with ``indices=`` given: returns ``(quantized, cross_entropy_loss)`` as LR.
     """
 
     def __init__(
@@ -121,119 +127,219 @@ class VectorQuantize(VectorQuantizer):
         route_gradients_to_input=True,
         *,
         backend: str = "auto",
-        check_inputs: bool = True,
-    ) -> None:
-        del orthogonal_reg_active_codes_only, orthogonal_reg_max_codes  # only with orthogonal reg
-        del codebook_diversity_temperature, sample_codebook_temp  # only with those losses/sampling
-        del directional_reparam_variance, sync_affine_param, affine_param_batch_decay
-        del affine_param_codebook_decay, manual_in_place_optimizer_update
-        checks = (
-            ("heads", heads != 1, "only heads=1"),
-            ("separate_codebook_per_head", bool(separate_codebook_per_head), ""),
-            ("layernorm_after_project_in", bool(layernorm_after_project_in), ""),
-            ("commitment_use_cross_entropy_loss", bool(commitment_use_cross_entropy_loss), ""),
-            ("orthogonal_reg_weight", orthogonal_reg_weight > 0, "orthogonal regularization"),
-            ("codebook_diversity_loss_weight", codebook_diversity_loss_weight > 0, ""),
-            ("stochastic_sample_codes", bool(stochastic_sample_codes), "gumbel sampling"),
-            ("straight_through", bool(straight_through), "gumbel straight-through"),
-            ("directional_reparam", bool(directional_reparam), ""),
-            ("ema_update", ema_update is False, "a frozen or gradient-only codebook"),
-            ("vq_bridge", vq_bridge is not None, ""),
-            ("manual_ema_update", bool(manual_ema_update), ""),
-            ("learnable_codebook", bool(learnable_codebook), "use vqkernels.nn.VectorQuantizer"),
-            ("in_place_codebook_optimizer", in_place_codebook_optimizer is not None, ""),
-            ("affine_param", bool(affine_param), ""),
-            ("sync_update_v", sync_update_v > 0, ""),
-            ("route_gradients_to_input", not route_gradients_to_input, "only True"),
-            ("sync_kmeans", not sync_kmeans, "k-means is always synced when the codebook is"),
+    ):
+        super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if not isinstance(codebook_size, int) or isinstance(codebook_size, bool) or codebook_size < 1:
+            raise ValueError(f"codebook_size must be an int >= 1, got {codebook_size!r}")
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be an int >= 1, got {heads!r}")
+        ema_update = (not directional_reparam and vq_bridge is None) if ema_update is None else ema_update
+        learnable_codebook = (
+            (directional_reparam or vq_bridge is not None) if learnable_codebook is None else learnable_codebook
         )
-        for name, bad, why in checks:
+        rotation_trick = (not directional_reparam and dim > 1) if rotation_trick is None else rotation_trick
+        # LR's assertions, as ValueErrors naming the options
+        for bad, msg in (
+            (use_cosine_sim and learnable_codebook, "use_cosine_sim is not compatible with learnable_codebook"),
+            (sum(map(bool, (straight_through, rotation_trick, directional_reparam))) > 1,
+             "at most one of straight_through, rotation_trick, directional_reparam (note: "
+             "rotation_trick defaults to True for dim > 1; pass rotation_trick=False)"),
+            (directional_reparam and threshold_ema_dead_code == 0,
+             "directional_reparam needs threshold_ema_dead_code > 0"),
+            (straight_through and learnable_codebook, "straight_through is not allowed with learnable_codebook"),
+            (ema_update and learnable_codebook, "learnable_codebook needs ema_update=False"),
+            (vq_bridge is not None and not learnable_codebook, "vq_bridge needs learnable_codebook=True"),
+            (vq_bridge is not None and ema_update, "vq_bridge needs ema_update=False"),
+            (not 0 <= sync_update_v <= 1.0, "sync_update_v must lie in [0, 1]"),
+            (sync_update_v > 0 and not learnable_codebook, "sync_update_v > 0 needs learnable_codebook=True"),
+            (affine_param and use_cosine_sim, "affine_param is only compatible with euclidean codebooks"),
+            (accept_image_fmap and accept_3d_fmap, "accept_image_fmap and accept_3d_fmap are exclusive"),
+        ):
             if bad:
-                raise _unsupported(name, why)
-        if rotation_trick or (rotation_trick is None and dim > 1):
-            raise _unsupported(
-                "rotation_trick",
-                "upstream's default rotation_trick=None enables it for dim > 1; "
-                "pass rotation_trick=False for the straight-through estimator",
+                raise ValueError(msg)
+        self.dim = dim
+        self.heads = heads
+        self.separate_codebook_per_head = separate_codebook_per_head
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        codebook_input_dim = codebook_dim * heads
+        requires_projection = codebook_input_dim != dim
+        if requires_projection:
+            lin = nn.Linear(dim, codebook_input_dim)
+            self.project_in = (
+                nn.Sequential(lin, nn.LayerNorm(codebook_input_dim)) if layernorm_after_project_in else lin
             )
-        if accept_image_fmap and accept_3d_fmap:
-            raise ValueError("accept_image_fmap and accept_3d_fmap are mutually exclusive")
-        self.channel_last = bool(channel_last)
-        self.accept_image_fmap = bool(accept_image_fmap)
-        self.accept_3d_fmap = bool(accept_3d_fmap)
-        channel_first = self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last
-        super().__init__(
-            dim,
-            codebook_size,
-            codebook_dim=codebook_dim,
-            metric="cosine" if use_cosine_sim else "l2",
-            l2_normalize=bool(use_cosine_sim),
-            learnable_codebook=False,
-            decay=decay,
-            eps=eps,
-            commitment_weight=commitment_weight,
+            self.project_out = nn.Linear(codebook_input_dim, dim)
+        else:
+            self.project_in = nn.Identity()
+            self.project_out = nn.Identity()
+        self.has_projections = requires_projection
+        self.eps = eps
+        self.has_commitment_loss = commitment_weight > 0.0 and not directional_reparam
+        self.commitment_weight = commitment_weight
+        self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
+        self.learnable_codebook = learnable_codebook
+        self.has_codebook_orthogonal_loss = orthogonal_reg_weight > 0.0
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0.0
+        self.codebook_diversity_temperature = codebook_diversity_temperature
+        self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
+        self.rotation_trick = rotation_trick
+        self.directional_reparam = directional_reparam
+        self.directional_reparam_variance = directional_reparam_variance
+        self.route_gradients_to_input = route_gradients_to_input
+        self.sync_update_v = sync_update_v
+        if sync_codebook is None:
+            sync_codebook = vqdist.world_size() > 1
+        self.use_cosine_sim = use_cosine_sim
+        self.backend = dispatch.validate_backend(backend)
+        self._codebook = Codebook(
+            dim=codebook_dim,
+            num_codebooks=heads if separate_codebook_per_head else 1,
+            codebook_size=codebook_size,
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
-            kmeans_seeding="random",
-            threshold_ema_dead_code=float(threshold_ema_dead_code),
-            channel_dim=1 if channel_first else -1,
-            sync_distributed=sync_codebook,
-            backend=backend,
-            check_inputs=check_inputs,
+            sync_kmeans=sync_kmeans,
+            decay=decay,
+            eps=eps,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            use_ddp=sync_codebook,
+            learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook,
+            stochastic_sample_codes=stochastic_sample_codes,
+            straight_through=straight_through,
+            sample_codebook_temp=sample_codebook_temp,
+            ema_update=ema_update,
+            manual_ema_update=manual_ema_update,
+            affine_param=affine_param,
+            sync_affine_param=sync_affine_param,
+            affine_param_batch_decay=affine_param_batch_decay,
+            affine_param_codebook_decay=affine_param_codebook_decay,
+            use_cosine_sim=use_cosine_sim,
+            vq_bridge=vq_bridge,
+            backend=self.backend,
         )
-        self.use_cosine_sim = bool(use_cosine_sim)
-        self.heads = 1
-        self.freeze_codebook = bool(freeze_codebook)
-        self.return_zeros_for_masked_padding = bool(return_zeros_for_masked_padding)
-        self.register_state_dict_post_hook(_to_upstream_keys)
+        self.in_place_codebook_optimizer = (
+            in_place_codebook_optimizer(self._codebook.parameters())
+            if in_place_codebook_optimizer is not None else None
+        )
+        self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
+        self.codebook_size = codebook_size
+        self.accept_image_fmap = accept_image_fmap
+        self.accept_3d_fmap = accept_3d_fmap
+        self.channel_last = channel_last
+        self.register_buffer("zero", torch.tensor(0.0), persistent=False)
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        self.freeze_codebook = freeze_codebook
+        # (ResidualChain, depth) set by ResidualVQ around this layer's call: see _chained_path
+        self._residual_chain = None
 
-    # ---------------------------------------------------------------------- state_dict layout
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for theirs, ours, lead in _KEY_MAP:
-            key = prefix + theirs
-            if key in state_dict:
-                t = state_dict.pop(key)
-                state_dict[prefix + ours] = t[0] if lead and t.dim() > 0 else t
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    # ---------------------------------------------------------------------- upstream API
+    # ------------------------------------------------------------------ LR's public helpers
 
     @property
-    def ema_update(self) -> bool:
-        return True
+    def ema_update(self):
+        return self._codebook.ema_update
 
-    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """``indices: [B, ...]`` -> codes in codebook space ``[B, ..., codebook_dim]`` (channel-first
-        ``[B, codebook_dim, ...]`` for feature-map/channel-first layouts), as upstream."""
-        codes = self.codebook[indices]
-        if self.channel_dim == 1:
+    @property
+    def codebook(self):
+        codebook = self._codebook.embed
+        return codebook if self.separate_codebook_per_head else codebook[0]
+
+    @codebook.setter
+    def codebook(self, codes):
+        if not self.separate_codebook_per_head:
+            codes = codes.unsqueeze(0)
+        with torch.no_grad():
+            self._codebook.embed.copy_(codes)
+
+    def _channel_first_out(self) -> bool:
+        return not self.channel_last or self.accept_image_fmap or self.accept_3d_fmap
+
+    def get_codes_from_indices(self, indices):
+        """``indices: [B, ...]`` (``[B, ..., heads]`` multi-head) -> codes in codebook space
+        ``[B, ..., codebook_dim·heads]`` (channel-first layouts: ``[B, C, ...]``), as LR."""
+        codebook = self.codebook
+        if codebook.ndim == 2:
+            codes = codebook[indices]
+        else:
+            h = codebook.shape[0]
+            codes = torch.stack([codebook[i][indices[..., i]] for i in range(h)], dim=-2)
+            codes = codes.reshape(*codes.shape[:-2], -1)
+        if self._channel_first_out():
             codes = codes.movedim(-1, 1)
         return codes
 
-    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes after ``project_out`` (output space), in the input layout."""
-        codes = self.codebook[indices]
-        if self.project_out is not None:
-            codes = self.project_out(codes)
-        if self.channel_dim == 1:
-            codes = codes.movedim(-1, 1)
-        return codes
+    def get_output_from_indices(self, indices):
+        return self.project_out(self.get_codes_from_indices(indices))
 
-    def _set_kmeans_state(self, centers: torch.Tensor, counts: torch.Tensor) -> None:
-        # Upstream: embed_avg = means·bins, cluster_size = bins, then the EMA normalisation
-        # (so codes whose final bin is empty become 0, exactly as there).
-        self.cluster_size.copy_(counts)
-        self.embed_sum.copy_(centers * counts.unsqueeze(1))
-        n = counts.sum()
-        k = counts.shape[0]
-        smoothed = (counts + self.eps) / (n + k * self.eps) * n
-        cb = self.embed_sum / smoothed.unsqueeze(1)
-        if self.l2_normalize:
-            cb = F.normalize(cb, dim=-1)
-        self.codebook.copy_(cb)
+    def update_in_place_optimizer(self):
+        if self.in_place_codebook_optimizer is None:
+            return
+        if self._codebook.use_ddp:
+            for param in self._codebook.parameters():
+                if param.grad is None:
+                    continue
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= torch.distributed.get_world_size()
+        self.in_place_codebook_optimizer.step()
+        self.in_place_codebook_optimizer.zero_grad()
 
-    # ---------------------------------------------------------------------- forward
+    def maybe_split_heads_from_input(self, x):
+        if self.heads == 1:
+            return x
+        b, n, hd = x.shape
+        h = self.heads
+        t = x.reshape(b, n, h, hd // h)
+        if self.separate_codebook_per_head:
+            return t.permute(2, 0, 1, 3)  # h b n d
+        return t.permute(0, 2, 1, 3).reshape(1, b * h, n, hd // h)  # 1 (b h) n d
+
+    def expire_codes_(self, x):
+        x = self._codebook.transform_input(x)
+        x = self.maybe_split_heads_from_input(x)
+        # as LR: the leading dim is taken as the codebook dim and zipped with the codebooks, so a
+        # [B, n, d] input replaces dead codes from its first element(s) only
+        self._codebook.expire_codes_(x)
+
+    def _to_sequence(self, x):
+        """Input layout -> ``[b, n, d]`` plus what is needed to undo it."""
+        if self.accept_image_fmap:
+            b, c, hh, ww = x.shape
+            return x.reshape(b, c, hh * ww).transpose(1, 2), (hh, ww)
+        if self.accept_3d_fmap:
+            b, c, dd, hh, ww = x.shape
+            return x.reshape(b, c, dd * hh * ww).transpose(1, 2), (dd, hh, ww)
+        return x, None
+
+    def update_indices(self, x, indices, mask=None):
+        """LR's ``update_indices``: EMA / dead-code update of the codebook from given ``indices``
+        (LR's output layout) for input ``x`` (forward's layout), without a search."""
+        if (self.accept_image_fmap or self.accept_3d_fmap) and mask is not None:
+            raise ValueError("mask is not supported with accept_image_fmap/accept_3d_fmap")
+        x, spatial = self._to_sequence(x)
+        if not self.channel_last and spatial is None and x.ndim == 3:
+            x = x.transpose(1, 2)
+        if spatial is not None:
+            keep = 1 if self.heads > 1 else 0
+            indices = indices.reshape(indices.shape[0], -1, *indices.shape[indices.ndim - keep:])
+        x = self.project_in(x)
+        x = self.maybe_split_heads_from_input(x)
+        x = self._codebook.transform_input(x)
+        if self.heads > 1:
+            if self.separate_codebook_per_head:
+                indices = indices.permute(2, 0, 1)  # b n h -> h b n
+            else:
+                b, n, h = indices.shape
+                indices = indices.permute(0, 2, 1).reshape(1, b * h, n)
+        if x.ndim == 2:  # only one token
+            indices = indices.unsqueeze(1)
+        self._codebook.update_indices(x, indices, mask=mask)
+
+    update_ema_indices = update_indices
+
+    # ------------------------------------------------------------------ forward
 
     def forward(
         self,
@@ -250,98 +356,253 @@ class VectorQuantize(VectorQuantizer):
         accum_ema_update=False,
         ema_update=None,
     ):
-        del sample_codebook_temp  # only used by stochastic sampling (unsupported)
-        for name, bad in (
-            ("indices", indices is not None),
-            ("topk", topk is not None),
-            ("codebook_transform_fn", codebook_transform_fn is not None),
-            ("ema_update_weight", ema_update_weight is not None),
-            ("accum_ema_update", bool(accum_ema_update)),
-            ("ema_update", ema_update is False),
-        ):
-            if bad:
-                raise _unsupported(f"forward({name}=...)")
-        if mask is not None and lens is not None:
-            raise ValueError("pass either mask or lens, not both")
+        if topk is not None:
+            raise _unsupported("forward(topk=...)", "beam search over codes; use vector_quantize_pytorch")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        freeze = self.freeze_codebook if freeze_codebook is None else bool(freeze_codebook)
-        only_one = x.dim() == 2
-        if only_one and (mask is not None or lens is not None):
-            raise ValueError("mask/lens need a sequence dim; x has shape [B, D]")
-        xs = x.unsqueeze(1) if only_one else x
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        orig_input, input_requires_grad = x, x.requires_grad
+        freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        if mask is not None and lens is not None:
+            raise ValueError("pass either mask or lens, not both")
         if lens is not None:
-            mask = torch.arange(xs.shape[1], device=xs.device) < lens.to(xs.device).unsqueeze(1)
-        fmap = self.accept_image_fmap or self.accept_3d_fmap
-        if fmap and mask is not None:
-            raise ValueError("mask is not supported with accept_image_fmap/accept_3d_fmap")
-        expect = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else 3
-        if xs.dim() != expect:
-            raise ValueError(f"x must have {expect if not only_one else 2} dims, got {tuple(x.shape)}")
-        # to channel-last [B, ..., D]
-        if self.channel_dim == 1 and not only_one:
-            x_cl = self._to_channel_last(xs)
-        else:
-            x_cl = xs
-            if x_cl.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"x must be float32, bfloat16 or float16, got {x_cl.dtype}")
-            if x_cl.shape[-1] != self.dim:
-                raise ValueError(f"x must have dim={self.dim} features, got shape {tuple(x.shape)}")
-        valid = self._check_mask(mask, x_cl.shape[:-1], x_cl.device)
-        h = self._project_in(x_cl)
-        training = self.training
-        with torch.autocast(x.device.type, enabled=False):
-            flat = h.reshape(-1, self.codebook_dim).float()
-            if self.use_cosine_sim:
-                flat = F.normalize(flat, dim=-1, eps=1e-6)
-            self._check_values(flat)
-            if not self._initted_py:  # upstream initializes on the first forward, in any mode
-                self._kmeans_init_flat(flat.detach(), valid)
-            update = training and not freeze
-            cb = self.codebook.clone() if update else self.codebook
-            check = False  # checked once above
-            fused_loss = training and valid is None and self.commitment_weight > 0
-            q, idx, loss = vqf.quantize(
-                flat, cb, self.commitment_weight if fused_loss else 0.0, self.metric,
-                codebook_loss=False, backend=self.backend, check_inputs=check,
-            )
-            commit = loss / self.commitment_weight if fused_loss else loss.new_zeros(())
-            if training and valid is not None and self.commitment_weight > 0:
-                # upstream: mse(q, raw input) over the unmasked rows (see module docs)
-                ref = x_cl if self.codebook_dim == self.dim else flat.reshape(h.shape)
-                ref = ref.reshape(-1, ref.shape[-1]).float()
-                sq = ((q.detach() - ref) ** 2).sum(dim=1)
-                denom = (valid.sum() * ref.shape[-1]).clamp_min(1).float()
-                commit = (sq * valid.float()).sum() / denom
-                loss = commit * self.commitment_weight
-            if not training:
-                loss = loss.new_zeros(())
-            if update:
-                with torch.no_grad():
-                    self._update_state(flat.detach(), idx, valid)
-        q = q.reshape(h.shape).to(h.dtype)
-        if self.project_out is not None:
-            q = self.project_out(q)
-        q = q.to(x.dtype)
-        idx = idx.reshape(x_cl.shape[:-1])
-        if valid is not None:
-            m = valid.reshape(x_cl.shape[:-1])
-            fill = torch.zeros_like(q) if self.return_zeros_for_masked_padding else x_cl
-            q = torch.where(m.unsqueeze(-1), q, fill)
-            idx = torch.where(m, idx, torch.full_like(idx, -1))
-        if self.channel_dim == 1 and not only_one:
-            q = self._from_channel_last(q)
+            mask = torch.arange(x.shape[1], device=x.device) < lens.to(x.device)[:, None]
+        only_one = x.ndim == 2
         if only_one:
-            q, idx = q.squeeze(1), idx.squeeze(1)
-        if return_loss_breakdown:
-            zero = loss.new_zeros(())
-            return q, idx, loss, LossBreakdown(commit, zero, zero, zero)
-        return q, idx, loss
+            if mask is not None:
+                raise ValueError("mask/lens need a sequence dim; x has shape [B, D]")
+            x = x.unsqueeze(1)
+        expect = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else 3
+        if x.ndim != expect:
+            raise ValueError(f"x must have {expect} dims (or [B, D]), got shape {tuple(orig_input.shape)}")
+        shape, dtype, heads = x.shape, x.dtype, self.heads
+        is_multiheaded, return_loss = heads > 1, indices is not None
+        need_transpose = not self.channel_last and not self.accept_image_fmap and not self.accept_3d_fmap and not only_one
+        if (self.accept_image_fmap or self.accept_3d_fmap) and mask is not None:
+            raise ValueError("mask is not supported with accept_image_fmap/accept_3d_fmap")
+        x, spatial = self._to_sequence(x)
+        if need_transpose:
+            x = x.transpose(1, 2)
+            orig_input = orig_input.transpose(1, 2)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have dim={self.dim} features, got shape {tuple(orig_input.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"mask must have shape {list(x.shape[:2])}, got {list(mask.shape)}")
 
+        x = self.project_in(x)
+        x = self.maybe_split_heads_from_input(x)
+        x = self._codebook.transform_input(x)
+        codebook_kwargs = dict(
+            sample_codebook_temp=sample_codebook_temp, mask=mask, freeze_codebook=freeze_codebook,
+            ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, ema_update=ema_update,
+            # LR's distance-based losses use the codes searched *before* this step's EMA update
+            keep_embed=(return_loss or self.has_codebook_diversity_loss or self.commitment_use_cross_entropy_loss
+                        or self._residual_chain is not None),
+            codebook_transform_fn=codebook_transform_fn,
+        )
+        quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
+        quantize = quantize.to(dtype)
+        zero = self.zero
+        commit_loss = orthogonal_reg_loss = inplace_optimize_loss = codebook_diversity_loss = zero
 
-def _to_upstream_keys(module, state_dict, prefix, local_metadata) -> None:
-    for theirs, ours, lead in _KEY_MAP:
-        key = prefix + ours
-        if key in state_dict:
-            t = state_dict.pop(key)
-            state_dict[prefix + theirs] = t.unsqueeze(0) if lead else t
+        if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
+            if mask is not None:
+                sq = F.mse_loss(quantize, x.detach(), reduction="none")
+                loss_mask = self._head_mask(mask, sq)
+                loss = sq[loss_mask].mean()
+            else:
+                loss = F.mse_loss(quantize, x.detach())
+            loss.backward()
+            if not self.manual_in_place_optimizer_update:
+                self.update_in_place_optimizer()
+            inplace_optimize_loss = loss
+            codebook_kwargs.update(update_usage=False)
+            quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
+            quantize = quantize.to(dtype)
+
+        chained_commit = None
+        if self.training and self._chained_path(x, mask, dist, input_requires_grad, return_loss):
+            chain, depth = self._residual_chain
+            chain.record(embed_ind, embed[0], quantize, self.rotation_trick)
+            quantize, chained_commit = _streamed.chained_estimator(x, quantize, chain, depth, self.rotation_trick)
+        elif self.training:
+            commit_quantize = (
+                quantize.detach() if (not self.learnable_codebook or freeze_codebook) else quantize
+            )
+            if input_requires_grad and self.route_gradients_to_input:
+                if self.rotation_trick:
+                    quantize = _streamed.rotate_to(x, quantize)
+                elif self.directional_reparam:
+                    err = quantize - x
+                    err_norm = err.norm(dim=-1, keepdim=True)
+                    noised = err + sqrt(self.directional_reparam_variance) * torch.randn_like(err)
+                    quantize = x + F.normalize(noised, p=2, dim=-1, eps=1e-6).detach() * err_norm
+                else:
+                    quantize = x + (quantize - x).detach()
+            if self.sync_update_v > 0.0:
+                quantize = quantize + self.sync_update_v * (quantize - quantize.detach())
+
+        kind = "dot" if self.use_cosine_sim else "neg_cdist"
+
+        def ce_loss(codes):
+            # codes in LR's layout ([b, n] / [b, n, h]) -> per codebook row order of `flatten`
+            codes = self._codes_to_flat(codes, flatten.shape[0], shape[0])
+            if dist is not None:  # implicit neural codebook: LR's full [H, N, K] logits exist
+                keep = codes >= 0
+                per = torch.logsumexp(dist, -1) - dist.gather(-1, codes.clamp_min(0)[..., None])[..., 0]
+                return (per * keep).sum() / keep.sum()
+            terms, keeps = [], []
+            for h in range(flatten.shape[0]):
+                t, k = _streamed.cross_entropy_terms(flatten[h], embed[h], codes[h], kind)
+                terms.append(t)
+                keeps.append(k)
+            t, k = torch.cat(terms), torch.cat(keeps)
+            return (t * k).sum() / k.sum()
+
+        if return_loss:
+            return quantize, ce_loss(self._indices_to_internal(indices, spatial, only_one))
+
+        embed_ind = self._ind_from_internal(embed_ind, spatial, only_one)
+
+        loss = zero.clone()
+        if self.training:
+            loss.requires_grad_()
+            if self.has_codebook_diversity_loss:
+                codebook_diversity_loss = self._diversity_loss(flatten, embed, kind, x, dist)
+                loss = loss + codebook_diversity_loss * self.codebook_diversity_loss_weight
+            if self.has_commitment_loss:
+                if self.commitment_use_cross_entropy_loss:
+                    if mask is not None:
+                        m = mask if not is_multiheaded else mask.unsqueeze(-1).expand(*mask.shape, heads)
+                        embed_ind = embed_ind.masked_fill(~m, -1)
+                    commit_loss = ce_loss(self._indices_to_internal(embed_ind, spatial, only_one))
+                elif mask is not None:
+                    # LR compares with the raw input (not projected / normalized) where it
+                    # broadcasts against the codes, else it fails; we fall back to x there
+                    try:
+                        same = torch.broadcast_shapes(orig_input.shape, commit_quantize.shape) == commit_quantize.shape
+                    except RuntimeError:
+                        same = False
+                    ref = orig_input if same else x
+                    sq = F.mse_loss(commit_quantize, ref, reduction="none")
+                    commit_loss = sq[self._head_mask(mask, sq)].mean()
+                elif chained_commit is not None:
+                    commit_loss = chained_commit
+                else:
+                    commit_loss = F.mse_loss(commit_quantize, x)
+                loss = loss + commit_loss * self.commitment_weight
+            if self.has_codebook_orthogonal_loss:
+                codebook = self._codebook.embed
+                if self.orthogonal_reg_active_codes_only:
+                    if is_multiheaded and self.separate_codebook_per_head:
+                        raise ValueError("orthogonal_reg_active_codes_only is not compatible with "
+                                         "separate_codebook_per_head")
+                    codebook = codebook[:, torch.unique(embed_ind)]
+                num_codes = codebook.shape[-2]
+                if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
+                    rand_ids = torch.randperm(num_codes, device=x.device)[: self.orthogonal_reg_max_codes]
+                    codebook = codebook[:, rand_ids]
+                orthogonal_reg_loss = _orthogonal_loss(codebook)
+                loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
+
+        if is_multiheaded:
+            if self.separate_codebook_per_head:
+                quantize = quantize.permute(1, 2, 0, 3)  # h b n d -> b n h d
+            else:
+                b = shape[0]
+                quantize = quantize.reshape(b, heads, -1, quantize.shape[-1]).permute(0, 2, 1, 3)
+            quantize = quantize.reshape(*quantize.shape[:2], -1)
+        quantize = self.project_out(quantize)
+
+        if mask is not None:
+            fill = torch.zeros_like(orig_input) if self.return_zeros_for_masked_padding else orig_input
+            quantize = torch.where(mask.unsqueeze(-1), quantize, fill)
+            m = mask if embed_ind.ndim == 2 else mask.unsqueeze(-1)
+            embed_ind = torch.where(m, embed_ind, torch.full_like(embed_ind, -1))
+
+        if need_transpose:
+            quantize = quantize.transpose(1, 2)
+        if spatial is not None:
+            quantize = quantize.transpose(1, 2).reshape(shape[0], -1, *spatial)
+        if only_one:
+            quantize = quantize.squeeze(1)
+        if not return_loss_breakdown:
+            return quantize, embed_ind, loss
+        return quantize, embed_ind, loss, LossBreakdown(
+            commit_loss, codebook_diversity_loss, orthogonal_reg_loss, inplace_optimize_loss
+        )
+
+    def _chained_path(self, x, mask, dist, input_requires_grad, return_loss) -> bool:
+        """Whether this training step may save a ResidualChain recipe instead of its input and
+        codes (memory of residual stacks): the default estimators (rotation trick or STE) with
+        the plain commitment MSE on an fp32, euclidean, single-head, unprojected EMA layer —
+        where the layer's ``x`` is exactly the residual the chain replays."""
+        return (
+            self._residual_chain is not None and input_requires_grad and self.route_gradients_to_input
+            and not self.directional_reparam and self.sync_update_v == 0.0 and not self.learnable_codebook
+            and not self._codebook.learnable_codebook and mask is None and dist is None and not return_loss
+            and self.heads == 1 and not self.use_cosine_sim and not self.has_projections
+            and not self.commitment_use_cross_entropy_loss and x.dtype == torch.float32
+            and self.in_place_codebook_optimizer is None and not self.accept_image_fmap
+            and not self.accept_3d_fmap and self.channel_last
+            and not (self._codebook.straight_through or self._codebook.stochastic_sample_codes)
+        )
+
+    # ------------------------------------------------------------------ layout helpers
+
+    def _head_mask(self, mask, like):
+        """LR's loss mask: ``[b, n]`` -> the element layout of ``like`` (``[b, n, d]``,
+        ``[h, b, n, d]`` or ``[1, (b h), n, d]``), broadcast over d."""
+        if like.ndim == 3:
+            m = mask
+        elif self.separate_codebook_per_head:
+            m = mask.unsqueeze(0).expand(like.shape[0], *mask.shape)
+        else:
+            m = mask.repeat_interleave(self.heads, dim=0).unsqueeze(0)
+        return m.unsqueeze(-1).expand(like.shape)
+
+    def _ind_from_internal(self, embed_ind, spatial, only_one):
+        if self.heads > 1:
+            if self.separate_codebook_per_head:
+                embed_ind = embed_ind.permute(1, 2, 0)  # h b n -> b n h
+            else:
+                bh, n = embed_ind.shape[-2:]
+                embed_ind = embed_ind.reshape(bh // self.heads, self.heads, n).permute(0, 2, 1)
+        if spatial is not None:
+            embed_ind = embed_ind.reshape(embed_ind.shape[0], *spatial, *embed_ind.shape[2:])
+        if only_one:
+            embed_ind = embed_ind.squeeze(1)
+        return embed_ind
+
+    def _indices_to_internal(self, indices, spatial, only_one):
+        """LR-layout indices (``[b, ...]`` or ``[b, ..., h]``) -> ``[b, n]`` / ``[b, n, h]``."""
+        if only_one:
+            indices = indices.unsqueeze(1)
+        if spatial is not None:
+            keep = 1 if self.heads > 1 else 0
+            indices = indices.reshape(indices.shape[0], -1, *indices.shape[indices.ndim - keep:])
+        return indices
+
+    def _codes_to_flat(self, codes, num_codebooks, b):
+        """``[b, n]`` / ``[b, n, h]`` -> ``[num_codebooks, N]`` in the row order of ``flatten``."""
+        if self.heads == 1:
+            return codes.reshape(1, -1)
+        if self.separate_codebook_per_head:
+            return codes.permute(2, 0, 1).reshape(num_codebooks, -1)  # h (b n)
+        return codes.permute(0, 2, 1).reshape(1, -1)  # 1 (b h n)
+
+    def _diversity_loss(self, flatten, embed, kind, x, dist=None):
+        # LR: prob = softmax(dist·T); avg over every dim but (position n, code); -entropy, mean over n
+        n = x.shape[-2]
+        scale = self.codebook_diversity_temperature
+        if dist is not None:  # implicit neural codebook: the full logits exist already
+            prob = (dist * scale).softmax(-1)
+            return -_entropy(prob.reshape(-1, n, prob.shape[-1]).mean(0)).mean()
+        total = None
+        for h in range(flatten.shape[0]):
+            xs = flatten[h].reshape(-1, n, flatten.shape[-1])
+            part = _streamed.mean_probs_by_position(xs, embed[h], kind, scale) * xs.shape[0]
+            total = part if total is None else total + part
+        rows = flatten.shape[0] * flatten.shape[1] // n
+        return -_entropy(total / rows).mean()

@@ -1,0 +1,278 @@
+"""vqkernels.compat.VectorQuantize against the installed vector-quantize-pytorch 1.32 (LR).
+
+Each case builds LR's layer and ours from the same seed, loads LR's state_dict into ours (strict)
+and ours back into LR (strict), then runs training steps with the *same torch RNG state* on both
+sides: our k-means seeding, dead-code replacement, Gumbel noise (one chunk at these sizes) and
+directional-reparam noise call the generator like LR, so even the random options match exactly.
+Compared: indices (exactly), outputs, losses, input and codebook gradients, every state_dict
+entry after each step, and the eval forward.
+
+Tolerances: LR builds outputs with a one-hot matmul and its rotation trick with a few fp32
+products (its output equals the code up to rounding; ours is the code); EMA sums run in a
+different order.  All fp32: rtol=atol=2e-5 covers these ulp-level differences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vqkernels.compat import VectorQuantize
+from vqkernels.compat.vector_quantize_pytorch import _streamed
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _assert_state_equal(up, ours):
+    a, b = up.state_dict(), ours.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(b[k].float(), a[k].float(), **TOL, msg=k)
+
+
+def _pair(seed=0, **kw):
+    torch.manual_seed(seed)
+    up = vqp.VectorQuantize(**kw)
+    torch.manual_seed(seed)
+    ours = VectorQuantize(**kw)
+    ours.load_state_dict(up.state_dict())  # strict, LR -> ours
+    up.load_state_dict(ours.state_dict())  # strict, ours -> LR
+    return up, ours
+
+
+def _input(shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _compare_steps(up, ours, shape, steps=3, cb_grad=False, check_grad=True, **fkw):
+    for step in range(steps):
+        x = _input(shape, step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        torch.manual_seed(100 + step)
+        qa, ia, la, ba = up(x, return_loss_breakdown=True, **fkw)
+        torch.manual_seed(100 + step)
+        qb, ib, lb, bb = ours(x2, return_loss_breakdown=True, **fkw)
+        assert qa.shape == qb.shape and ia.shape == ib.shape
+        assert torch.equal(ia, ib), f"step {step}"
+        torch.testing.assert_close(qb, qa, **TOL)
+        torch.testing.assert_close(lb, la, **TOL)
+        for name in ba._fields:
+            torch.testing.assert_close(getattr(bb, name).float(), getattr(ba, name).float(), **TOL, msg=name)
+        g = torch.randn(qa.shape, generator=torch.Generator().manual_seed(10 + step))
+        ((qa * g).sum() + la).backward()
+        ((qb * g).sum() + lb).backward()
+        if check_grad:
+            torch.testing.assert_close(x2.grad, x.grad, **TOL)
+        if cb_grad and check_grad:
+            ga, gb = up._codebook.embed.grad, ours._codebook.embed.grad
+            assert (ga is None) == (gb is None)
+            if ga is not None:
+                torch.testing.assert_close(gb, ga, **TOL)
+                up._codebook.embed.grad = ours._codebook.embed.grad = None
+        _assert_state_equal(up, ours)
+    up.eval(), ours.eval()
+    x = _input(shape, 99)
+    qa, ia, la = up(x)
+    qb, ib, lb = ours(x)
+    assert torch.equal(ia, ib)
+    torch.testing.assert_close(qb, qa, **TOL)
+    assert float(la.detach()) == float(lb.detach()) == 0.0
+    _assert_state_equal(up, ours)
+
+
+SEQ = (3, 17, 12)
+CASES = {
+    # LR's defaults: rotation trick on (dim > 1), EMA, decay 0.8, commitment 1
+    "defaults": (dict(dim=12, codebook_size=40), SEQ),
+    "ste": (dict(dim=12, codebook_size=40, rotation_trick=False, commitment_weight=0.3), SEQ),
+    "cosine-codebook_dim": (dict(dim=12, codebook_size=40, use_cosine_sim=True, codebook_dim=5), SEQ),
+    "heads-separate": (dict(dim=12, codebook_size=24, heads=3, separate_codebook_per_head=True,
+                            codebook_dim=4), SEQ),
+    "heads-shared": (dict(dim=12, codebook_size=24, heads=2), SEQ),
+    "heads-separate-proj": (dict(dim=12, codebook_size=24, heads=2, separate_codebook_per_head=True,
+                                 codebook_dim=8, layernorm_after_project_in=True), SEQ),
+    "learnable": (dict(dim=12, codebook_size=40, learnable_codebook=True, ema_update=False), SEQ),
+    "learnable-inplace-sgd": (dict(dim=12, codebook_size=40, learnable_codebook=True, ema_update=False,
+                                   in_place_codebook_optimizer=lambda p: torch.optim.SGD(p, lr=0.5)), SEQ),
+    "kmeans-dead-codes": (dict(dim=12, codebook_size=40, kmeans_init=True, kmeans_iters=4,
+                               threshold_ema_dead_code=2), SEQ),
+    "cosine-kmeans-dead": (dict(dim=12, codebook_size=40, use_cosine_sim=True, kmeans_init=True,
+                                threshold_ema_dead_code=1.5), SEQ),
+    "orthogonal": (dict(dim=12, codebook_size=40, orthogonal_reg_weight=0.5,
+                        orthogonal_reg_max_codes=16), SEQ),
+    "orthogonal-active": (dict(dim=12, codebook_size=40, orthogonal_reg_weight=0.5,
+                               orthogonal_reg_active_codes_only=True), SEQ),
+    "diversity": (dict(dim=12, codebook_size=40, codebook_diversity_loss_weight=0.3,
+                       codebook_diversity_temperature=5.0), SEQ),
+    "commit-ce": (dict(dim=12, codebook_size=40, commitment_use_cross_entropy_loss=True), SEQ),
+    "commit-ce-heads": (dict(dim=12, codebook_size=24, heads=3, separate_codebook_per_head=True,
+                             codebook_dim=4, commitment_use_cross_entropy_loss=True), SEQ),
+    "stochastic": (dict(dim=12, codebook_size=40, stochastic_sample_codes=True,
+                        sample_codebook_temp=0.7), SEQ),
+    "gumbel-straight-through": (dict(dim=12, codebook_size=40, stochastic_sample_codes=True,
+                                     straight_through=True, rotation_trick=False), SEQ),
+    "affine": (dict(dim=12, codebook_size=40, affine_param=True), SEQ),
+    "directional-reparam": (dict(dim=12, codebook_size=40, directional_reparam=True,
+                                 threshold_ema_dead_code=1), SEQ),
+    "sync-update-v": (dict(dim=12, codebook_size=40, learnable_codebook=True, ema_update=False,
+                           sync_update_v=0.5), SEQ),
+    "no-route-to-input": (dict(dim=12, codebook_size=40, route_gradients_to_input=False), SEQ),
+    "image-fmap": (dict(dim=6, codebook_size=20, accept_image_fmap=True), (2, 6, 5, 4)),
+    "3d-fmap": (dict(dim=4, codebook_size=10, accept_3d_fmap=True), (2, 4, 3, 2, 2)),
+    "channel-first-seq": (dict(dim=6, codebook_size=20, channel_last=False), (3, 6, 9)),
+    "two-dim-input": (dict(dim=8, codebook_size=16), (5, 8)),
+    "image-heads": (dict(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True,
+                         accept_image_fmap=True), (2, 8, 3, 4)),
+}
+
+
+# LR quirk: its distance matrix keeps a reference to the codebook buffer, which the EMA update then
+# overwrites in place (`embed.data.copy_`) before backward, so the gradient of its distance-based
+# losses (diversity, cross-entropy commitment) is taken at the *updated* codes.  Ours is the
+# gradient at the codes the forward used.  Values and EMA state are compared on training steps;
+# gradients exactly on steps with a frozen codebook (where LR's buffer is not overwritten).
+STALE_CODE_GRADIENT = {"diversity", "commit-ce", "commit-ce-heads"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_lr_training_steps_and_eval(name):
+    kw, shape = CASES[name]
+    up, ours = _pair(**kw)
+    stale = name in STALE_CODE_GRADIENT
+    _compare_steps(up, ours, shape, cb_grad=True, check_grad=not stale)
+    if stale:
+        up.train(), ours.train()
+        _compare_steps(up, ours, shape, steps=2, cb_grad=True, freeze_codebook=True)
+
+
+def test_vq_bridge_matches():
+    kw = dict(dim=8, codebook_size=16, learnable_codebook=True, ema_update=False)
+    torch.manual_seed(0)
+    bridge = nn.Linear(8, 8)
+    up, ours = _pair(vq_bridge=bridge, **kw)  # the same bridge module in both
+    _compare_steps(up, ours, (2, 9, 8), cb_grad=True)
+
+
+@pytest.mark.parametrize("how", ["mask", "lens"])
+@pytest.mark.parametrize("case", ["defaults", "ste-input-padding", "cosine", "heads", "commit-ce"])
+def test_masked_sequences_match(case, how):
+    kw = {
+        "defaults": dict(),
+        "ste-input-padding": dict(rotation_trick=False, return_zeros_for_masked_padding=False),
+        "cosine": dict(use_cosine_sim=True, kmeans_init=True, threshold_ema_dead_code=1),
+        "heads": dict(heads=2, separate_codebook_per_head=True),
+        "commit-ce": dict(commitment_use_cross_entropy_loss=True),
+    }[case]
+    up, ours = _pair(dim=8, codebook_size=16, **kw)
+    lens = torch.tensor([11, 6, 2])
+    fkw = {"lens": lens} if how == "lens" else {"mask": torch.arange(11)[None] < lens[:, None]}
+    _compare_steps(up, ours, (3, 11, 8), steps=2, check_grad=case != "commit-ce", **fkw)
+
+
+def test_indices_cross_entropy_loss_matches():
+    up, ours = _pair(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True, codebook_dim=4)
+    x = _input((2, 7, 8), 0)
+    codes = torch.randint(0, 16, (2, 7, 2), generator=torch.Generator().manual_seed(1))
+    up.eval(), ours.eval()
+    qa, la = up(x, indices=codes)
+    qb, lb = ours(x, indices=codes)
+    torch.testing.assert_close(qb, qa, **TOL)
+    torch.testing.assert_close(lb, la, **TOL)
+
+
+def test_manual_and_accumulated_ema_and_weights():
+    up, ours = _pair(dim=8, codebook_size=16, manual_ema_update=True)
+    x = _input((2, 9, 8), 0)
+    for m in (up, ours):
+        m(x)
+        m(x, accum_ema_update=True)  # accumulates into .grad of the EMA buffers
+        m(x, ema_update_weight=torch.rand(1, 16, generator=torch.Generator().manual_seed(3)))
+        m._codebook.update_ema()
+    _assert_state_equal(up, ours)
+
+
+def test_freeze_codebook_and_update_indices():
+    up, ours = _pair(dim=8, codebook_size=16, freeze_codebook=True)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    _compare_steps(up, ours, (2, 9, 8), steps=1)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    up.train(), ours.train()
+    x = _input((2, 9, 8), 5)
+    idx = torch.randint(-1, 16, (2, 9), generator=torch.Generator().manual_seed(2))
+    up.update_indices(x, idx)
+    ours.update_indices(x, idx)
+    _assert_state_equal(up, ours)
+
+
+def test_codes_helpers_and_codebook_setter():
+    up, ours = _pair(dim=12, codebook_size=16, heads=3, separate_codebook_per_head=True,
+                     codebook_dim=4, channel_last=False)
+    idx = torch.randint(0, 16, (2, 5, 3))
+    torch.testing.assert_close(ours.get_codes_from_indices(idx), up.get_codes_from_indices(idx))
+    single_up, single = _pair(dim=8, codebook_size=16, codebook_dim=4)
+    idx = torch.randint(0, 16, (2, 5))
+    torch.testing.assert_close(single.get_output_from_indices(idx), single_up.get_output_from_indices(idx))
+    new = torch.randn(16, 4)
+    single.codebook = new
+    assert torch.equal(single.codebook, new) and single.codebook.shape == single_up.codebook.shape
+
+
+def test_kmeans_checkpoint_before_init_loads_and_initializes():
+    up, ours = _pair(dim=8, codebook_size=16, kmeans_init=True)
+    assert not bool(ours._codebook.initted)
+    ours(torch.randn(2, 30, 8))
+    assert bool(ours.state_dict()["_codebook.initted"]) and ours.codebook.abs().sum() > 0
+    up.load_state_dict(ours.state_dict())
+
+
+def test_signature_errors_and_refusals():
+    with pytest.raises(TypeError):
+        VectorQuantize(8, 16, not_an_lr_option=True)
+    with pytest.raises(ValueError, match="rotation_trick"):
+        VectorQuantize(8, 16, straight_through=True)  # LR's default rotation trick conflicts
+    with pytest.raises(ValueError, match="learnable_codebook"):
+        VectorQuantize(8, 16, learnable_codebook=True)  # LR: needs ema_update=False
+    vq = VectorQuantize(8, 16)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(NotImplementedError, match="topk"):
+        vq(x, topk=2)
+    with pytest.raises(ValueError, match="dim=8"):
+        vq(torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match="mask"):
+        vq(x, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="codebook_size"):
+        VectorQuantize(8, 0)
+
+
+def test_streamed_terms_equal_direct_formulas(monkeypatch):
+    # force many tiny chunks: the chunked softmax terms must equal the direct N x K formulas
+    monkeypatch.setattr(_streamed, "_CHUNK_ELEMS", 7)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g, requires_grad=True)
+    e = torch.randn(9, 5, generator=g, requires_grad=True)
+    for kind in ("neg_cdist", "dot"):
+        full = _streamed.logits(x.reshape(-1, 5), e, kind)
+        direct = (full * 3.0).softmax(-1).reshape(4, 6, 9).mean(0)
+        got = _streamed.mean_probs_by_position(x, e, kind, 3.0)
+        torch.testing.assert_close(got, direct)
+        ga = torch.autograd.grad(got.square().sum(), (x, e))
+        gb = torch.autograd.grad(direct.square().sum(), (x, e))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(_streamed.logsumexp_rows(x.reshape(-1, 5), e, kind),
+                                   torch.logsumexp(full, -1))
+        torch.testing.assert_close(_streamed.soft_codes(x.reshape(-1, 5), e, kind, 0.5),
+                                   (full / 0.5).softmax(-1) @ e)
+
+
+def test_package_exports_and_one_line_switch():
+    import vqkernels
+    from vqkernels.compat import GroupedResidualVQ, ResidualVQ, VectorQuantize  # noqa: F401
+
+    assert vqkernels.VectorQuantizer is vqkernels.nn.VectorQuantizer
+    assert vqkernels.ResidualVectorQuantizer is vqkernels.nn.ResidualVectorQuantizer

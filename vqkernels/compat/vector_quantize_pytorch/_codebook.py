@@ -1,0 +1,503 @@
+"""``Codebook``: the ``_codebook`` sub-module of the ``VectorQuantize`` drop-in, with LR 1.32's
+buffers (``initted``, ``cluster_size [H, K]``, ``embed_avg [H, K, D]``, ``embed [H, K, D]`` buffer
+or Parameter, the affine buffers, ``vq_bridge``) so checkpoints load strictly both ways.
+
+What runs fused (vqkernels ops, no ``[N, K]`` matrix, no one-hot):
+* the search: ``nearest_code`` per codebook (``"l2"``: the argmin of ``‖c‖² − 2x·c`` equals LR's
+  argmax of ``-cdist``; ``"cosine"`` for LR's cosine codebooks, whose codes are unit vectors);
+* the EMA statistics and the k-means Lloyd steps: ``cluster_stats`` (counts and sums per code),
+  then LR's own blend arithmetic (``lerp_`` by ``(1 - decay)·weight``, Laplace smoothing).
+Stochastic sampling and searches against a non-normalized code set under a dot product (cosine +
+``vq_bridge``) use the chunked PyTorch search of :mod:`._streamed`.
+
+Random draws (k-means seeds, dead-code replacements) call the torch generator with LR's calls in
+LR's order (``randperm``/``randint`` of the same sizes), so the same seed gives the same codebooks.
+Multi-rank sampling (``use_ddp``) draws on rank 0 from its local batch and broadcasts (LR gathers
+per-rank samples in multinomial proportions): a valid k-means/dead-code seed, not LR's draw.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import distributed as vqdist
+from ... import functional as vqf
+from . import _streamed
+
+
+def _l2norm(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, p=2, dim=-1, eps=1e-6)
+
+
+def _sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
+    # LR's sample_vectors, same generator calls
+    n = samples.shape[0]
+    if n >= num:
+        idx = torch.randperm(n, device=samples.device)[:num]
+    else:
+        idx = torch.randint(0, n, (num,), device=samples.device)
+    return samples[idx]
+
+
+def _kaiming_uniform(*shape) -> torch.Tensor:
+    t = torch.empty(shape)
+    nn.init.kaiming_uniform_(t)
+    return t
+
+
+def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
+    """Fused nearest-code search with LR's tie semantics.
+
+    LR picks ``argmax(-sqrt(clamp(‖x‖² + ‖c‖² − 2x·c, 1e-8)))``: every code closer than 1e-4
+    ties, and the lowest index wins.  That happens in earnest in residual stacks (a k-means code
+    equal to a batch vector leaves a ~1e-5 residual, and later depths see many near-zero vectors
+    and codes).  The fused search returns the exact nearest code and its squared distance; rows
+    whose best distance is below 1e-6 (a superset of LR's clamped region, allowing for rounding)
+    are re-decided with LR's own formula over all codes — only those rows, so O(rows·K)."""
+    if metric != "l2":
+        return vqf.nearest_code(x, codes, metric, backend=backend, check_inputs=False)
+    idx, dist = vqf.nearest_code(x, codes, "l2", return_distance=True, backend=backend, check_inputs=False)
+    near = (dist < 1e-6).nonzero().squeeze(-1)
+    if near.numel():
+        idx[near] = _streamed.logits(x[near], codes, "neg_cdist").argmax(dim=-1)
+    return idx
+
+
+class Codebook(nn.Module):
+    """LR's ``Codebook`` (euclidean and cosine) on fused kernels; arguments as LR's."""
+
+    def __init__(
+        self,
+        dim,
+        codebook_size,
+        num_codebooks=1,
+        kmeans_init=False,
+        kmeans_iters=10,
+        sync_kmeans=True,
+        decay=0.8,
+        eps=1e-5,
+        threshold_ema_dead_code=2,
+        reset_cluster_size=None,
+        use_ddp=False,
+        learnable_codebook=False,
+        stochastic_sample_codes=False,
+        straight_through=False,
+        sample_codebook_temp=1.0,
+        ema_update=True,
+        manual_ema_update=False,
+        affine_param=False,
+        sync_affine_param=False,
+        affine_param_batch_decay=0.99,
+        affine_param_codebook_decay=0.9,
+        use_cosine_sim=False,
+        vq_bridge=None,
+        backend="auto",
+    ):
+        super().__init__()
+        self.transform_input = _l2norm if use_cosine_sim else (lambda t: t)
+        self.decay = decay
+        self.ema_update = ema_update
+        self.manual_ema_update = manual_ema_update
+        if kmeans_init:
+            embed = torch.zeros(num_codebooks, codebook_size, dim)
+        else:
+            embed = _kaiming_uniform(num_codebooks, codebook_size, dim)
+            if use_cosine_sim:
+                embed = _l2norm(embed)
+        self.codebook_size = codebook_size
+        self.num_codebooks = num_codebooks
+        self.kmeans_iters = kmeans_iters
+        self.eps = eps
+        self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.has_dead_code_replacement = threshold_ema_dead_code > 0
+        self.reset_cluster_size = threshold_ema_dead_code if reset_cluster_size is None else reset_cluster_size
+        self.stochastic_sample_codes = bool(stochastic_sample_codes)
+        self.straight_through = bool(straight_through)
+        self.sample_codebook_temp = sample_codebook_temp
+        self.use_ddp = bool(use_ddp)
+        self.sync_kmeans = bool(sync_kmeans)
+        self.backend = backend
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        self.learnable_codebook = learnable_codebook
+        if learnable_codebook:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        self.use_cosine_sim = use_cosine_sim
+        self.vq_bridge = vq_bridge
+        self.affine_param = affine_param
+        self.sync_affine_param = sync_affine_param
+        if not affine_param:
+            return
+        self.affine_param_batch_decay = affine_param_batch_decay
+        self.affine_param_codebook_decay = affine_param_codebook_decay
+        # as LR: the batch statistics appear in the state_dict after the first forward
+        self.register_buffer("batch_mean", None)
+        self.register_buffer("batch_variance", None)
+        self.register_buffer("codebook_mean_needs_init", torch.tensor(True))
+        self.register_buffer("codebook_mean", torch.empty(num_codebooks, 1, dim))
+        self.register_buffer("codebook_variance_needs_init", torch.tensor(True))
+        self.register_buffer("codebook_variance", torch.empty(num_codebooks, 1, dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the affine batch statistics are None until the first forward (LR registers them then)
+        if self.affine_param:
+            for name in ("batch_mean", "batch_variance"):
+                if getattr(self, name) is None and prefix + name in state_dict:
+                    self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ sync helpers
+
+    def _all_reduce(self, *ts):
+        if self.use_ddp:
+            vqdist.all_reduce_sum_(*ts)
+
+    def _sample(self, samples: torch.Tensor, num: int, sync: bool) -> torch.Tensor:
+        if not (sync and self.use_ddp and vqdist.world_size() > 1):
+            return _sample_vectors(samples, num)
+        # rank 0 draws from its batch, every rank takes the same vectors (see module docs)
+        out = (
+            _sample_vectors(samples, num)
+            if vqdist.rank() == 0
+            else samples.new_empty(num, samples.shape[-1])
+        )
+        vqdist.broadcast_from_root_(out)
+        return out
+
+    # ------------------------------------------------------------------ search
+
+    def _metric(self, embed_is_unit: bool) -> str | None:
+        if not self.use_cosine_sim:
+            return "l2"
+        return "cosine" if embed_is_unit else None
+
+    def search(self, flat: torch.Tensor, embed: torch.Tensor, temperature: float, training: bool,
+               embed_is_unit: bool) -> torch.Tensor:
+        """``flat: [H, N, d]``, ``embed: [H, K, d]`` -> ``[H, N] int64`` (LR's gumbel_sample index)."""
+        kind = "dot" if self.use_cosine_sim else "neg_cdist"
+        metric = self._metric(embed_is_unit)
+        stochastic = training and self.stochastic_sample_codes and temperature > 0
+        out = []
+        for h in range(flat.shape[0]):
+            e = embed[h].detach()
+            if stochastic or metric is None:
+                out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
+            else:
+                out.append(_lr_nearest(flat[h].detach(), e.contiguous(), metric, self.backend))
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
+
+    # ------------------------------------------------------------------ k-means init
+
+    @torch.no_grad()
+    def init_embed_(self, data: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if bool(self.initted):
+            return
+        if mask is not None:
+            c = data.shape[0]
+            data = data[mask].reshape(c, -1, data.shape[-1])
+        num_samples = data.shape[-2]
+        if num_samples < self.codebook_size:
+            import warnings
+
+            warnings.warn(
+                f"k-means init received {num_samples} vectors for a codebook of "
+                f"{self.codebook_size} - duplicates will be sampled", RuntimeWarning, stacklevel=3,
+            )
+        sync = self.sync_kmeans
+        means = torch.stack([self._sample(s, self.codebook_size, sync) for s in data.unbind(0)])
+        # Assignments with LR's own formula (row chunks, never N x K): k-means runs once, and
+        # in residual stacks its data are degenerate — with many near-zero residuals, every
+        # vector is almost equidistant from the near-zero centers and the last ulp of the
+        # distance decides; LR's rounding is the only way to reproduce LR's centers there.
+        kind = "dot" if self.use_cosine_sim else "neg_cdist"
+        k = self.codebook_size
+        bins = torch.zeros(data.shape[0], k, device=data.device)
+        for _ in range(self.kmeans_iters):
+            new = []
+            for h in range(data.shape[0]):
+                idx = _streamed.sample_codes(data[h], means[h], kind, 1.0, False)
+                # Sums by scatter_add in row order, exactly LR's accumulation: k-means runs once,
+                # and bit-identical centers matter downstream — a k-means code equal to a batch
+                # vector leaves a ~1e-5 residual whose next-depth k-means is chaotic in the last
+                # ulp, so any other summation order gives a different residual codebook.
+                counts = torch.zeros(k, device=data.device).index_put_((idx,), torch.ones_like(idx, dtype=torch.float32), accumulate=True)
+                sums = torch.zeros(k, data.shape[-1], device=data.device, dtype=data.dtype)
+                sums.scatter_add_(0, idx[:, None].expand(-1, data.shape[-1]), data[h])
+                if sync:
+                    self._all_reduce(counts)
+                bins[h] = counts
+                m = sums / counts.clamp_min(1.0).unsqueeze(1)
+                if sync:
+                    self._all_reduce(m)  # LR all-reduces the per-rank means (a sum), as here
+                if self.use_cosine_sim:
+                    m = _l2norm(m)
+                new.append(torch.where((counts == 0).unsqueeze(1), means[h], m))
+            means = torch.stack(new)
+        # LR: the returned sizes are those of the last assignment (before its mean update)
+        self.embed_avg.data.copy_(means * bins.unsqueeze(-1))
+        self.cluster_size.data.copy_(bins)
+        self.update_ema()
+        self.initted.data.copy_(torch.tensor(True))
+
+    # ------------------------------------------------------------------ affine
+
+    def update_with_decay(self, buffer_name, new_value, decay):
+        old_value = getattr(self, buffer_name)
+        needs_init = getattr(self, buffer_name + "_needs_init", False)
+        if needs_init:
+            self.register_buffer(buffer_name + "_needs_init", torch.tensor(False))
+        if old_value is None or bool(needs_init):
+            self.register_buffer(buffer_name, new_value.detach())
+            return
+        self.register_buffer(buffer_name, old_value * decay + new_value.detach() * (1 - decay))
+
+    def update_affine(self, data, embed, mask=None):
+        var_fn = partial(torch.var, unbiased=False)
+        embed = embed.reshape(embed.shape[0], -1, embed.shape[-1])
+        if self.training:
+            self.update_with_decay("codebook_mean", embed.mean(1, keepdim=True), self.affine_param_codebook_decay)
+            self.update_with_decay("codebook_variance", var_fn(embed, dim=1, keepdim=True),
+                                   self.affine_param_codebook_decay)
+        data = data.reshape(data.shape[0], -1, data.shape[-1])
+        if mask is not None:
+            c = data.shape[0]
+            data = data[mask].reshape(c, -1, data.shape[-1])
+        if not self.sync_affine_param:
+            self.update_with_decay("batch_mean", data.mean(1, keepdim=True), self.affine_param_batch_decay)
+            self.update_with_decay("batch_variance", var_fn(data, dim=1, keepdim=True),
+                                   self.affine_param_batch_decay)
+            return
+        num = torch.tensor(data.shape[-2], device=data.device, dtype=data.dtype)
+        vqdist.all_reduce_sum_(num)
+        batch_sum = data.sum(1, keepdim=True)
+        vqdist.all_reduce_sum_(batch_sum)
+        batch_mean = batch_sum / num
+        self.update_with_decay("batch_mean", batch_mean, self.affine_param_batch_decay)
+        numer = ((data - batch_mean) ** 2).sum(1, keepdim=True)
+        vqdist.all_reduce_sum_(numer)
+        self.update_with_decay("batch_variance", numer / num, self.affine_param_batch_decay)
+
+    def _affine_stds(self):
+        return self.codebook_variance.clamp(min=1e-5).sqrt(), self.batch_variance.clamp(min=1e-5).sqrt()
+
+    # ------------------------------------------------------------------ dead codes
+
+    @torch.no_grad()
+    def replace(self, batch_samples, batch_mask, seq_mask=None):
+        if self.use_cosine_sim:
+            batch_samples = _l2norm(batch_samples)
+        for ind, (samples, mask) in enumerate(zip(batch_samples, batch_mask)):
+            if seq_mask is not None:
+                samples = samples[seq_mask[ind]]
+            if samples.numel() == 0:
+                continue
+            num_samples = samples.shape[0]
+            num_dead = int(mask.sum())
+            local = not (self.use_ddp and self.sync_kmeans)
+            if local and num_dead > num_samples:
+                # more dead codes than samples: replace a random subset now (LR), the rest later
+                dead = mask.nonzero(as_tuple=True)[0]
+                dead = dead[torch.randperm(num_dead, device=samples.device)[:num_samples]]
+                mask = torch.zeros_like(mask)
+                mask[dead] = True
+                num_dead = num_samples
+            sampled = self._sample(samples, num_dead, sync=not local).to(self.embed.data)
+            self.embed.data[ind][mask] = sampled
+            self.cluster_size.data[ind][mask] = self.reset_cluster_size
+            self.embed_avg.data[ind][mask] = sampled * self.reset_cluster_size
+
+    def expire_codes_(self, batch_samples, seq_mask=None):
+        if not self.has_dead_code_replacement or not self.training:
+            return
+        expired = self.cluster_size < self.threshold_ema_dead_code
+        if not bool(expired.any()):
+            return
+        batch_samples = batch_samples.reshape(batch_samples.shape[0], -1, batch_samples.shape[-1])
+        self.replace(batch_samples, batch_mask=expired, seq_mask=seq_mask)
+
+    # ------------------------------------------------------------------ EMA
+
+    @torch.no_grad()
+    def update_ema(self):
+        cs = self.cluster_size
+        total = cs.sum(dim=-1, keepdim=True)
+        smoothed = (cs + self.eps) / (total + self.codebook_size * self.eps) * total
+        embed = self.embed_avg / smoothed.unsqueeze(-1)
+        if self.use_cosine_sim:
+            embed = _l2norm(embed)
+        self.embed.data.copy_(embed)
+
+    @staticmethod
+    def _ema_inplace(old, new, decay, weight=None):
+        # LR's ema_inplace: accumulated statistics (accum_ema_update) ride in old.grad
+        if old.grad is not None:
+            new.add_(old.grad)
+            old.grad = None
+        weight = 1.0 if weight is None else weight
+        if isinstance(weight, torch.Tensor):
+            if weight.ndim == 1:
+                weight = weight.unsqueeze(0)
+            weight = weight.reshape(*weight.shape, *((1,) * (old.ndim - weight.ndim)))
+        old.data.lerp_(new.to(old), (1.0 - decay) * weight)
+
+    @torch.no_grad()
+    def track_cluster_size_and_embed_avg(self, flatten, embed_ind, mask=None, ema_update_weight=None,
+                                         accum_ema_update=False):
+        """``flatten: [H, N, d]``, ``embed_ind: [H, N]`` (``mask: [H, N]``) -> EMA of the per-code
+        counts and sums (fused ``cluster_stats``; masked rows get index -1 = ignored)."""
+        flatten = flatten.float()
+        if self.affine_param:
+            cstd, bstd = self._affine_stds()
+            flatten = (flatten - self.batch_mean) * (cstd / bstd) + self.codebook_mean
+        if mask is not None:
+            embed_ind = embed_ind.masked_fill(~mask, -1)
+        counts, sums = [], []
+        for h in range(flatten.shape[0]):
+            c, s = vqf.cluster_stats(flatten[h], embed_ind[h], self.codebook_size,
+                                     backend=self.backend, check_inputs=False)
+            counts.append(c)
+            sums.append(s)
+        cluster_size, embed_sum = torch.stack(counts), torch.stack(sums)
+        self._all_reduce(cluster_size, embed_sum)
+        if callable(ema_update_weight):
+            ema_update_weight = ema_update_weight(embed_sum, cluster_size)
+        if accum_ema_update:
+            for old, new in ((self.cluster_size, cluster_size), (self.embed_avg, embed_sum)):
+                if old.grad is not None:
+                    old.grad.add_(new)
+                else:
+                    old.grad = new.clone()
+        else:
+            self._ema_inplace(self.cluster_size, cluster_size, self.decay, ema_update_weight)
+            self._ema_inplace(self.embed_avg, embed_sum, self.decay, ema_update_weight)
+
+    def update_codebook(self, flatten, embed_ind, mask=None, ema_update_weight=None,
+                        accum_ema_update=False, ema_update=None):
+        ema_update = self.ema_update if ema_update is None else ema_update
+        if not ema_update and not self.has_dead_code_replacement:
+            return
+        self.track_cluster_size_and_embed_avg(flatten, embed_ind, mask, ema_update_weight, accum_ema_update)
+        if accum_ema_update:
+            return
+        if ema_update and not self.manual_ema_update:
+            self.update_ema()
+        self.expire_codes_(flatten, seq_mask=mask)
+
+    @staticmethod
+    def _expand_mask(mask, flatten):
+        # LR: repeat(mask, 'b n -> c (b h n)'), h = rows per (b, n) (shared-codebook heads)
+        b, n = mask.shape
+        h = flatten.shape[-2] // (b * n)
+        return mask.repeat_interleave(h, dim=0).reshape(b, h, n).reshape(1, -1).expand(flatten.shape[0], -1)
+
+    def update_indices(self, x, embed_ind, mask=None, ema_update_weight=None, accum_ema_update=False,
+                       ema_update=None):
+        """LR's ``update_indices``: the EMA/dead-code update from given indices (``-1`` -> code 0)."""
+        x = x.float()
+        if x.ndim < 4:
+            x, embed_ind = x.unsqueeze(0), embed_ind.unsqueeze(0)
+        flatten = x.reshape(x.shape[0], -1, x.shape[-1])
+        if mask is not None:
+            mask = self._expand_mask(mask, flatten)
+        embed_ind = embed_ind.reshape(embed_ind.shape[0], -1)
+        embed_ind = embed_ind.masked_fill(embed_ind == -1, 0)
+        self.update_codebook(flatten, embed_ind, mask=mask, ema_update_weight=ema_update_weight,
+                             accum_ema_update=accum_ema_update, ema_update=ema_update)
+
+    update_ema_indices = update_indices
+
+    # ------------------------------------------------------------------ forward
+
+    def effective_embed(self):
+        """The code set searched and returned: ``[H, K, d]`` (bridge / affine applied)."""
+        embed = self.embed if self.learnable_codebook else self.embed.detach()
+        embed = embed.float()
+        if self.vq_bridge is not None:
+            embed = self.vq_bridge(embed)
+        if self.affine_param:
+            cstd, bstd = self._affine_stds()
+            embed = (embed - self.codebook_mean) * (bstd / cstd) + self.batch_mean
+        return embed
+
+    def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
+                ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
+                keep_embed=False, codebook_transform_fn=None):
+        """``x: [b, n, d]`` or ``[H, b, n, d]`` (float) -> ``(quantize like x (fp32), embed_ind
+        [b, n] / [H, b, n], flatten [H, N, d], embed [H, K, d], mask [H, N] or None, dist)``; the
+        middle three let the layer compute LR's distance-based losses chunk by chunk; ``keep_embed``
+        snapshots the searched codes when the EMA update below would overwrite them in place.
+        ``dist`` is ``None`` except with ``codebook_transform_fn`` (implicit neural codebooks: a
+        codebook per row, ``[H, N, K, d]``, inherent to the method), where it is LR's ``[H, N, K]``
+        logits and the search runs in plain PyTorch."""
+        ema_update = self.ema_update if ema_update is None else ema_update
+        temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        needs_codebook_dim = x.ndim < 4
+        x = x.float()
+        if needs_codebook_dim:
+            x = x.unsqueeze(0)
+        lead = x.shape[:-1]
+        flatten = x.reshape(x.shape[0], -1, x.shape[-1])
+        if mask is not None:
+            mask = self._expand_mask(mask, flatten)
+        self.init_embed_(flatten.detach(), mask=mask)
+        if self.affine_param:
+            self.update_affine(flatten.detach(), self.embed.detach(), mask=mask)
+        embed = self.effective_embed()
+        if keep_embed and embed.data_ptr() == self.embed.data_ptr():
+            # differentiable copy (a learnable codebook keeps its gradient); also when this step
+            # does not update: a later forward may, before this step's backward reads the codes
+            embed = embed.clone()
+        dist = None
+        if codebook_transform_fn is not None:
+            quantize, embed_ind, dist = self._transformed_lookup(flatten, embed, codebook_transform_fn, temp)
+        else:
+            unit = self.use_cosine_sim and self.vq_bridge is None
+            embed_ind = self.search(flatten, embed, temp, self.training, unit)
+            # gather = LR's one-hot @ embed (same values, same gradient to a learnable codebook)
+            # (one codebook: unsqueeze, not stack, so the [N, d] codes are not copied again)
+            heads = embed.shape[0]
+            quantize = (F.embedding(embed_ind[0], embed[0]).unsqueeze(0) if heads == 1 else
+                        torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(heads)]))
+        if dist is None and self.training and self.straight_through and temp > 0:
+            kind = "dot" if self.use_cosine_sim else "neg_cdist"
+            soft = torch.stack([
+                _streamed.soft_codes(flatten[h], embed[h], kind, temp) for h in range(embed.shape[0])
+            ])
+            quantize = quantize + soft - soft.detach()
+        if self.training and update_usage and not freeze_codebook:
+            self.update_codebook(flatten.detach(), embed_ind, mask=mask, ema_update_weight=ema_update_weight,
+                                 accum_ema_update=accum_ema_update, ema_update=ema_update)
+        quantize = quantize.reshape(*lead, quantize.shape[-1])
+        embed_ind = embed_ind.reshape(lead)
+        if needs_codebook_dim:
+            quantize, embed_ind = quantize[0], embed_ind[0]
+        return quantize, embed_ind, flatten, embed, mask, dist
+
+    def _transformed_lookup(self, flatten, embed, fn, temp):
+        """LR's implicit-neural-codebook branch: ``fn(embed) -> [H, b, n, K, d]`` per-row codes."""
+        h, n = flatten.shape[:2]
+        t = fn(embed)
+        t = t.reshape(h, n, t.shape[-2], t.shape[-1])
+        if self.use_cosine_sim:
+            t = _l2norm(t)
+            dist = torch.einsum("hnd,hncd->hnc", flatten, t)
+        else:
+            dist = -F.pairwise_distance(flatten.unsqueeze(-2), t)  # LR: ‖x − c + 1e-6‖
+        logits = dist
+        stochastic = self.training and self.stochastic_sample_codes and temp > 0
+        if stochastic:
+            u = torch.zeros_like(dist).uniform_(0, 1)
+            logits = dist / temp - torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+        embed_ind = logits.detach().argmax(dim=-1)
+        quantize = t.gather(-2, embed_ind[..., None, None].expand(h, n, 1, t.shape[-1])).squeeze(-2)
+        if self.training and self.straight_through and temp > 0:
+            soft = torch.einsum("hnc,hncd->hnd", (dist / temp).softmax(-1), t)
+            quantize = quantize + soft - soft.detach()
+        return quantize, embed_ind, dist

@@ -1,0 +1,291 @@
+"""Row-chunked codebook-softmax helpers and the rotation-trick estimator for the VQ drop-ins.
+
+vector-quantize-pytorch (LR) materializes the full ``[N, K]`` distance matrix for its soft terms
+(Gumbel sampling, Gumbel straight-through, codebook-diversity loss, cross-entropy commitment loss,
+``indices=`` loss).  Here the same math runs over chunks of rows, each chunk under activation
+checkpointing, so forward *and* backward memory is ``O(chunk·K)``, never ``N x K``.
+
+PLAIN-PYTORCH STAND-INS (to be switched to the fused ops once they land on main):
+* ``logsumexp_rows`` / ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution``
+  / ``vqkernels.soft_quantize`` (issue 11).  LR's Euclidean logits are ``-cdist`` (the NON-squared
+  distance, ``sqrt(clamp(‖x‖²+‖c‖²-2x·c, 1e-8))``), which is not one of that op's metrics, so the
+  ``"neg_cdist"`` logits stay here until the op grows them.
+* ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
+  of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
+  the whole matrix, so the codes follow the same distribution (not the same draws).
+* ``rotate_to`` -> ``vqkernels.quantize(..., estimator="rotation")`` of issue 10k.
+
+Logit kinds (``kind``): ``"neg_cdist"`` = ``-‖x - c‖`` exactly as LR's ``cdist`` computes it;
+``"dot"`` = ``x·c`` (LR's cosine codebooks: inputs and codes are already L2-normalized).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# rows per chunk: chunk·K fp32 logits stay around 8 MiB (a handful of such buffers live at once)
+_CHUNK_ELEMS = 1 << 21
+
+
+def _rows_per_chunk(k: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(k, 1))
+
+
+def logits(x: torch.Tensor, embed: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x: [n, d]``, ``embed: [K, d]`` -> ``[n, K]`` logits (LR's ``dist``; higher = closer)."""
+    if kind == "dot":
+        return x @ embed.t()
+    # LR's cdist: the clamp keeps sqrt's gradient finite at 0 (rows that coincide with a code)
+    x2 = (x * x).sum(-1, keepdim=True)
+    y2 = (embed * embed).sum(-1)
+    return -(x2 + y2 - 2.0 * (x @ embed.t())).clamp(min=1e-8).sqrt()
+
+
+def _maybe_checkpoint(fn, *args):
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def logsumexp_rows(x: torch.Tensor, embed: torch.Tensor, kind: str, scale: float = 1.0):
+    """``logsumexp_k(scale·logit[n, k])`` -> ``[n]``; differentiable, O(chunk·K) memory."""
+    step = _rows_per_chunk(embed.shape[0])
+
+    def one(xc, e):
+        return torch.logsumexp(logits(xc, e, kind) * scale, dim=-1)
+
+    return torch.cat([_maybe_checkpoint(one, xc, embed) for xc in x.split(step)]) if x.shape[0] else x.new_zeros(0)
+
+
+def picked_logits(x: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
+    """``logit[n, idx_n]`` -> ``[n]`` in O(n·d) (the chosen code's logit only)."""
+    c = embed[idx]
+    if kind == "dot":
+        return (x * c).sum(-1)
+    # same formula as `logits` so picked and full logits round alike
+    x2 = (x * x).sum(-1)
+    y2 = (c * c).sum(-1)
+    return -(x2 + y2 - 2.0 * (x * c).sum(-1)).clamp(min=1e-8).sqrt()
+
+
+def cross_entropy_terms(x: torch.Tensor, embed: torch.Tensor, codes: torch.Tensor, kind: str):
+    """Per-row terms of LR's ``F.cross_entropy(dist, codes, ignore_index=-1)``.
+
+    ``x: [n, d]``, ``embed: [K, d]``, ``codes: [n] int64`` (``-1`` = ignored) ->
+    ``(loss [n], keep [n] bool)``; the caller averages ``loss[keep]`` over every codebook."""
+    keep = codes >= 0
+    safe = codes.clamp_min(0)
+    per_row = logsumexp_rows(x, embed, kind) - picked_logits(x, embed, safe, kind)
+    return per_row, keep
+
+
+def mean_probs_by_position(xs: torch.Tensor, embed: torch.Tensor, kind: str, scale: float):
+    """``xs: [B, n, d]`` -> ``[n, K]`` = mean over B of ``softmax(scale·logits)`` (LR's
+    ``reduce(prob, '... n l -> n l', 'mean')`` for one codebook), chunked over B."""
+    b, n = xs.shape[0], xs.shape[1]
+    k = embed.shape[0]
+    step = max(1, _rows_per_chunk(k) // max(n, 1))
+
+    def one(xc, e):
+        p = (logits(xc.reshape(-1, xc.shape[-1]), e, kind) * scale).softmax(dim=-1)
+        return p.reshape(xc.shape[0], n, k).sum(0)
+
+    total = None
+    for xc in xs.split(step):
+        part = _maybe_checkpoint(one, xc, embed)
+        total = part if total is None else total + part
+    return total / b
+
+
+def soft_codes(x: torch.Tensor, embed: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    """``Σ_k softmax(logits/τ)_k · c_k`` -> ``[n, d]`` (the soft half of LR's Gumbel
+    straight-through ``one_hot + π - sg(π)`` after the codebook matmul)."""
+    step = _rows_per_chunk(embed.shape[0])
+
+    def one(xc, e):
+        return (logits(xc, e, kind) / temperature).softmax(dim=-1) @ e
+
+    return torch.cat([_maybe_checkpoint(one, xc, embed) for xc in x.split(step)])
+
+
+@torch.no_grad()
+def sample_codes(x: torch.Tensor, embed: torch.Tensor, kind: str, temperature: float,
+                 stochastic: bool) -> torch.Tensor:
+    """LR's ``gumbel_sample`` index: ``argmax(logits/τ + g)`` with ``g = -log(-log(U))`` (log
+    clamped at 1e-20 as LR) when ``stochastic`` and ``τ > 0``, else ``argmax(logits)``."""
+    step = _rows_per_chunk(embed.shape[0])
+    out = []
+    for xc in x.split(step):
+        lg = logits(xc, embed, kind)
+        if stochastic and temperature > 0:
+            u = torch.zeros_like(lg).uniform_(0, 1)
+            noise = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+            lg = lg / temperature + noise
+        out.append(lg.argmax(dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+# ------------------------------------------------------------------------------ rotation trick
+
+
+def _rotation_frame(xf, qf, xn):
+    """``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6: LR's safe_div), ``w = l2norm(u + q̂)``
+    (eps 1e-6), ``s = ‖q‖/‖x‖`` (clamped), all fp32 ``[..., d]`` / ``[..., 1]``."""
+    qn = qf.norm(dim=-1, keepdim=True)
+    u = xf / xn.clamp(min=1e-6)
+    qh = qf / qn.clamp(min=1e-6)
+    w = F.normalize(u + qh, dim=-1, eps=1e-6)
+    return u, qh, w, qn / xn.clamp(min=1e-6)
+
+
+def _rowdot(a, b):
+    # einsum lowers to a batched GEMV: ~15x faster on CPU than (a*b).sum(-1) or linalg.vecdot
+    return torch.einsum("...d,...d->...", a, b).unsqueeze(-1)
+
+
+class _RotateTo(torch.autograd.Function):
+    """Forward: ``q`` (the chosen codes).  Backward (LR 1.32's ``rotate_to``, Fifty et al. 2024):
+    with ``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6 as LR's ``safe_div``),
+    ``w = l2norm(u + q̂)`` and ``s = ‖q‖/‖x‖`` (all constants), LR's output is ``s·(x − 2(x·w)w +
+    2(x·u)q̂)``, i.e. ``x @ M`` with ``M = s(I − 2wwᵀ + 2uq̂ᵀ)``, so
+    ``grad_x = g Mᵀ = s·(g − 2w(w·g) + 2u(q̂·g))``: O(d) per row, no d x d matrix.
+
+    Written as ``grad_x = s·g + α·x + β·q`` with per-row scalars from five row dot products
+    (x·x, q·q, x·q, x·g, q·g): the unit vectors are never materialized, so backward is a few
+    passes over ``[N, d]`` instead of a dozen.  With ``rx = 1/max(‖x‖, ε)``, ``rq = 1/max(‖q‖, ε)``,
+    ``n = max(‖u + q̂‖, ε)`` and ``c = (u·g + q̂·g)/n = w·g``:
+    ``α = rx·(2s·(q̂·g) − 2s·c/n)``, ``β = −rq·2s·c/n``.  Same clamps as LR, so the same numbers up
+    to rounding.  The codes get no gradient through the output (LR detaches every code term).
+    Only ``x`` and ``q`` are saved."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        ctx.save_for_backward(x, q)
+        # LR's value s·(x − 2(x·w)w + 2(x·u)q̂) equals q up to rounding wherever ‖x‖ >= 1e-6; below,
+        # its safe_div clamp scales it towards 0 (a zero residual in a residual stack gives 0, not
+        # q).  Return q exactly where it is q, and LR's value on those degenerate rows only.
+        return _rotation_value(x, q)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, q = ctx.saved_tensors
+        return _rotation_grad(x, q, g), None
+
+
+def _rotation_value(x, q, return_patch=False):
+    """The rotation trick's forward value: ``q``, except LR's clamped value on rows with
+    ‖x‖ < 1e-6 (with ``return_patch``: also those rows' flat indices and values)."""
+    out = q.clone()
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    tiny = (x2.float().norm(dim=-1) < 1e-6).nonzero().squeeze(-1)
+    vals = o2.new_zeros(0, o2.shape[-1])  # (not a view of `out`: it would keep `out` alive)
+    if tiny.numel():
+        xf, qf = x2[tiny].float(), o2[tiny].float()
+        u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
+        lr_value = s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))
+        vals = lr_value.to(out.dtype)
+        o2[tiny] = vals
+    return (out, tiny, vals) if return_patch else out
+
+
+def _rotation_grad(x, q, g):
+    """``grad_x`` of the rotation trick (see :class:`_RotateTo`)."""
+    xf, qf, gf = x.float(), q.float(), g.float()
+    xx, qq, xq = _rowdot(xf, xf), _rowdot(qf, qf), _rowdot(xf, qf)
+    xg, qgr = _rowdot(xf, gf), _rowdot(qf, gf)
+    rx = 1.0 / xx.sqrt().clamp(min=1e-6)
+    rq = 1.0 / qq.sqrt().clamp(min=1e-6)
+    s = qq.sqrt() * rx
+    ug, qg = rx * xg, rq * qgr
+    n = (rx * rx * xx + rq * rq * qq + 2.0 * rx * rq * xq).clamp(min=0).sqrt().clamp(min=1e-6)
+    c = (ug + qg) / n
+    alpha = rx * (2.0 * s * qg - 2.0 * s * c / n)
+    beta = -rq * 2.0 * s * c / n
+    gx = torch.addcmul(torch.addcmul(s * gf, alpha, xf), beta, qf)
+    return gx.to(x.dtype)
+
+
+def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x, q: [..., d]`` -> the value of ``q`` with the rotation-trick gradient to ``x``."""
+    return _RotateTo.apply(x, q.detach())
+
+
+# ------------------------------------------------------------------------------ residual stacks
+
+
+class ResidualChain:
+    """The inputs of a residual stack's depths, kept as a recipe instead of tensors.
+
+    ResidualVQ (training, default estimator path) hands one to its layers: depth ``l``'s input is
+    ``base − v_0 − … − v_{l−1}``, where ``v_i`` is depth ``i``'s output value, rebuilt from its
+    indices and a snapshot of the codes it searched (``K x d``, smaller than the ``N x d`` codes
+    when K < N; else the codes themselves are kept).  The backward replays those subtractions
+    with the same float ops as the forward, so the recomputed inputs are bit-identical, and
+    saves two ``N x d`` tensors per depth (input and codes) at the price of O(depth) gathers.
+    """
+
+    def __init__(self, base: torch.Tensor):
+        self.base = base.detach()  # kept as given (a view of the input costs nothing)
+        self.steps: list[list] = []
+
+    def record(self, idx, snapshot, q, rotation: bool):
+        """Depth ``len(steps)``: its indices + code snapshot (or its codes when K >= N); the
+        rotation patch (rows with ‖x‖ < 1e-6) is added by the estimator's forward."""
+        empty = q.new_zeros(0, q.shape[-1])
+        tiny = torch.zeros(0, dtype=torch.long, device=q.device)
+        if snapshot is not None and snapshot.numel() < q.numel():
+            self.steps.append([idx.reshape(-1), snapshot, None, rotation, tiny, empty])
+        else:
+            self.steps.append([None, None, q.detach().reshape(-1, q.shape[-1]), rotation, tiny, empty])
+
+    def codes(self, i: int) -> torch.Tensor:
+        idx, snapshot, q = self.steps[i][:3]
+        return q if q is not None else F.embedding(idx, snapshot)
+
+    def input(self, depth: int) -> torch.Tensor:
+        """Depth ``depth``'s input ``[N, d]``: one gather and one subtraction per earlier depth
+        (plus the rare rotation patch rows), the same float ops as the forward's."""
+        r = self.base.reshape(-1, self.base.shape[-1])
+        for i in range(depth):
+            q = self.codes(i)
+            rotation, tiny, vals = self.steps[i][3:]
+            if rotation:
+                v = q
+                if tiny.numel():
+                    v = q.clone()
+                    v[tiny] = vals
+            else:
+                v = r + (q - r)
+            r = r - v
+        return r
+
+
+class _ChainedEstimator(torch.autograd.Function):
+    """Rotation trick (or STE) + LR's commitment MSE of one residual depth, saving only the
+    :class:`ResidualChain` recipe: ``(out, mse) = (value(x, q), mean((q − x)²))``; backward
+    ``grad_x = R(g_out) + g_mse·2(x − q)/numel`` with ``x``, ``q`` recomputed from the chain."""
+
+    @staticmethod
+    def forward(ctx, x, q, chain, depth, rotation):
+        ctx.chain, ctx.depth, ctx.rotation, ctx.shape = chain, depth, rotation, x.shape
+        if rotation:
+            out, tiny, vals = _rotation_value(x, q, return_patch=True)
+            chain.steps[depth][4:] = [tiny, vals]
+        else:
+            out = x + (q - x)
+        return out, F.mse_loss(q, x)
+
+    @staticmethod
+    def backward(ctx, g_out, g_mse):
+        x = ctx.chain.input(ctx.depth).reshape(ctx.shape)
+        q = ctx.chain.codes(ctx.depth).reshape(ctx.shape)
+        grad = _rotation_grad(x, q, g_out) if ctx.rotation else g_out
+        if g_mse is not None:
+            grad = grad + g_mse * (2.0 / x.numel()) * (x - q)
+        return grad, None, None, None, None
+
+
+def chained_estimator(x, q, chain, depth, rotation):
+    return _ChainedEstimator.apply(x, q.detach(), chain, depth, rotation)
