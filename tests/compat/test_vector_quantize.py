@@ -249,6 +249,27 @@ def test_signature_errors_and_refusals():
         VectorQuantize(8, 0)
 
 
+def test_separate_codebook_heads_search_and_stats_in_one_op_call(monkeypatch):
+    # heads=3 with separate codebooks: one [H, K, d] nearest_code and one cluster_stats per step
+    # (not a loop over heads), and still LR's indices, outputs and EMA state
+    from vqkernels.compat.vector_quantize_pytorch import _codebook
+
+    calls = {"nearest_code": [], "cluster_stats": []}
+    for name in calls:
+        real = getattr(_codebook.vqf, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name].append(a[1].dim() if _name == "nearest_code" else k.get("heads"))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(_codebook.vqf, name, spy)
+    up, ours = _pair(dim=12, codebook_size=24, heads=3, separate_codebook_per_head=True,
+                     rotation_trick=False)
+    _compare_steps(up, ours, SEQ, steps=2)
+    assert calls["nearest_code"] and set(calls["nearest_code"]) == {3}
+    assert calls["cluster_stats"] and set(calls["cluster_stats"]) == {3}
+
+
 def test_streamed_terms_equal_direct_formulas(monkeypatch):
     # force many tiny chunks: the chunked softmax terms must equal the direct N x K formulas
     monkeypatch.setattr(_streamed, "_CHUNK_ELEMS", 7)

@@ -3,9 +3,9 @@ buffers (``initted``, ``cluster_size [H, K]``, ``embed_avg [H, K, D]``, ``embed 
 or Parameter, the affine buffers, ``vq_bridge``) so checkpoints load strictly both ways.
 
 What runs fused (vqkernels ops, no ``[N, K]`` matrix, no one-hot):
-* the search: ``nearest_code`` per codebook (``"l2"``: the argmin of ``‖c‖² − 2x·c`` equals LR's
-  argmax of ``-cdist``; ``"cosine"`` for LR's cosine codebooks, whose codes are unit vectors);
-* the EMA statistics and the k-means Lloyd steps: ``cluster_stats`` (counts and sums per code),
+* the search: one ``nearest_code`` call for all codebooks (``[H, K, d]`` codebooks when H > 1;
+  ``"l2"``: the argmin of ``‖c‖² − 2x·c`` equals LR's argmax of ``-cdist``; ``"cosine"`` for LR's cosine codebooks, whose codes are unit vectors);
+* the EMA statistics: one ``cluster_stats`` call (counts and sums per code, per head),
   then LR's own blend arithmetic (``lerp_`` by ``(1 - decay)·weight``, Laplace smoothing).
 Stochastic sampling and searches against a non-normalized code set under a dot product (cosine +
 ``vq_bridge``) use the chunked PyTorch search of :mod:`._streamed`.
@@ -49,8 +49,17 @@ def _kaiming_uniform(*shape) -> torch.Tensor:
     return t
 
 
-def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
-    """Fused nearest-code search with LR's tie semantics.
+def _heads_view(flat: torch.Tensor, codes: torch.Tensor):
+    """``flat: [H, N, d]``, ``codes: [H, K, d]`` -> the op's layout: ``([N, d], [K, d])`` for one
+    codebook, ``([N, H, d]`` (a transposed view), ``[H, K, d])`` for H codebooks (one call)."""
+    if codes.shape[0] == 1:
+        return flat[0], codes[0]
+    return flat.transpose(0, 1), codes
+
+
+def _lr_nearest(flat: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
+    """Fused nearest-code search with LR's tie semantics: ``flat: [H, N, d]``, ``codes:
+    [H, K, d]`` -> ``[H, N] int64``, every head in one op call (``[H, K, d]`` codebooks).
 
     LR picks ``argmax(-sqrt(clamp(‖x‖² + ‖c‖² − 2x·c, 1e-8)))``: every code closer than 1e-4
     ties, and the lowest index wins.  That happens in earnest in residual stacks (a k-means code
@@ -58,13 +67,29 @@ def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str)
     and codes).  The fused search returns the exact nearest code and its squared distance; rows
     whose best distance is below 1e-6 (a superset of LR's clamped region, allowing for rounding)
     are re-decided with LR's own formula over all codes — only those rows, so O(rows·K)."""
+    x_op, codes_op = _heads_view(flat, codes)
     if metric != "l2":
-        return vqf.nearest_code(x, codes, metric, backend=backend, check_inputs=False)
-    idx, dist = vqf.nearest_code(x, codes, "l2", return_distance=True, backend=backend, check_inputs=False)
-    near = (dist < 1e-6).nonzero().squeeze(-1)
-    if near.numel():
-        idx[near] = _streamed.logits(x[near], codes, "neg_cdist").argmax(dim=-1)
+        idx = vqf.nearest_code(x_op, codes_op, metric, backend=backend, check_inputs=False)
+        return idx.unsqueeze(0) if codes.shape[0] == 1 else idx.t()
+    idx, dist = vqf.nearest_code(x_op, codes_op, "l2", return_distance=True, backend=backend,
+                                 check_inputs=False)
+    if codes.shape[0] == 1:
+        idx, dist = idx.unsqueeze(0), dist.unsqueeze(0)
+    else:
+        idx, dist = idx.t(), dist.t()  # [N, H] -> [H, N]
+    _redecide_near_rows_(idx, dist < 1e-6, flat, codes)
     return idx
+
+
+def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tensor,
+                         codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite ``idx[h, n]`` where ``near[h, n]`` with LR's choice (its clamped ``-cdist``
+    argmax, see :func:`_lr_nearest`); returns the (head, row) indices of those rows."""
+    hs, ns = near.nonzero(as_tuple=True)
+    for h in hs.unique().tolist():
+        rows = ns[hs == h]
+        idx[h, rows] = _streamed.logits(flat[h, rows], codes[h], "neg_cdist").argmax(dim=-1)
+    return hs, ns
 
 
 class Codebook(nn.Module):
@@ -184,13 +209,12 @@ class Codebook(nn.Module):
         kind = "dot" if self.use_cosine_sim else "neg_cdist"
         metric = self._metric(embed_is_unit)
         stochastic = training and self.stochastic_sample_codes and temperature > 0
+        if not (stochastic or metric is None):
+            return _lr_nearest(flat.detach(), embed.detach().contiguous(), metric, self.backend)
         out = []
         for h in range(flat.shape[0]):
             e = embed[h].detach()
-            if stochastic or metric is None:
-                out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
-            else:
-                out.append(_lr_nearest(flat[h].detach(), e.contiguous(), metric, self.backend))
+            out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
         return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
     # ------------------------------------------------------------------ k-means init
@@ -358,13 +382,16 @@ class Codebook(nn.Module):
             flatten = (flatten - self.batch_mean) * (cstd / bstd) + self.codebook_mean
         if mask is not None:
             embed_ind = embed_ind.masked_fill(~mask, -1)
-        counts, sums = [], []
-        for h in range(flatten.shape[0]):
-            c, s = vqf.cluster_stats(flatten[h], embed_ind[h], self.codebook_size,
-                                     backend=self.backend, check_inputs=False)
-            counts.append(c)
-            sums.append(s)
-        cluster_size, embed_sum = torch.stack(counts), torch.stack(sums)
+        heads = flatten.shape[0]
+        if heads == 1:
+            cluster_size, embed_sum = vqf.cluster_stats(flatten[0], embed_ind[0], self.codebook_size,
+                                                        backend=self.backend, check_inputs=False)
+            cluster_size, embed_sum = cluster_size.unsqueeze(0), embed_sum.unsqueeze(0)
+        else:  # every codebook in one op call: x [N, H, d] (a view), indices [N, H]
+            cluster_size, embed_sum = vqf.cluster_stats(
+                flatten.transpose(0, 1), embed_ind.t(), self.codebook_size, heads=heads,
+                backend=self.backend, check_inputs=False,
+            )
         self._all_reduce(cluster_size, embed_sum)
         if callable(ema_update_weight):
             ema_update_weight = ema_update_weight(embed_sum, cluster_size)
