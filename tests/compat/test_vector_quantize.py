@@ -270,6 +270,55 @@ def test_separate_codebook_heads_search_and_stats_in_one_op_call(monkeypatch):
     assert calls["cluster_stats"] and set(calls["cluster_stats"]) == {3}
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True),
+                                dict(heads=2, separate_codebook_per_head=True)])
+def test_rotation_trick_runs_on_the_fused_quantize_op(monkeypatch, kw):
+    # LR's default estimator: one quantize(estimator="rotation") call per step (search, codes and
+    # the O(d) backward in the op; no separate search), still LR's indices, values and gradients
+    from vqkernels.compat.vector_quantize_pytorch import _codebook
+
+    calls = []
+    for name in ("quantize", "nearest_code"):
+        real = getattr(_codebook.vqf, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, k.get("estimator")))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(_codebook.vqf, name, spy)
+    up, ours = _pair(dim=12, codebook_size=24, **kw)
+    _compare_steps(up, ours, SEQ, steps=2)
+    # two training steps on the op, then the eval forward's plain search
+    assert calls == [("quantize", "rotation")] * 2 + [("nearest_code", None)]
+
+
+def test_fused_rotation_ties_and_zero_rows_follow_lr():
+    # the fused op picks the exact nearest code and returns exactly it; LR ties every code within
+    # 1e-4 (its clamped cdist; lowest index wins) and scales its value towards 0 where ‖x‖ < 1e-6:
+    # rows 0 (a tie the op decides the other way) and 1 (a zero input) must follow LR anyway
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist as lr_cdist
+    from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to as lr_rotate_to
+
+    from vqkernels.compat.vector_quantize_pytorch._codebook import Codebook
+
+    x = torch.tensor([[0.01, 0.02, 0.03, 0.04], [0.0, 0.0, 0.0, 0.0], [-1.0, 0.5, 2.0, 1.0]])
+    codes = torch.stack([x[0] + torch.tensor([5e-5, 0, 0, 0]), x[0], torch.tensor([0.3, -0.2, 0.1, 0.5])])
+    cb = Codebook(dim=4, codebook_size=3, threshold_ema_dead_code=0)
+    flat = x.clone()[None].requires_grad_()
+    q, idx = cb.rotation_quantize(flat, codes[None])
+    ours = _streamed.patch_rotation_value(flat, q)[0]
+    lr_idx = (-lr_cdist(x[None], codes[None])[0]).argmax(-1)
+    assert idx[0].tolist() == lr_idx.tolist() == [0, 1, 2]
+    xl = x.clone().requires_grad_()
+    lr = lr_rotate_to(xl, codes[lr_idx])
+    torch.testing.assert_close(ours, lr, **TOL)
+    assert torch.equal(ours[0], codes[0])  # the code itself (LR's equals it up to rounding)
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    (ours * g).sum().backward()
+    (lr * g).sum().backward()
+    torch.testing.assert_close(flat.grad[0], xl.grad, **TOL)
+
+
 def test_streamed_terms_equal_direct_formulas(monkeypatch):
     # force many tiny chunks: the chunked softmax terms must equal the direct N x K formulas
     monkeypatch.setattr(_streamed, "_CHUNK_ELEMS", 7)

@@ -217,6 +217,51 @@ class Codebook(nn.Module):
             out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
         return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
+    def can_fuse_rotation(self, temperature: float) -> bool:
+        """Whether a training step's search + codes + rotation-trick gradient can be one fused
+        ``quantize(..., estimator="rotation")`` call: a deterministic search (no Gumbel sampling)
+        over a non-learnable code set (the op's codes carry no codebook gradient; LR's learnable
+        codebook gets one through its commitment loss) under ``"l2"`` or unit-code ``"cosine"``."""
+        stochastic = self.stochastic_sample_codes and temperature > 0
+        return not (stochastic or self.learnable_codebook or self.vq_bridge is not None)
+
+    def rotation_quantize(self, flat: torch.Tensor, embed: torch.Tensor):
+        """``flat: [H, N, d]`` (differentiable), ``embed: [H, K, d]`` -> ``(quantize [H, N, d],
+        embed_ind [H, N])``: one fused ``quantize(..., estimator="rotation")`` call for every head
+        (search, codes, LR's O(d) rotation gradient to ``flat``).  The value is exactly the codes
+        (LR's pre-rotation ``quantize``; the layer patches LR's clamped value on ‖x‖ < 1e-6 rows).
+
+        LR's ties (see :func:`_lr_nearest`): rows within 1e-6 (squared) of their code, plus a
+        rounding margin, are re-decided with LR's formula; where that changes the code, the row's
+        output is rebuilt from LR's code with the PyTorch rotation (rare: near-zero residuals)."""
+        metric = self._metric(True)
+        codes = embed.detach().contiguous()
+        x_op, codes_op = _heads_view(flat, codes)
+        q, idx, _ = vqf.quantize(x_op, codes_op, beta=0.0, metric=metric, estimator="rotation",
+                                 codebook_loss=False, backend=self.backend, check_inputs=False)
+        if codes.shape[0] == 1:
+            q, idx = q.unsqueeze(0), idx.unsqueeze(0)
+        else:
+            q, idx = q.transpose(0, 1), idx.t()  # [N, H, ...] -> [H, N, ...]
+        if metric != "l2":
+            return q, idx
+        xd, qd = flat.detach(), q.detach()
+        xx, qq = _streamed.rowdot(xd, xd), _streamed.rowdot(qd, qd)
+        # ‖x − q‖² from row dot products (no [N, d] temporary); the margin covers their rounding
+        # (a few ulp of ‖x‖² + ‖q‖²), so every row LR could decide differently is re-decided
+        near = (xx + qq - 2.0 * _streamed.rowdot(xd, qd)) < 1e-6 + 1e-6 * (xx + qq)
+        if not bool(near.any()):
+            return q, idx
+        before = idx[near]
+        idx = idx.clone()  # the op saved its indices for the backward
+        hs, ns = _redecide_near_rows_(idx, near, xd, codes)
+        changed = idx[hs, ns] != before
+        if bool(changed.any()):
+            hs, ns = hs[changed], ns[changed]
+            fixed = _streamed.rotate_to_code(flat[hs, ns], codes[hs, idx[hs, ns]])
+            q = q.index_put((hs, ns), fixed)
+        return q, idx
+
     # ------------------------------------------------------------------ k-means init
 
     @torch.no_grad()
@@ -455,14 +500,15 @@ class Codebook(nn.Module):
 
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
-                keep_embed=False, codebook_transform_fn=None):
+                keep_embed=False, codebook_transform_fn=None, fused_rotation=False):
         """``x: [b, n, d]`` or ``[H, b, n, d]`` (float) -> ``(quantize like x (fp32), embed_ind
         [b, n] / [H, b, n], flatten [H, N, d], embed [H, K, d], mask [H, N] or None, dist)``; the
         middle three let the layer compute LR's distance-based losses chunk by chunk; ``keep_embed``
         snapshots the searched codes when the EMA update below would overwrite them in place.
         ``dist`` is ``None`` except with ``codebook_transform_fn`` (implicit neural codebooks: a
         codebook per row, ``[H, N, K, d]``, inherent to the method), where it is LR's ``[H, N, K]``
-        logits and the search runs in plain PyTorch."""
+        logits and the search runs in plain PyTorch.  ``fused_rotation`` (the layer checked
+        :meth:`can_fuse_rotation`): ``quantize`` already carries the rotation-trick gradient."""
         ema_update = self.ema_update if ema_update is None else ema_update
         temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         needs_codebook_dim = x.ndim < 4
@@ -477,13 +523,16 @@ class Codebook(nn.Module):
         if self.affine_param:
             self.update_affine(flatten.detach(), self.embed.detach(), mask=mask)
         embed = self.effective_embed()
-        if keep_embed and embed.data_ptr() == self.embed.data_ptr():
+        # the fused quantize saves the codes for its backward: keep them from this step's update
+        if (keep_embed or fused_rotation) and embed.data_ptr() == self.embed.data_ptr():
             # differentiable copy (a learnable codebook keeps its gradient); also when this step
             # does not update: a later forward may, before this step's backward reads the codes
             embed = embed.clone()
         dist = None
         if codebook_transform_fn is not None:
             quantize, embed_ind, dist = self._transformed_lookup(flatten, embed, codebook_transform_fn, temp)
+        elif fused_rotation:
+            quantize, embed_ind = self.rotation_quantize(flatten, embed)
         else:
             unit = self.use_cosine_sim and self.vq_bridge is None
             embed_ind = self.search(flatten, embed, temp, self.training, unit)

@@ -13,7 +13,9 @@ PLAIN-PYTORCH STAND-INS (to be switched to the fused ops once they land on main)
 * ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
   of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
   the whole matrix, so the codes follow the same distribution (not the same draws).
-* ``rotate_to`` -> ``vqkernels.quantize(..., estimator="rotation")`` of issue 10k.
+* ``rotate_to``: the VQ layer uses ``vqkernels.quantize(..., estimator="rotation")`` (issue 10k)
+  wherever LR's semantics allow; ``rotate_to`` remains for Gumbel-sampled codes, learnable
+  codebooks, the in-place optimizer and the ResidualChain path (see ``VectorQuantize.forward``).
 
 Logit kinds (``kind``): ``"neg_cdist"`` = ``-‖x - c‖`` exactly as LR's ``cdist`` computes it;
 ``"dot"`` = ``x·c`` (LR's cosine codebooks: inputs and codes are already L2-normalized).
@@ -145,6 +147,11 @@ def _rowdot(a, b):
     return torch.einsum("...d,...d->...", a, b).unsqueeze(-1)
 
 
+def rowdot(a, b):
+    """``[..., d] x [..., d] -> [...]`` row dot products (a batched GEMV, see ``_rowdot``)."""
+    return torch.einsum("...d,...d->...", a, b)
+
+
 class _RotateTo(torch.autograd.Function):
     """Forward: ``q`` (the chosen codes).  Backward (LR 1.32's ``rotate_to``, Fifty et al. 2024):
     with ``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6 as LR's ``safe_div``),
@@ -210,6 +217,39 @@ def _rotation_grad(x, q, g):
 def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``x, q: [..., d]`` -> the value of ``q`` with the rotation-trick gradient to ``x``."""
     return _RotateTo.apply(x, q.detach())
+
+
+class _RotateToCode(_RotateTo):
+    """:class:`_RotateTo` whose value is exactly ``q`` on every row (no LR clamp patch): the
+    fused ``quantize`` op's convention, for rows the VQ layer rebuilds after its tie fix."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        ctx.save_for_backward(x, q)
+        return q.clone()
+
+
+def rotate_to_code(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x, q: [..., d]`` -> exactly ``q`` with the rotation-trick gradient to ``x``."""
+    return _RotateToCode.apply(x, q.detach())
+
+
+def patch_rotation_value(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """LR's rotation-trick *value* on the rows of ``out`` (the fused op's output: exactly the
+    codes, with the rotation gradient) whose input has ‖x‖ < 1e-6: there LR's ``safe_div`` clamp
+    scales its value towards 0 (a zero residual gives 0, not the code).  The gradient is kept
+    (the patch is a detached offset); other rows are returned untouched (one norm pass)."""
+    d = x.shape[-1]
+    x2 = x.detach().reshape(-1, d)
+    tiny = (rowdot(x2, x2) < 1e-12).nonzero().squeeze(-1)
+    if not tiny.numel():
+        return out
+    o2 = out.reshape(-1, d)
+    xf, qf = x2[tiny].float(), o2[tiny].detach().float()
+    u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
+    lr_value = (s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))).to(out.dtype)
+    rows = o2[tiny]
+    return o2.index_put((tiny,), rows + (lr_value - rows).detach()).reshape(out.shape)
 
 
 # ------------------------------------------------------------------------------ residual stacks
