@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqkernels.compat import VectorQuantize
@@ -317,6 +318,35 @@ def test_fused_rotation_ties_and_zero_rows_follow_lr():
     (ours * g).sum().backward()
     (lr * g).sum().backward()
     torch.testing.assert_close(flat.grad[0], xl.grad, **TOL)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_fused_sampling_follows_lr_distribution(cosine):
+    # fused_sampling=True: the Gumbel-max of nearest_code (2 heads, one call); each head's code
+    # frequencies over many copies of one row must match softmax(LR's logits / τ) — LR's
+    # -cdist (non-squared) for euclidean codebooks, the cosine similarity for cosine ones
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist as lr_cdist
+
+    from vqkernels.compat.vector_quantize_pytorch._codebook import Codebook
+
+    g = torch.Generator().manual_seed(0)
+    n, k, temp = 6000, 5, 0.7
+    rows = torch.randn(2, 1, 4, generator=g)
+    codes = torch.randn(2, k, 4, generator=g)
+    if cosine:
+        rows, codes = F.normalize(rows, dim=-1), F.normalize(codes, dim=-1)
+    cb = Codebook(dim=4, codebook_size=k, num_codebooks=2, stochastic_sample_codes=True,
+                  use_cosine_sim=cosine, fused_sampling=True)
+    torch.manual_seed(1)
+    idx = cb.search(rows.expand(2, n, 4), codes, temp, True, True)
+    logits = (rows @ codes.transpose(1, 2)) if cosine else -lr_cdist(rows, codes)
+    want = (logits[:, 0] / temp).softmax(-1)
+    got = torch.stack([torch.bincount(idx[h], minlength=k) for h in range(2)]).float() / n
+    assert (got - want).abs().max() < 0.03  # > 4 sigma at n = 6000
+    assert not torch.equal(idx[0], idx[1])  # the heads draw independently
+    vq = VectorQuantize(dim=8, codebook_size=16, stochastic_sample_codes=True, fused_sampling=True)
+    q, ind, loss = vq(torch.randn(2, 9, 8, requires_grad=True))
+    assert ind.shape == (2, 9) and q.shape == (2, 9, 8) and loss.requires_grad
 
 
 def test_streamed_terms_equal_direct_formulas(monkeypatch):

@@ -7,8 +7,9 @@ What runs fused (vqkernels ops, no ``[N, K]`` matrix, no one-hot):
   ``"l2"``: the argmin of ``‖c‖² − 2x·c`` equals LR's argmax of ``-cdist``; ``"cosine"`` for LR's cosine codebooks, whose codes are unit vectors);
 * the EMA statistics: one ``cluster_stats`` call (counts and sums per code, per head),
   then LR's own blend arithmetic (``lerp_`` by ``(1 - decay)·weight``, Laplace smoothing).
-Stochastic sampling and searches against a non-normalized code set under a dot product (cosine +
-``vq_bridge``) use the chunked PyTorch search of :mod:`._streamed`.
+Stochastic sampling (LR's exact draws; the fused Gumbel-max of ``nearest_code`` with
+``fused_sampling=True``) and searches against a non-normalized code set under a dot product
+(cosine + ``vq_bridge``) use the chunked PyTorch search of :mod:`._streamed`.
 
 Random draws (k-means seeds, dead-code replacements) call the torch generator with LR's calls in
 LR's order (``randperm``/``randint`` of the same sizes), so the same seed gives the same codebooks.
@@ -121,8 +122,10 @@ class Codebook(nn.Module):
         use_cosine_sim=False,
         vq_bridge=None,
         backend="auto",
+        fused_sampling=False,
     ):
         super().__init__()
+        self.fused_sampling = bool(fused_sampling)
         self.transform_input = _l2norm if use_cosine_sim else (lambda t: t)
         self.decay = decay
         self.ema_update = ema_update
@@ -211,6 +214,18 @@ class Codebook(nn.Module):
         stochastic = training and self.stochastic_sample_codes and temperature > 0
         if not (stochastic or metric is None):
             return _lr_nearest(flat.detach(), embed.detach().contiguous(), metric, self.backend)
+        if stochastic and metric is not None and self.fused_sampling:
+            # nearest_code's fused Gumbel-max with LR's logits (-cdist, non-squared, for l2; the
+            # cosine similarity for cosine): LR's distribution, O(1) memory per row, one call
+            # for every head — but counter-hash noise, not LR's torch draws (hence opt-in)
+            x_op, codes_op = _heads_view(flat.detach(), embed.detach().contiguous())
+            idx = vqf.nearest_code(x_op, codes_op, metric, sample_temperature=float(temperature),
+                                   backend=self.backend, check_inputs=False)
+            return idx.unsqueeze(0) if embed.shape[0] == 1 else idx.t()
+        # Default stand-in (chunked PyTorch): LR's gumbel_sample noise drawn from the torch
+        # generator with LR's calls, so a seed gives LR's exact codes (tests compare them); the
+        # fused op's counter-based noise cannot reproduce those draws.  Also the only way for a
+        # dot product against non-normalized codes (cosine + vq_bridge), which the op lacks.
         out = []
         for h in range(flat.shape[0]):
             e = embed[h].detach()

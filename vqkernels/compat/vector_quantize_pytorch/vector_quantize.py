@@ -79,6 +79,11 @@ class VectorQuantize(nn.Module):
     * ``quantized``: like ``x``; ``indices``: int64, ``x`` without the channel dim (plus a heads dim
       when ``heads > 1``; ``-1`` where masked); ``loss``: ``[]`` float32 (0 in eval).
     * with ``indices=`` given: returns ``(quantized, cross_entropy_loss)`` as LR.
+
+    Extra keyword-only arguments (not LR's): ``backend`` (vqkernels backend) and
+    ``fused_sampling`` (``stochastic_sample_codes`` on ``nearest_code``'s fused Gumbel-max:
+    LR's distribution and logits, no ``N x K`` work in PyTorch, but counter-hash noise instead of
+    LR's torch draws, so a seed no longer reproduces LR's codes; default off).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class VectorQuantize(nn.Module):
         route_gradients_to_input=True,
         *,
         backend: str = "auto",
+        fused_sampling: bool = False,
     ):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
@@ -222,6 +228,7 @@ class VectorQuantize(nn.Module):
             use_cosine_sim=use_cosine_sim,
             vq_bridge=vq_bridge,
             backend=self.backend,
+            fused_sampling=fused_sampling,
         )
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters())
