@@ -280,8 +280,20 @@ class ResidualChain:
         else:
             self.steps.append([None, None, q.detach().reshape(-1, q.shape[-1]), rotation, tiny, empty])
 
+    def step(self, i: int) -> list:
+        """Depth ``i``'s ``[idx, snapshot, q, rotation, tiny, vals]``.  Once its estimator ran,
+        the tensors live only as that autograd node's saved tensors: autograd frees them right
+        after the node's backward (depth i's recipe is needed by depths >= i only, whose
+        backwards run first), so the recipes do not all stay alive until the graph is deleted;
+        with ``retain_graph=True`` they stay, and a second backward works as usual."""
+        step = self.steps[i]
+        if isinstance(step, _NodeStep):
+            idx, snapshot, q, tiny, vals = step.ctx.saved_tensors
+            return [idx, snapshot, q, step.rotation, tiny, vals]
+        return step
+
     def codes(self, i: int) -> torch.Tensor:
-        idx, snapshot, q = self.steps[i][:3]
+        idx, snapshot, q = self.step(i)[:3]
         return q if q is not None else F.embedding(idx, snapshot)
 
     def input(self, depth: int) -> torch.Tensor:
@@ -290,7 +302,7 @@ class ResidualChain:
         r = self.base.reshape(-1, self.base.shape[-1])
         for i in range(depth):
             q = self.codes(i)
-            rotation, tiny, vals = self.steps[i][3:]
+            rotation, tiny, vals = self.step(i)[3:]
             if rotation:
                 v = q
                 if tiny.numel():
@@ -302,6 +314,15 @@ class ResidualChain:
         return r
 
 
+class _NodeStep:
+    """A chain step whose tensors are the saved tensors of its estimator's autograd node."""
+
+    __slots__ = ("ctx", "rotation")
+
+    def __init__(self, ctx, rotation):
+        self.ctx, self.rotation = ctx, rotation
+
+
 class _ChainedEstimator(torch.autograd.Function):
     """Rotation trick (or STE) + LR's commitment MSE of one residual depth, saving only the
     :class:`ResidualChain` recipe: ``(out, mse) = (value(x, q), mean((q − x)²))``; backward
@@ -310,11 +331,15 @@ class _ChainedEstimator(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, chain, depth, rotation):
         ctx.chain, ctx.depth, ctx.rotation, ctx.shape = chain, depth, rotation, x.shape
+        step = chain.steps[depth]
         if rotation:
             out, tiny, vals = _rotation_value(x, q, return_patch=True)
-            chain.steps[depth][4:] = [tiny, vals]
+            step[4:] = [tiny, vals]
         else:
             out = x + (q - x)
+        # the step's tensors move into this node's saved tensors (see ResidualChain.step)
+        ctx.save_for_backward(step[0], step[1], step[2], step[4], step[5])
+        chain.steps[depth] = _NodeStep(ctx, rotation)
         return out, F.mse_loss(q, x)
 
     @staticmethod
