@@ -205,10 +205,14 @@ def test_residual_chain_path_is_used_and_matches_general_path(monkeypatch):
     used = []
     real = _streamed.chained_estimator
     monkeypatch.setattr(_streamed, "chained_estimator", lambda *a: used.append(a[3]) or real(*a))
+    from vqkernels.compat.vector_quantize_pytorch._codebook import Codebook
+
     grads = []
-    for chained in (True, False):
+    for chained, fused in ((True, False), (False, True), (False, False)):
         if not chained:
             monkeypatch.setattr(VectorQuantize, "_chained_path", lambda self, *a: False)
+        if not fused:
+            monkeypatch.setattr(Codebook, "can_fuse_rotation", lambda self, *a: False)
         torch.manual_seed(0)
         rvq = ResidualVQ(**kw)
         x = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -218,4 +222,28 @@ def test_residual_chain_path_is_used_and_matches_general_path(monkeypatch):
         ((q * g).sum() + losses.sum()).backward()
         grads.append(x.grad)
     assert used == [0, 1, 2, 3]
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-6, atol=1e-6)
+    # the general path on the fused quantize(estimator="rotation") op: same gradient up to the
+    # op's own rounding (near-zero residuals have ‖q‖/‖x‖ in the thousands; ulps scale with it)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-5, atol=1e-6)
+
+
+def test_residual_chain_recipes_are_freed_by_backward_and_kept_by_retain_graph():
+    # each depth's recipe lives in its autograd node's saved tensors: freed as soon as the node
+    # ran (a second backward then fails as usual in torch), kept with retain_graph=True (the
+    # second backward replays the chain again and gives the same gradient)
+    kw = dict(dim=8, num_quantizers=3, codebook_size=16)
+    torch.manual_seed(0)
+    rvq = ResidualVQ(**kw)
+    x = torch.randn(2, 40, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    q, _, losses = rvq(x)
+    total = (q * torch.randn(q.shape, generator=torch.Generator().manual_seed(2))).sum() + losses.sum()
+    total.backward(retain_graph=True)
+    first = x.grad.clone()
+    total.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+    q, _, losses = rvq(x)
+    total = q.sum() + losses.sum()
+    total.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        total.backward()

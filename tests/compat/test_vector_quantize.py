@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqkernels.compat import VectorQuantize
@@ -247,6 +248,105 @@ def test_signature_errors_and_refusals():
         vq(x, mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="codebook_size"):
         VectorQuantize(8, 0)
+
+
+def test_separate_codebook_heads_search_and_stats_in_one_op_call(monkeypatch):
+    # heads=3 with separate codebooks: one [H, K, d] nearest_code and one cluster_stats per step
+    # (not a loop over heads), and still LR's indices, outputs and EMA state
+    from vqkernels.compat.vector_quantize_pytorch import _codebook
+
+    calls = {"nearest_code": [], "cluster_stats": []}
+    for name in calls:
+        real = getattr(_codebook.vqf, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name].append(a[1].dim() if _name == "nearest_code" else k.get("heads"))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(_codebook.vqf, name, spy)
+    up, ours = _pair(dim=12, codebook_size=24, heads=3, separate_codebook_per_head=True,
+                     rotation_trick=False)
+    _compare_steps(up, ours, SEQ, steps=2)
+    assert calls["nearest_code"] and set(calls["nearest_code"]) == {3}
+    assert calls["cluster_stats"] and set(calls["cluster_stats"]) == {3}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_cosine_sim=True),
+                                dict(heads=2, separate_codebook_per_head=True)])
+def test_rotation_trick_runs_on_the_fused_quantize_op(monkeypatch, kw):
+    # LR's default estimator: one quantize(estimator="rotation") call per step (search, codes and
+    # the O(d) backward in the op; no separate search), still LR's indices, values and gradients
+    from vqkernels.compat.vector_quantize_pytorch import _codebook
+
+    calls = []
+    for name in ("quantize", "nearest_code"):
+        real = getattr(_codebook.vqf, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, k.get("estimator")))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(_codebook.vqf, name, spy)
+    up, ours = _pair(dim=12, codebook_size=24, **kw)
+    _compare_steps(up, ours, SEQ, steps=2)
+    # two training steps on the op, then the eval forward's plain search
+    assert calls == [("quantize", "rotation")] * 2 + [("nearest_code", None)]
+
+
+def test_fused_rotation_ties_and_zero_rows_follow_lr():
+    # the fused op picks the exact nearest code and returns exactly it; LR ties every code within
+    # 1e-4 (its clamped cdist; lowest index wins) and scales its value towards 0 where ‖x‖ < 1e-6:
+    # rows 0 (a tie the op decides the other way) and 1 (a zero input) must follow LR anyway
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist as lr_cdist
+    from vector_quantize_pytorch.vector_quantize_pytorch import rotate_to as lr_rotate_to
+
+    from vqkernels.compat.vector_quantize_pytorch._codebook import Codebook
+
+    x = torch.tensor([[0.01, 0.02, 0.03, 0.04], [0.0, 0.0, 0.0, 0.0], [-1.0, 0.5, 2.0, 1.0]])
+    codes = torch.stack([x[0] + torch.tensor([5e-5, 0, 0, 0]), x[0], torch.tensor([0.3, -0.2, 0.1, 0.5])])
+    cb = Codebook(dim=4, codebook_size=3, threshold_ema_dead_code=0)
+    flat = x.clone()[None].requires_grad_()
+    q, idx = cb.rotation_quantize(flat, codes[None])
+    ours = _streamed.patch_rotation_value(flat, q)[0]
+    lr_idx = (-lr_cdist(x[None], codes[None])[0]).argmax(-1)
+    assert idx[0].tolist() == lr_idx.tolist() == [0, 1, 2]
+    xl = x.clone().requires_grad_()
+    lr = lr_rotate_to(xl, codes[lr_idx])
+    torch.testing.assert_close(ours, lr, **TOL)
+    assert torch.equal(ours[0], codes[0])  # the code itself (LR's equals it up to rounding)
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    (ours * g).sum().backward()
+    (lr * g).sum().backward()
+    torch.testing.assert_close(flat.grad[0], xl.grad, **TOL)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_fused_sampling_follows_lr_distribution(cosine):
+    # fused_sampling=True: the Gumbel-max of nearest_code (2 heads, one call); each head's code
+    # frequencies over many copies of one row must match softmax(LR's logits / τ) — LR's
+    # -cdist (non-squared) for euclidean codebooks, the cosine similarity for cosine ones
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist as lr_cdist
+
+    from vqkernels.compat.vector_quantize_pytorch._codebook import Codebook
+
+    g = torch.Generator().manual_seed(0)
+    n, k, temp = 6000, 5, 0.7
+    rows = torch.randn(2, 1, 4, generator=g)
+    codes = torch.randn(2, k, 4, generator=g)
+    if cosine:
+        rows, codes = F.normalize(rows, dim=-1), F.normalize(codes, dim=-1)
+    cb = Codebook(dim=4, codebook_size=k, num_codebooks=2, stochastic_sample_codes=True,
+                  use_cosine_sim=cosine, fused_sampling=True)
+    torch.manual_seed(1)
+    idx = cb.search(rows.expand(2, n, 4), codes, temp, True, True)
+    logits = (rows @ codes.transpose(1, 2)) if cosine else -lr_cdist(rows, codes)
+    want = (logits[:, 0] / temp).softmax(-1)
+    got = torch.stack([torch.bincount(idx[h], minlength=k) for h in range(2)]).float() / n
+    assert (got - want).abs().max() < 0.03  # > 4 sigma at n = 6000
+    assert not torch.equal(idx[0], idx[1])  # the heads draw independently
+    vq = VectorQuantize(dim=8, codebook_size=16, stochastic_sample_codes=True, fused_sampling=True)
+    q, ind, loss = vq(torch.randn(2, 9, 8, requires_grad=True))
+    assert ind.shape == (2, 9) and q.shape == (2, 9, 8) and loss.requires_grad
 
 
 def test_streamed_terms_equal_direct_formulas(monkeypatch):

@@ -3,12 +3,13 @@ buffers (``initted``, ``cluster_size [H, K]``, ``embed_avg [H, K, D]``, ``embed 
 or Parameter, the affine buffers, ``vq_bridge``) so checkpoints load strictly both ways.
 
 What runs fused (vqkernels ops, no ``[N, K]`` matrix, no one-hot):
-* the search: ``nearest_code`` per codebook (``"l2"``: the argmin of ``‖c‖² − 2x·c`` equals LR's
-  argmax of ``-cdist``; ``"cosine"`` for LR's cosine codebooks, whose codes are unit vectors);
-* the EMA statistics and the k-means Lloyd steps: ``cluster_stats`` (counts and sums per code),
+* the search: one ``nearest_code`` call for all codebooks (``[H, K, d]`` codebooks when H > 1;
+  ``"l2"``: the argmin of ``‖c‖² − 2x·c`` equals LR's argmax of ``-cdist``; ``"cosine"`` for LR's cosine codebooks, whose codes are unit vectors);
+* the EMA statistics: one ``cluster_stats`` call (counts and sums per code, per head),
   then LR's own blend arithmetic (``lerp_`` by ``(1 - decay)·weight``, Laplace smoothing).
-Stochastic sampling and searches against a non-normalized code set under a dot product (cosine +
-``vq_bridge``) use the chunked PyTorch search of :mod:`._streamed`.
+Stochastic sampling (LR's exact draws; the fused Gumbel-max of ``nearest_code`` with
+``fused_sampling=True``) and searches against a non-normalized code set under a dot product
+(cosine + ``vq_bridge``) use the chunked PyTorch search of :mod:`._streamed`.
 
 Random draws (k-means seeds, dead-code replacements) call the torch generator with LR's calls in
 LR's order (``randperm``/``randint`` of the same sizes), so the same seed gives the same codebooks.
@@ -49,8 +50,17 @@ def _kaiming_uniform(*shape) -> torch.Tensor:
     return t
 
 
-def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
-    """Fused nearest-code search with LR's tie semantics.
+def _heads_view(flat: torch.Tensor, codes: torch.Tensor):
+    """``flat: [H, N, d]``, ``codes: [H, K, d]`` -> the op's layout: ``([N, d], [K, d])`` for one
+    codebook, ``([N, H, d]`` (a transposed view), ``[H, K, d])`` for H codebooks (one call)."""
+    if codes.shape[0] == 1:
+        return flat[0], codes[0]
+    return flat.transpose(0, 1), codes
+
+
+def _lr_nearest(flat: torch.Tensor, codes: torch.Tensor, metric: str, backend: str) -> torch.Tensor:
+    """Fused nearest-code search with LR's tie semantics: ``flat: [H, N, d]``, ``codes:
+    [H, K, d]`` -> ``[H, N] int64``, every head in one op call (``[H, K, d]`` codebooks).
 
     LR picks ``argmax(-sqrt(clamp(‖x‖² + ‖c‖² − 2x·c, 1e-8)))``: every code closer than 1e-4
     ties, and the lowest index wins.  That happens in earnest in residual stacks (a k-means code
@@ -58,13 +68,29 @@ def _lr_nearest(x: torch.Tensor, codes: torch.Tensor, metric: str, backend: str)
     and codes).  The fused search returns the exact nearest code and its squared distance; rows
     whose best distance is below 1e-6 (a superset of LR's clamped region, allowing for rounding)
     are re-decided with LR's own formula over all codes — only those rows, so O(rows·K)."""
+    x_op, codes_op = _heads_view(flat, codes)
     if metric != "l2":
-        return vqf.nearest_code(x, codes, metric, backend=backend, check_inputs=False)
-    idx, dist = vqf.nearest_code(x, codes, "l2", return_distance=True, backend=backend, check_inputs=False)
-    near = (dist < 1e-6).nonzero().squeeze(-1)
-    if near.numel():
-        idx[near] = _streamed.logits(x[near], codes, "neg_cdist").argmax(dim=-1)
+        idx = vqf.nearest_code(x_op, codes_op, metric, backend=backend, check_inputs=False)
+        return idx.unsqueeze(0) if codes.shape[0] == 1 else idx.t()
+    idx, dist = vqf.nearest_code(x_op, codes_op, "l2", return_distance=True, backend=backend,
+                                 check_inputs=False)
+    if codes.shape[0] == 1:
+        idx, dist = idx.unsqueeze(0), dist.unsqueeze(0)
+    else:
+        idx, dist = idx.t(), dist.t()  # [N, H] -> [H, N]
+    _redecide_near_rows_(idx, dist < 1e-6, flat, codes)
     return idx
+
+
+def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tensor,
+                         codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite ``idx[h, n]`` where ``near[h, n]`` with LR's choice (its clamped ``-cdist``
+    argmax, see :func:`_lr_nearest`); returns the (head, row) indices of those rows."""
+    hs, ns = near.nonzero(as_tuple=True)
+    for h in hs.unique().tolist():
+        rows = ns[hs == h]
+        idx[h, rows] = _streamed.logits(flat[h, rows], codes[h], "neg_cdist").argmax(dim=-1)
+    return hs, ns
 
 
 class Codebook(nn.Module):
@@ -96,8 +122,10 @@ class Codebook(nn.Module):
         use_cosine_sim=False,
         vq_bridge=None,
         backend="auto",
+        fused_sampling=False,
     ):
         super().__init__()
+        self.fused_sampling = bool(fused_sampling)
         self.transform_input = _l2norm if use_cosine_sim else (lambda t: t)
         self.decay = decay
         self.ema_update = ema_update
@@ -184,14 +212,70 @@ class Codebook(nn.Module):
         kind = "dot" if self.use_cosine_sim else "neg_cdist"
         metric = self._metric(embed_is_unit)
         stochastic = training and self.stochastic_sample_codes and temperature > 0
+        if not (stochastic or metric is None):
+            return _lr_nearest(flat.detach(), embed.detach().contiguous(), metric, self.backend)
+        if stochastic and metric is not None and self.fused_sampling:
+            # nearest_code's fused Gumbel-max with LR's logits (-cdist, non-squared, for l2; the
+            # cosine similarity for cosine): LR's distribution, O(1) memory per row, one call
+            # for every head — but counter-hash noise, not LR's torch draws (hence opt-in)
+            x_op, codes_op = _heads_view(flat.detach(), embed.detach().contiguous())
+            idx = vqf.nearest_code(x_op, codes_op, metric, sample_temperature=float(temperature),
+                                   backend=self.backend, check_inputs=False)
+            return idx.unsqueeze(0) if embed.shape[0] == 1 else idx.t()
+        # Default stand-in (chunked PyTorch): LR's gumbel_sample noise drawn from the torch
+        # generator with LR's calls, so a seed gives LR's exact codes (tests compare them); the
+        # fused op's counter-based noise cannot reproduce those draws.  Also the only way for a
+        # dot product against non-normalized codes (cosine + vq_bridge), which the op lacks.
         out = []
         for h in range(flat.shape[0]):
             e = embed[h].detach()
-            if stochastic or metric is None:
-                out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
-            else:
-                out.append(_lr_nearest(flat[h].detach(), e.contiguous(), metric, self.backend))
+            out.append(_streamed.sample_codes(flat[h].detach(), e, kind, temperature, stochastic))
         return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
+
+    def can_fuse_rotation(self, temperature: float) -> bool:
+        """Whether a training step's search + codes + rotation-trick gradient can be one fused
+        ``quantize(..., estimator="rotation")`` call: a deterministic search (no Gumbel sampling)
+        over a non-learnable code set (the op's codes carry no codebook gradient; LR's learnable
+        codebook gets one through its commitment loss) under ``"l2"`` or unit-code ``"cosine"``."""
+        stochastic = self.stochastic_sample_codes and temperature > 0
+        return not (stochastic or self.learnable_codebook or self.vq_bridge is not None)
+
+    def rotation_quantize(self, flat: torch.Tensor, embed: torch.Tensor):
+        """``flat: [H, N, d]`` (differentiable), ``embed: [H, K, d]`` -> ``(quantize [H, N, d],
+        embed_ind [H, N])``: one fused ``quantize(..., estimator="rotation")`` call for every head
+        (search, codes, LR's O(d) rotation gradient to ``flat``).  The value is exactly the codes
+        (LR's pre-rotation ``quantize``; the layer patches LR's clamped value on ‖x‖ < 1e-6 rows).
+
+        LR's ties (see :func:`_lr_nearest`): rows within 1e-6 (squared) of their code, plus a
+        rounding margin, are re-decided with LR's formula; where that changes the code, the row's
+        output is rebuilt from LR's code with the PyTorch rotation (rare: near-zero residuals)."""
+        metric = self._metric(True)
+        codes = embed.detach().contiguous()
+        x_op, codes_op = _heads_view(flat, codes)
+        q, idx, _ = vqf.quantize(x_op, codes_op, beta=0.0, metric=metric, estimator="rotation",
+                                 codebook_loss=False, backend=self.backend, check_inputs=False)
+        if codes.shape[0] == 1:
+            q, idx = q.unsqueeze(0), idx.unsqueeze(0)
+        else:
+            q, idx = q.transpose(0, 1), idx.t()  # [N, H, ...] -> [H, N, ...]
+        if metric != "l2":
+            return q, idx
+        xd, qd = flat.detach(), q.detach()
+        xx, qq = _streamed.rowdot(xd, xd), _streamed.rowdot(qd, qd)
+        # ‖x − q‖² from row dot products (no [N, d] temporary); the margin covers their rounding
+        # (a few ulp of ‖x‖² + ‖q‖²), so every row LR could decide differently is re-decided
+        near = (xx + qq - 2.0 * _streamed.rowdot(xd, qd)) < 1e-6 + 1e-6 * (xx + qq)
+        if not bool(near.any()):
+            return q, idx
+        before = idx[near]
+        idx = idx.clone()  # the op saved its indices for the backward
+        hs, ns = _redecide_near_rows_(idx, near, xd, codes)
+        changed = idx[hs, ns] != before
+        if bool(changed.any()):
+            hs, ns = hs[changed], ns[changed]
+            fixed = _streamed.rotate_to_code(flat[hs, ns], codes[hs, idx[hs, ns]])
+            q = q.index_put((hs, ns), fixed)
+        return q, idx
 
     # ------------------------------------------------------------------ k-means init
 
@@ -358,13 +442,16 @@ class Codebook(nn.Module):
             flatten = (flatten - self.batch_mean) * (cstd / bstd) + self.codebook_mean
         if mask is not None:
             embed_ind = embed_ind.masked_fill(~mask, -1)
-        counts, sums = [], []
-        for h in range(flatten.shape[0]):
-            c, s = vqf.cluster_stats(flatten[h], embed_ind[h], self.codebook_size,
-                                     backend=self.backend, check_inputs=False)
-            counts.append(c)
-            sums.append(s)
-        cluster_size, embed_sum = torch.stack(counts), torch.stack(sums)
+        heads = flatten.shape[0]
+        if heads == 1:
+            cluster_size, embed_sum = vqf.cluster_stats(flatten[0], embed_ind[0], self.codebook_size,
+                                                        backend=self.backend, check_inputs=False)
+            cluster_size, embed_sum = cluster_size.unsqueeze(0), embed_sum.unsqueeze(0)
+        else:  # every codebook in one op call: x [N, H, d] (a view), indices [N, H]
+            cluster_size, embed_sum = vqf.cluster_stats(
+                flatten.transpose(0, 1), embed_ind.t(), self.codebook_size, heads=heads,
+                backend=self.backend, check_inputs=False,
+            )
         self._all_reduce(cluster_size, embed_sum)
         if callable(ema_update_weight):
             ema_update_weight = ema_update_weight(embed_sum, cluster_size)
@@ -428,14 +515,15 @@ class Codebook(nn.Module):
 
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
-                keep_embed=False, codebook_transform_fn=None):
+                keep_embed=False, codebook_transform_fn=None, fused_rotation=False):
         """``x: [b, n, d]`` or ``[H, b, n, d]`` (float) -> ``(quantize like x (fp32), embed_ind
         [b, n] / [H, b, n], flatten [H, N, d], embed [H, K, d], mask [H, N] or None, dist)``; the
         middle three let the layer compute LR's distance-based losses chunk by chunk; ``keep_embed``
         snapshots the searched codes when the EMA update below would overwrite them in place.
         ``dist`` is ``None`` except with ``codebook_transform_fn`` (implicit neural codebooks: a
         codebook per row, ``[H, N, K, d]``, inherent to the method), where it is LR's ``[H, N, K]``
-        logits and the search runs in plain PyTorch."""
+        logits and the search runs in plain PyTorch.  ``fused_rotation`` (the layer checked
+        :meth:`can_fuse_rotation`): ``quantize`` already carries the rotation-trick gradient."""
         ema_update = self.ema_update if ema_update is None else ema_update
         temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         needs_codebook_dim = x.ndim < 4
@@ -450,13 +538,16 @@ class Codebook(nn.Module):
         if self.affine_param:
             self.update_affine(flatten.detach(), self.embed.detach(), mask=mask)
         embed = self.effective_embed()
-        if keep_embed and embed.data_ptr() == self.embed.data_ptr():
+        # the fused quantize saves the codes for its backward: keep them from this step's update
+        if (keep_embed or fused_rotation) and embed.data_ptr() == self.embed.data_ptr():
             # differentiable copy (a learnable codebook keeps its gradient); also when this step
             # does not update: a later forward may, before this step's backward reads the codes
             embed = embed.clone()
         dist = None
         if codebook_transform_fn is not None:
             quantize, embed_ind, dist = self._transformed_lookup(flatten, embed, codebook_transform_fn, temp)
+        elif fused_rotation:
+            quantize, embed_ind = self.rotation_quantize(flatten, embed)
         else:
             unit = self.use_cosine_sim and self.vq_bridge is None
             embed_ind = self.search(flatten, embed, temp, self.training, unit)

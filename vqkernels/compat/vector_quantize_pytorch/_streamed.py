@@ -13,7 +13,9 @@ PLAIN-PYTORCH STAND-INS (to be switched to the fused ops once they land on main)
 * ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
   of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
   the whole matrix, so the codes follow the same distribution (not the same draws).
-* ``rotate_to`` -> ``vqkernels.quantize(..., estimator="rotation")`` of issue 10k.
+* ``rotate_to``: the VQ layer uses ``vqkernels.quantize(..., estimator="rotation")`` (issue 10k)
+  wherever LR's semantics allow; ``rotate_to`` remains for Gumbel-sampled codes, learnable
+  codebooks, the in-place optimizer and the ResidualChain path (see ``VectorQuantize.forward``).
 
 Logit kinds (``kind``): ``"neg_cdist"`` = ``-‖x - c‖`` exactly as LR's ``cdist`` computes it;
 ``"dot"`` = ``x·c`` (LR's cosine codebooks: inputs and codes are already L2-normalized).
@@ -145,6 +147,11 @@ def _rowdot(a, b):
     return torch.einsum("...d,...d->...", a, b).unsqueeze(-1)
 
 
+def rowdot(a, b):
+    """``[..., d] x [..., d] -> [...]`` row dot products (a batched GEMV, see ``_rowdot``)."""
+    return torch.einsum("...d,...d->...", a, b)
+
+
 class _RotateTo(torch.autograd.Function):
     """Forward: ``q`` (the chosen codes).  Backward (LR 1.32's ``rotate_to``, Fifty et al. 2024):
     with ``u = x/‖x‖``, ``q̂ = q/‖q‖`` (norms clamped at 1e-6 as LR's ``safe_div``),
@@ -212,6 +219,39 @@ def rotate_to(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return _RotateTo.apply(x, q.detach())
 
 
+class _RotateToCode(_RotateTo):
+    """:class:`_RotateTo` whose value is exactly ``q`` on every row (no LR clamp patch): the
+    fused ``quantize`` op's convention, for rows the VQ layer rebuilds after its tie fix."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        ctx.save_for_backward(x, q)
+        return q.clone()
+
+
+def rotate_to_code(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x, q: [..., d]`` -> exactly ``q`` with the rotation-trick gradient to ``x``."""
+    return _RotateToCode.apply(x, q.detach())
+
+
+def patch_rotation_value(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """LR's rotation-trick *value* on the rows of ``out`` (the fused op's output: exactly the
+    codes, with the rotation gradient) whose input has ‖x‖ < 1e-6: there LR's ``safe_div`` clamp
+    scales its value towards 0 (a zero residual gives 0, not the code).  The gradient is kept
+    (the patch is a detached offset); other rows are returned untouched (one norm pass)."""
+    d = x.shape[-1]
+    x2 = x.detach().reshape(-1, d)
+    tiny = (rowdot(x2, x2) < 1e-12).nonzero().squeeze(-1)
+    if not tiny.numel():
+        return out
+    o2 = out.reshape(-1, d)
+    xf, qf = x2[tiny].float(), o2[tiny].detach().float()
+    u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
+    lr_value = (s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))).to(out.dtype)
+    rows = o2[tiny]
+    return o2.index_put((tiny,), rows + (lr_value - rows).detach()).reshape(out.shape)
+
+
 # ------------------------------------------------------------------------------ residual stacks
 
 
@@ -240,8 +280,20 @@ class ResidualChain:
         else:
             self.steps.append([None, None, q.detach().reshape(-1, q.shape[-1]), rotation, tiny, empty])
 
+    def step(self, i: int) -> list:
+        """Depth ``i``'s ``[idx, snapshot, q, rotation, tiny, vals]``.  Once its estimator ran,
+        the tensors live only as that autograd node's saved tensors: autograd frees them right
+        after the node's backward (depth i's recipe is needed by depths >= i only, whose
+        backwards run first), so the recipes do not all stay alive until the graph is deleted;
+        with ``retain_graph=True`` they stay, and a second backward works as usual."""
+        step = self.steps[i]
+        if isinstance(step, _NodeStep):
+            idx, snapshot, q, tiny, vals = step.ctx.saved_tensors
+            return [idx, snapshot, q, step.rotation, tiny, vals]
+        return step
+
     def codes(self, i: int) -> torch.Tensor:
-        idx, snapshot, q = self.steps[i][:3]
+        idx, snapshot, q = self.step(i)[:3]
         return q if q is not None else F.embedding(idx, snapshot)
 
     def input(self, depth: int) -> torch.Tensor:
@@ -250,7 +302,7 @@ class ResidualChain:
         r = self.base.reshape(-1, self.base.shape[-1])
         for i in range(depth):
             q = self.codes(i)
-            rotation, tiny, vals = self.steps[i][3:]
+            rotation, tiny, vals = self.step(i)[3:]
             if rotation:
                 v = q
                 if tiny.numel():
@@ -262,6 +314,15 @@ class ResidualChain:
         return r
 
 
+class _NodeStep:
+    """A chain step whose tensors are the saved tensors of its estimator's autograd node."""
+
+    __slots__ = ("ctx", "rotation")
+
+    def __init__(self, ctx, rotation):
+        self.ctx, self.rotation = ctx, rotation
+
+
 class _ChainedEstimator(torch.autograd.Function):
     """Rotation trick (or STE) + LR's commitment MSE of one residual depth, saving only the
     :class:`ResidualChain` recipe: ``(out, mse) = (value(x, q), mean((q − x)²))``; backward
@@ -270,11 +331,15 @@ class _ChainedEstimator(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q, chain, depth, rotation):
         ctx.chain, ctx.depth, ctx.rotation, ctx.shape = chain, depth, rotation, x.shape
+        step = chain.steps[depth]
         if rotation:
             out, tiny, vals = _rotation_value(x, q, return_patch=True)
-            chain.steps[depth][4:] = [tiny, vals]
+            step[4:] = [tiny, vals]
         else:
             out = x + (q - x)
+        # the step's tensors move into this node's saved tensors (see ResidualChain.step)
+        ctx.save_for_backward(step[0], step[1], step[2], step[4], step[5])
+        chain.steps[depth] = _NodeStep(ctx, rotation)
         return out, F.mse_loss(q, x)
 
     @staticmethod

@@ -261,7 +261,9 @@ class ResidualVQ(nn.Module):
             raise ValueError("indices= is not supported with accept_image_fmap (as LR)")
         # projections act on the channel dim (channel-first for image feature maps)
         x = self.project_in(x.movedim(1, -1)).movedim(-1, 1) if fmap else self.project_in(x)
-        quantized_out = torch.zeros_like(x)
+        # the running sum starts at depth 0's codes (LR adds them to zeros: the same values) —
+        # one [N, d] buffer less; implicit neural codebooks condition depth 0 on those zeros
+        quantized_out = torch.zeros_like(x) if self.implicit_neural_codebook else None
         residual = x
         if isinstance(indices, list):
             indices = torch.stack(indices, dim=-1)
@@ -287,6 +289,11 @@ class ResidualVQ(nn.Module):
                 and not self.implicit_neural_codebook and x.dtype == torch.float32):
             chain = _streamed.ResidualChain(x)
         index_shape = None
+        # Without autograd (eval) the running residual and sum are updated in place after depth
+        # 0 (same float ops, so the same values): two [N, d] buffers less at every depth.  Not
+        # when something keeps the depths' residuals (shared codebook) or their sums (QINCo).
+        in_place = (not torch.is_grad_enabled() and not return_loss and not self.implicit_neural_codebook
+                    and not (self.shared_codebook and self.training))
         transforms = (None, *self.mlps) if self.implicit_neural_codebook else (None,) * num_quant
         for qi, (vq, mlp) in enumerate(zip(self.layers, transforms)):
             if should_dropout and qi > dropout_index:
@@ -309,12 +316,16 @@ class ResidualVQ(nn.Module):
                 ce_losses.append(out[1])
                 quantized = out[0]
                 residual = residual - _frac_gradient(quantized, self.quant_grad_frac)
-                quantized_out = quantized_out + quantized
+                quantized_out = quantized if quantized_out is None else quantized_out + quantized
                 continue
             quantized, embed_indices, loss = out
             index_shape = embed_indices.shape
-            residual = residual - _frac_gradient(quantized, self.quant_grad_frac)
-            quantized_out = quantized_out + quantized
+            if in_place and qi > 0:
+                residual.sub_(quantized)  # (depth 0's residual is the caller's input: not in place)
+                quantized_out.add_(quantized)
+            else:
+                residual = residual - _frac_gradient(quantized, self.quant_grad_frac)
+                quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(embed_indices)
             all_losses.append(loss.float().reshape(()))
         if self.training and self.shared_codebook:

@@ -6,8 +6,10 @@ forward signature and return values, same ``state_dict`` keys and shapes (``_cod
 ``project_in``/``project_out``), so a checkpoint of one loads strictly into the other.
 
 Fused: the nearest-code search and the EMA / k-means statistics (see :mod:`._codebook`); the
-rotation trick (LR's default for ``dim > 1``) is an O(d)-per-row autograd function
-(:func:`._streamed.rotate_to`); the distance-based terms (Gumbel sampling and straight-through,
+rotation trick (LR's default for ``dim > 1``) runs in the fused
+``quantize(..., estimator="rotation")`` op (search + codes + O(d) backward, every head in one
+call), falling back to the O(d)-per-row autograd function :func:`._streamed.rotate_to` where the
+op cannot keep LR's semantics (see ``forward``); the distance-based terms (Gumbel sampling and straight-through,
 ``codebook_diversity_loss_weight``, ``commitment_use_cross_entropy_loss``, ``indices=``) are
 streamed over row chunks, never ``N x K``.  Everything else is LR's math in plain PyTorch.
 
@@ -77,6 +79,11 @@ class VectorQuantize(nn.Module):
     * ``quantized``: like ``x``; ``indices``: int64, ``x`` without the channel dim (plus a heads dim
       when ``heads > 1``; ``-1`` where masked); ``loss``: ``[]`` float32 (0 in eval).
     * with ``indices=`` given: returns ``(quantized, cross_entropy_loss)`` as LR.
+
+    Extra keyword-only arguments (not LR's): ``backend`` (vqkernels backend) and
+    ``fused_sampling`` (``stochastic_sample_codes`` on ``nearest_code``'s fused Gumbel-max:
+    LR's distribution and logits, no ``N x K`` work in PyTorch, but counter-hash noise instead of
+    LR's torch draws, so a seed no longer reproduces LR's codes; default off).
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class VectorQuantize(nn.Module):
         route_gradients_to_input=True,
         *,
         backend: str = "auto",
+        fused_sampling: bool = False,
     ):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
@@ -220,6 +228,7 @@ class VectorQuantize(nn.Module):
             use_cosine_sim=use_cosine_sim,
             vq_bridge=vq_bridge,
             backend=self.backend,
+            fused_sampling=fused_sampling,
         )
         self.in_place_codebook_optimizer = (
             in_place_codebook_optimizer(self._codebook.parameters())
@@ -393,13 +402,28 @@ class VectorQuantize(nn.Module):
         x = self.project_in(x)
         x = self.maybe_split_heads_from_input(x)
         x = self._codebook.transform_input(x)
+        # Rotation trick fused into the search (one quantize(estimator="rotation") call: codes +
+        # O(d) backward in the op) wherever LR's exact semantics survive it; the stand-in
+        # (search, gather, _streamed.rotate_to) stays for Gumbel sampling (the op has no sampled
+        # search), learnable codebooks (LR's commitment loss sends the codebook a gradient
+        # through the gathered codes, the op's codes carry none), the in-place optimizer (two
+        # searches per step) and residual stacks' ResidualChain path (it saves a K x d recipe
+        # instead of the op's saved input: the memory win of ResidualVQ).
+        temp = self._codebook.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        chained = self.training and self._chained_path(
+            x, mask, None if codebook_transform_fn is None else True, input_requires_grad, return_loss)
+        fused_rotation = (
+            self.training and self.rotation_trick and input_requires_grad and self.route_gradients_to_input
+            and not chained and self.in_place_codebook_optimizer is None and codebook_transform_fn is None
+            and self._codebook.can_fuse_rotation(temp)
+        )
         codebook_kwargs = dict(
             sample_codebook_temp=sample_codebook_temp, mask=mask, freeze_codebook=freeze_codebook,
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, ema_update=ema_update,
             # LR's distance-based losses use the codes searched *before* this step's EMA update
             keep_embed=(return_loss or self.has_codebook_diversity_loss or self.commitment_use_cross_entropy_loss
                         or self._residual_chain is not None),
-            codebook_transform_fn=codebook_transform_fn,
+            codebook_transform_fn=codebook_transform_fn, fused_rotation=fused_rotation,
         )
         quantize, embed_ind, flatten, embed, flat_mask, dist = self._codebook(x, **codebook_kwargs)
         quantize = quantize.to(dtype)
@@ -422,7 +446,7 @@ class VectorQuantize(nn.Module):
             quantize = quantize.to(dtype)
 
         chained_commit = None
-        if self.training and self._chained_path(x, mask, dist, input_requires_grad, return_loss):
+        if chained:
             chain, depth = self._residual_chain
             chain.record(embed_ind, embed[0], quantize, self.rotation_trick)
             quantize, chained_commit = _streamed.chained_estimator(x, quantize, chain, depth, self.rotation_trick)
@@ -431,7 +455,9 @@ class VectorQuantize(nn.Module):
                 quantize.detach() if (not self.learnable_codebook or freeze_codebook) else quantize
             )
             if input_requires_grad and self.route_gradients_to_input:
-                if self.rotation_trick:
+                if fused_rotation:  # the op's codes already carry the rotation gradient
+                    quantize = _streamed.patch_rotation_value(x, quantize)
+                elif self.rotation_trick:
                     quantize = _streamed.rotate_to(x, quantize)
                 elif self.directional_reparam:
                     err = quantize - x
