@@ -6,10 +6,13 @@ Writes to ``--out``:
   ``checkpoint.pt``        model + optimizer + RNG state (atomic write; safe ``weights_only`` load;
                            ``models.load`` reads it, ``--resume`` continues it exactly)
   ``metrics.json``         held-out evaluation: psnr, ssim, codebook_usage, perplexity,
+                           whole_image (per photo: psnr, ssim, delta_e76/2000, bias_rgb, bpp),
                            bits_per_image (+ per held-out image), training-set perplexity/usage,
                            steps, seconds, steps_per_second, backend, perceptual
   ``config.json``          model config + training arguments
-  ``reconstructions.png``  held-out originals (top rows) over reconstructions (bottom rows)
+  ``reconstructions.png``  each held-out photo whole: original | VQ reconstruction | JPEG at the
+                           same bpp, bpp/PSNR/ΔE under each, plus a zoomed crop row (digits:
+                           tiles, originals over reconstructions)
   ``tb/``                  TensorBoard scalars and images (when tensorboard is installed)
 
 Programmatic use: ``models.train.train(["--model", "vqvae", ...]) -> metrics dict``.
@@ -28,9 +31,12 @@ import torch
 
 from . import build_model, model_from_checkpoint
 from .checkpoint import atomic_save, load_checkpoint
-from .data import eval_groups, load_dataset
+from .data import eval_groups, eval_photos, load_dataset
+from .figures import reconstruction_figure
+from .holdout import whole_image_metrics
 from .metrics import bits_per_image, codebook_usage, perplexity, psnr, ssim
 from .perceptual import PERCEPTUAL_KINDS, build_perceptual
+from .progress import BudgetProgress
 from .vqgan import VQGANLoss, make_vqgan_optimizers, vqgan_config, vqgan_train_step
 from .vqvae import reconstruction_loss, vqvae_config
 
@@ -116,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="override any model config key, e.g. --set hidden=64 --set "
         "kmeans_init=false (values parsed as JSON)",
+    )
+    p.add_argument(
+        "--colour-aug",
+        type=float,
+        default=None,
+        help="probability of recolouring a training crop (random RGB channel order + hue "
+        "rotation; default 0.75 for photos, 0 otherwise; 0 disables)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -285,11 +298,14 @@ def train(argv: list[str] | None = None) -> dict:
         for key in ("seed", "batch_size", "image_size", "config", "perceptual", "lr_schedule"):
             if key in saved:
                 setattr(args, key, saved[key])
+        args.colour_aug = saved.get("colour_aug", args.colour_aug)
 
     seed = args.seed
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    sampler = load_dataset(args.dataset, "train", args.image_size, seed=seed)
+    sampler = load_dataset(
+        args.dataset, "train", args.image_size, seed=seed, colour_aug=args.colour_aug
+    )
     args.image_size = (
         args.image_size or sampler.size if hasattr(sampler, "size") else args.image_size
     )
@@ -392,14 +408,8 @@ def train(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     last_losses: list[float] = []
-    bar = None
-    if not args.quiet:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, leave=True)
-        except ImportError:
-            bar = None
+    # Counts towards what will really happen: --minutes usually stops the run long before --steps.
+    bar = BudgetProgress(args.steps, args.minutes, initial_step=step, disable=args.quiet)
     steps_this_run, train_time = 0, 0.0
     history = []
     while step < args.steps and (time.perf_counter() - t0) < budget:
@@ -433,22 +443,20 @@ def train(argv: list[str] | None = None) -> dict:
             usage = float(getattr(q, "codebook_usage", float("nan")))
             ppl = float(getattr(q, "perplexity", float("nan")))
             tr_psnr = psnr(recon.detach(), images)
-            if bar is not None:
-                bar.set_postfix(
-                    loss=f"{loss_v:.4f}",
-                    psnr=f"{tr_psnr:.2f}",
-                    usage=f"{usage:.2f}",
-                    ppl=f"{ppl:.0f}",
-                    refresh=False,
-                )
+            bar.set_postfix(
+                loss=f"{loss_v:.4f}",
+                psnr=f"{tr_psnr:.2f}",
+                usage=f"{usage:.2f}",
+                ppl=f"{ppl:.0f}",
+                refresh=False,
+            )
             if tb is not None:
                 tb.add_scalar("train/loss", loss_v, step)
                 tb.add_scalar("train/rec_loss", rec_v, step)
                 tb.add_scalar("train/psnr", tr_psnr, step)
                 tb.add_scalar("train/codebook_usage", usage, step)
                 tb.add_scalar("train/perplexity", ppl, step)
-        if bar is not None:
-            bar.update(1)
+        bar.update(step)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             ev = do_eval()
             history.append(
@@ -470,8 +478,7 @@ def train(argv: list[str] | None = None) -> dict:
                 tb.add_scalar("eval/psnr", ev["psnr"], step)
                 tb.add_scalar("eval/ssim", ev["ssim"], step)
             checkpoint(ev)
-    if bar is not None:
-        bar.close()
+    bar.close()
     seconds = time.perf_counter() - t0
 
     ev = do_eval()
@@ -502,8 +509,18 @@ def train(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "history": history,
     }
+    # Whole held-out photos: colour fidelity (ΔE, per-channel bias) and the picture a user sees.
+    photos = eval_photos(args.dataset)
+    whole = whole_image_metrics(model, photos)
+    metrics["whole_image"] = whole[0]
+    if "mean" in whole[0]:
+        metrics["delta_e76"] = whole[0]["mean"].get("delta_e76")
     checkpoint(metrics)
-    save_reconstructions(pairs, os.path.join(args.out, "reconstructions.png"))
+    png = os.path.join(args.out, "reconstructions.png")
+    if args.dataset == "digits":  # 8x8 digits: the tile strip says more than JPEG at 8x8
+        save_reconstructions(pairs, png)
+    else:
+        metrics["jpeg_same_bpp"] = reconstruction_figure(model, photos, png, whole=whole)
     _write_json(metrics, os.path.join(args.out, "metrics.json"))
     if tb is not None:
         tb.add_scalar("eval/psnr", ev["psnr"], step)
@@ -513,7 +530,13 @@ def train(argv: list[str] | None = None) -> dict:
         f"held-out psnr={metrics['psnr']:.2f} dB ssim={metrics['ssim']:.3f} "
         f"usage={metrics['codebook_usage']:.2f} ppl={metrics['perplexity']:.0f} "
         f"train_ppl={metrics['train_perplexity']:.0f}\n"
-        f"  {os.path.join(args.out, 'metrics.json')}\n  {os.path.join(args.out, 'reconstructions.png')}"
+        + "".join(
+            f"  whole {k}: psnr={v['psnr']:.2f} dB dE76={v['delta_e76']:.2f} "
+            f"bias_rgb={v['bias_rgb']}\n"
+            for k, v in metrics["whole_image"].items()
+            if k != "mean" and "delta_e76" in v
+        )
+        + f"  {os.path.join(args.out, 'metrics.json')}\n  {os.path.join(args.out, 'reconstructions.png')}"
     )
     return metrics
 
