@@ -25,6 +25,7 @@ __all__ = [
     "jpeg_at_bpp",
     "save_panels",
     "reconstruction_figure",
+    "comparison_figure",
     "zoom_box",
 ]
 
@@ -223,3 +224,50 @@ def reconstruction_figure(model, photos: dict[str, torch.Tensor], path: str, who
             title="held-out photos, whole: original | VQ | JPEG at equal bpp",
         )
     return jpeg
+
+
+@torch.no_grad()
+def comparison_figure(
+    models: dict[str, torch.nn.Module], photos: dict[str, torch.Tensor], path: str
+) -> dict:
+    """The comparison report's figure: per held-out photo, original | one panel per model (e.g.
+    ``{"VQ-VAE": m1, "VQGAN": m2}``) | JPEG at the first model's fixed-length bpp, with bpp /
+    PSNR / ΔE under each and a zoomed crop row (where the first model errs most).
+
+    Returns ``{label: whole-image metrics}`` for every model and ``"JPEG"``."""
+    from .colour import colour_report
+
+    whole = {label: whole_image_metrics(m, photos) for label, m in models.items()}
+    first = next(iter(models))
+    rows, boxes, out = [], [], {label: w[0] for label, w in whole.items()}
+    out["JPEG"] = {}
+    for name, img in photos.items():
+        row = [(img, [f"{name} original", f"{img.shape[-1]}x{img.shape[-2]}"])]
+        for label, (met, recs) in whole.items():
+            m = met[name]
+            row.append(
+                (
+                    recs[name][0],
+                    [label, f"{m['bpp_fixed']:.3f} bpp, PSNR {m['psnr']:.2f} dB{_de_caption(m)}"],
+                )
+            )
+        jdec, jbpp, q = jpeg_at_bpp(img, whole[first][0][name]["bpp_fixed"])
+        jm = {"bpp": jbpp, "psnr": psnr(jdec.unsqueeze(0), img.unsqueeze(0)), "quality": q}
+        jm.update(colour_report(jdec, img))
+        out["JPEG"][name] = jm
+        row.append(
+            (
+                jdec,
+                [
+                    f"JPEG q={q} (same bpp)",
+                    f"{jbpp:.3f} bpp, PSNR {jm['psnr']:.2f} dB{_de_caption(jm)}",
+                ],
+            )
+        )
+        rows.append(row)
+        rec0 = whole[first][1][name][0]
+        boxes.append(zoom_box(img, rec0, size=min(96, max(8, min(img.shape[-2:]) // 2))))
+    if rows:
+        title = "held-out photos, whole: original | " + " | ".join(models) + " | JPEG at equal bpp"
+        save_panels(rows, path, zoom=boxes, zoom_scale=2, title=title)
+    return out

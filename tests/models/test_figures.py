@@ -157,3 +157,17 @@ def test_cli_reports_whole_image_colour_metrics(tmp_path):
     assert len(disk["whole_image"]["im1"]["bias_rgb"]) == 3 and "delta_e76" in disk
     assert disk["jpeg_same_bpp"]["im1"]["bpp"] > 0
     assert (out / "reconstructions.png").is_file()
+
+
+def test_comparison_figure_has_a_panel_per_model(tmp_path):
+    from PIL import Image
+
+    from models.figures import comparison_figure
+
+    a, b = _model(), _model()
+    photos = {"a": _photo()}
+    out = comparison_figure({"A": a, "B": b}, photos, str(tmp_path / "c.png"))
+    assert set(out) == {"A", "B", "JPEG"} and out["A"]["a"]["psnr"] == out["B"]["a"]["psnr"]
+    assert out["JPEG"]["a"]["bpp"] <= out["A"]["a"]["bpp_fixed"] or out["JPEG"]["a"]["quality"] == 1
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size[0] >= 4 * 50  # original + 2 models + JPEG, whole
