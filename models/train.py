@@ -36,7 +36,7 @@ from .figures import reconstruction_figure
 from .holdout import whole_image_metrics
 from .metrics import bits_per_image, codebook_usage, perplexity, psnr, ssim
 from .perceptual import PERCEPTUAL_KINDS, build_perceptual
-from .progress import BudgetProgress
+from .progress import BudgetProgress, default_threads
 from .vqgan import VQGANLoss, make_vqgan_optimizers, vqgan_config, vqgan_train_step
 from .vqvae import reconstruction_loss, vqvae_config
 
@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability of recolouring a training crop (random RGB channel order + hue "
         "rotation; default 0.75 for photos, 0 otherwise; 0 disables)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: the cores the load average leaves free)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -275,6 +280,8 @@ def train(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif default_threads() < torch.get_num_threads():  # leave cores that others keep busy
+        torch.set_num_threads(default_threads())
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, CKPT)
     backend = _resolved_backend(args.backend)  # fail early (clear message) on a bad backend

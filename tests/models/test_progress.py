@@ -69,3 +69,15 @@ def test_bar_total_under_minutes(capsys):
     silent.update(3)
     silent.close()
     assert silent.total is None
+
+
+def test_default_threads_leave_busy_cores(monkeypatch):
+    from models.progress import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads(cores=2, load=0.1) == 2  # quiet machine: every core
+    assert default_threads(cores=2, load=1.0) == 1
+    assert default_threads(cores=2, load=5.7) == 1  # never below one
+    assert default_threads(cores=16, load=3.2) == 13
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads(cores=2, load=0.0) == 3  # an explicit choice wins
