@@ -650,7 +650,11 @@ def _cmd_train(args: argparse.Namespace) -> dict:
         train_idx, eval_idx = pool["train"].long(), pool["eval"].long()
     else:
         t = time.perf_counter()
-        sampler = load_dataset(dataset, "train", image_size=image_size, seed=args.seed)
+        # No recolouring: the prior models the codes of real photos (what it will compress and
+        # what its samples should look like); colour augmentation only helps the VQ codebook.
+        sampler = load_dataset(
+            dataset, "train", image_size=image_size, seed=args.seed, colour_aug=0.0
+        )
         train_idx = encode_training_pool(model, sampler, args.train_crops, 128, args.seed)
         eval_images = load_dataset(dataset, "eval", image_size=image_size, seed=args.seed)
         eval_idx = encode_batches(model, eval_images)
