@@ -255,7 +255,6 @@ class PriorStepper:
         x = p["tok.weight"][self._pending] + p["pos"][self.t]  # [B, d]
         d = x.shape[-1]
         dh = d // self.heads
-        new_cache = []
         for i in range(self.layers):
             pre = f"blocks.layers.{i}."
             h = self._ln(x, pre + "norm1", self.eps[i][0])
@@ -263,12 +262,16 @@ class PriorStepper:
                 h, p[pre + "self_attn.in_proj_weight"], p[pre + "self_attn.in_proj_bias"]
             )
             q, k, v = qkv.view(b, 3, self.heads, dh).unbind(1)  # each [B, H, dh]
-            if self.t:
-                k = torch.cat([self.cache[i][0], k.unsqueeze(2)], 2)  # [B, H, t+1, dh]
-                v = torch.cat([self.cache[i][1], v.unsqueeze(2)], 2)
-            else:
-                k, v = k.unsqueeze(2), v.unsqueeze(2)
-            new_cache.append((k, v))
+            if not self.cache:  # preallocated [B, H, L, dh] per layer: no quadratic re-copying
+                shape = (b, self.heads, self.seq_len, dh)
+                self.cache = [
+                    (torch.empty(shape, dtype=x.dtype), torch.empty(shape, dtype=x.dtype))
+                    for _ in range(self.layers)
+                ]
+            kc, vc = self.cache[i]
+            kc[:, :, self.t] = k
+            vc[:, :, self.t] = v
+            k, v = kc[:, :, : self.t + 1], vc[:, :, : self.t + 1]  # [B, H, t+1, dh]
             att = torch.einsum("bhd,bhtd->bht", q, k) / math.sqrt(dh)
             ctx = torch.einsum("bht,bhtd->bhd", att.softmax(-1), v).reshape(b, d)
             x = x + F.linear(
@@ -277,7 +280,6 @@ class PriorStepper:
             h = self._ln(x, pre + "norm2", self.eps[i][1])
             h = F.gelu(F.linear(h, p[pre + "linear1.weight"], p[pre + "linear1.bias"]))
             x = x + F.linear(h, p[pre + "linear2.weight"], p[pre + "linear2.bias"])
-        self.cache = new_cache
         logits = F.linear(self._ln(x, "norm", self.final_eps), p["head.weight"], p["head.bias"])
         return logits.softmax(-1).numpy()
 
