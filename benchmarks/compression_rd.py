@@ -66,6 +66,8 @@ def _train_vq(label, k, f, args, runs: Path) -> Path:
             "--config", "tiny" if args.quick else "base"]  # fmt: skip
     if args.quick:
         argv += ["--steps", "30"]
+    elif args.vq_steps:
+        argv += ["--steps", str(args.vq_steps)]  # whichever of steps/minutes comes first
     print(f"[rd] training {label} for {args.minutes:g} min", file=sys.stderr)
     train(argv)
     return ckpt
@@ -221,7 +223,9 @@ def _markdown(res: dict) -> str:
         f"(shared; load {setup['load_average'][0]} → {setup['load_average'][1]}), torch "
         f"{meta['torch']}. Command: `{setup['command']}`",
         "",
-        f"VQ-VAE budgets: {setup['minutes']:g} min training per setting ("
+        f"VQ-VAE budgets: {setup['minutes']:g} min"
+        + (f" or {setup['vq_step_cap']} steps" if setup.get("vq_step_cap") else "")
+        + " training per setting ("
         + ", ".join(f"{k}: {v} steps" for k, v in setup["vq_steps"].items())
         + f"), prior {setup['prior_minutes']:g} min each (config {setup['prior_config']}, "
         + ", ".join(f"{k}: {v} steps" for k, v in setup["prior_steps"].items())
@@ -295,6 +299,9 @@ def _plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=None, help="VQ-VAE training per setting (2.5)")
+    p.add_argument(
+        "--vq-steps", type=int, default=None, help="also cap VQ-VAE training at this many steps"
+    )
     p.add_argument("--prior-minutes", type=float, default=None, help="prior training (1)")
     p.add_argument("--prior-steps", type=int, default=3000, help="prior step cap")
     p.add_argument("--train-crops", type=int, default=4096, help="prior training crops")
@@ -341,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "prior_minutes": args.prior_minutes,
         "prior_config": "tiny" if args.quick else "small",
         "vq_steps": vq_steps,
+        "vq_step_cap": args.vq_steps,
         "prior_steps": prior_steps,
         "settings": [list(s) for s in settings],
         "qualities": list(QUALITIES),

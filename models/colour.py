@@ -31,6 +31,7 @@ __all__ = [
     "delta_e2000_lab",
     "channel_bias",
     "colour_report",
+    "lab_loss",
 ]
 
 # sRGB (IEC 61966-2-1) primaries -> CIE XYZ, D65 white.
@@ -179,3 +180,24 @@ def colour_report(rec: torch.Tensor, orig: torch.Tensor) -> dict:
         )
         out["delta_e2000"] = float(delta_e2000(rec, orig).mean())
     return out
+
+
+def lab_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Differentiable mean squared CIE76 ΔE between ``rec`` and ``target`` (``[B, 3, H, W]``,
+    sRGB in [0, 1]), in the input dtype (a training loss term, not a metric).
+
+    Numerics: ``rec`` is clamped to [0, 1] (no gradient outside, where the RGB MSE term still
+    pulls it back); the cube root's slope is bounded by the CIE linear segment below
+    ``(6/29)^3``, and ``(x + 0.055)^2.4`` is smooth on [0, 1], so gradients stay finite."""
+    m = _RGB_TO_XYZ.to(rec.dtype) / _WHITE_D65.to(rec.dtype).view(3, 1)
+
+    def lab(img):
+        img = img.clamp(0.0, 1.0)
+        lin = torch.where(img <= 0.04045, img / 12.92, ((img + 0.055) / 1.055) ** 2.4)
+        xyz = torch.einsum("ij,bjhw->bihw", m, lin)
+        eps, kappa = 216.0 / 24389.0, 24389.0 / 27.0
+        f = torch.where(xyz > eps, xyz.clamp_min(eps) ** (1.0 / 3.0), (kappa * xyz + 16.0) / 116.0)
+        fx, fy, fz = f.unbind(1)
+        return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+
+    return (lab(rec) - lab(target.detach())).pow(2).sum(1).mean()

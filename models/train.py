@@ -431,7 +431,7 @@ def train(argv: list[str] | None = None) -> dict:
             rec_v = out["rec_loss"]
         else:
             recon, indices, vq_loss = model(images)
-            rec = reconstruction_loss(recon, images)
+            rec = reconstruction_loss(recon, images, config.get("lab_weight", 0.0))
             loss = rec + vq_loss
             if perc_kind != "none":
                 loss = loss + vq_perc_weight * perc(recon, images)

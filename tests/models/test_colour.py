@@ -95,3 +95,19 @@ def test_bad_inputs_name_the_argument():
         rgb_to_lab(torch.zeros(3, 2, 2, dtype=torch.uint8))
     with pytest.raises(TypeError, match="a must be"):
         channel_bias([1, 2, 3], torch.rand(3, 2, 2))
+
+
+def test_lab_loss_is_mean_squared_delta_e_with_finite_gradients():
+    from models.colour import lab_loss
+
+    g = torch.Generator().manual_seed(2)
+    rec = torch.rand(2, 3, 6, 5, generator=g)
+    rec[0, :, 0, 0] = 0.0  # black: the cube root's steep end
+    rec.requires_grad_(True)
+    target = torch.rand(2, 3, 6, 5, generator=g)
+    loss = lab_loss(rec, target)
+    expected = delta_e76(rec.detach(), target).pow(2).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    loss.backward()
+    assert torch.isfinite(rec.grad).all() and rec.grad.abs().sum() > 0
+    assert float(lab_loss(target, target)) == 0.0
