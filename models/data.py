@@ -13,8 +13,9 @@ Splits
             crops with horizontal flips and colour augmentation (channel orderings + hue
             rotations, see ``CropSampler.colour_aug``) from astronaut, coffee, rocket,
             motorcycle_left/right, ihc, color, logo (skimage), china.jpg (sklearn), grace_hopper
-            and Minduka_Present_Blue_Pack (matplotlib).  Evaluation (never trained on): fixed non-overlapping tiles of
-            scikit-learn's ``flower.jpg`` and scikit-image's ``chelsea``.
+            and Minduka_Present_Blue_Pack (matplotlib).  Evaluation (never trained on): fixed
+            non-overlapping tiles of scikit-learn's ``flower.jpg`` and scikit-image's ``chelsea``
+            (``eval_photos`` gives them whole).
 PATH        a folder of PNG/JPEG files (RGB); sorted file names, every 10th file (at least one,
             when there are two or more) is held out for evaluation.
 
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 DIGITS_HELD_OUT = 297
-# Share of photo crops whose RGB channels are permuted in training (see CropSampler.colour_aug).
+# Share of photo training crops that are recoloured (see CropSampler.colour_aug).
 DEFAULT_COLOUR_AUG = 0.75
 # (source, file name) pairs; "skimage" files live in skimage/data, "sklearn" in sklearn/datasets/images.
 PHOTOS_TRAIN = (
