@@ -132,7 +132,7 @@ class BudgetProgress:
                 return d
 
         self._bar = _Bar(
-            total=est.expected_total(initial_step),
+            total=self._total(initial_step),
             initial=initial_step,
             desc=desc,
             dynamic_ncols=True,
@@ -142,6 +142,13 @@ class BudgetProgress:
             **tqdm_kwargs,
         )
 
+    def _total(self, step: int) -> int | None:
+        # Under a time limit the total is unknown until a rate is measured: show "?", not --steps.
+        est = self.estimate
+        if est.time_limited and est.rate(step) <= 0 and est.steps > step:
+            return None
+        return est.expected_total(step)
+
     @property
     def total(self) -> int | None:
         """The bar's current expected total (None without a bar)."""
@@ -150,7 +157,7 @@ class BudgetProgress:
     def update(self, step: int) -> None:
         if self._bar is None:
             return
-        self._bar.total = self.estimate.expected_total(step)
+        self._bar.total = self._total(step)
         self._bar.update(step - self._bar.n)
 
     def set_postfix(self, **kwargs) -> None:
