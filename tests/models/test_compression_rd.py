@@ -38,4 +38,7 @@ def test_equal_bpp_verdicts_follow_the_numbers():
     assert "vs JPEG wins by 1.0 dB" in words[0] and "vs WebP loses by 2.6 dB" in words[0]
     assert "JPEG cannot go this low" in words[1]
     summary = rd._summary(cmp)
-    assert "1 lie below the smallest JPEG file and 0 below the smallest WebP" in summary and "saves 75–75%" in summary
+    assert (
+        "1 lie below the smallest JPEG file and 0 below the smallest WebP" in summary
+        and "saves 75–75%" in summary
+    )
