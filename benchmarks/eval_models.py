@@ -115,6 +115,8 @@ def run_one(dataset: str, backend: str, minutes: float, out: str, extra: list[st
         "train_perplexity": m["train_perplexity"],
         "train_codebook_usage": m["train_codebook_usage"],
         "bits_per_image": m["bits_per_image"],
+        # Whole held-out photos (not tiles): colour fidelity as a viewer sees it.
+        "whole_image": m.get("whole_image", {}),
         "batch_size": m["batch_size"],
         "image_size": m["image_size"],
         "threads": m["threads"],
@@ -134,15 +136,20 @@ def _markdown(res: dict) -> str:
         f"{res['meta']['torch']}",
         "",
         "| dataset | backend | budget | steps | steps/s | held-out PSNR | per image | usage | "
-        "train ppl | load avg | targets met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "train ppl | whole-photo ΔE76 (bias R,G,B /255) | load avg | targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
         per = ", ".join(f"{k} {v['psnr']:.2f}" for k, v in r["per_image"].items())
+        colour = ", ".join(
+            f"{k} {v['delta_e76']:.1f} ({', '.join(f'{b:+.0f}' for b in v['bias_rgb'])})"
+            for k, v in r.get("whole_image", {}).items()
+            if k != "mean" and "delta_e76" in v
+        )
         lines.append(
             f"| {r['dataset']} | {r['backend']} | {r['minutes']:.1f} min | {r['steps']} | "
             f"{r['steps_per_second']:.2f} | {r['psnr']:.2f} dB | {per} | "
-            f"{r['codebook_usage']:.2f} | {r['train_perplexity']:.0f} | "
+            f"{r['codebook_usage']:.2f} | {r['train_perplexity']:.0f} | {colour or '-'} | "
             f"{r['load_avg_before']:.1f}->{r['load_avg_after']:.1f} | "
             f"{'yes' if r['targets_met']['all'] else 'no: ' + ', '.join(k for k, v in r['targets_met'].items() if not v and k != 'all')} |"
         )

@@ -10,7 +10,8 @@ writes into DIR:
 
 * ``report.md``: the table and the observed differences in plain words, generated from the
   measured numbers (nothing in the text is fixed in advance except the definitions);
-* ``reconstructions.png``: originals / VQ-VAE / VQGAN rows on the same held-out tiles;
+* ``reconstructions.png``: each held-out photo whole, original | VQ-VAE | VQGAN | JPEG at equal
+  bits per pixel, with a zoomed crop row (digits: originals / VQ-VAE / VQGAN rows of tiles);
 * ``samples_vqvae.png``, ``samples_vqgan.png``: decoded samples of each model's prior;
 * ``metrics.json``: every number in the report.
 
@@ -474,10 +475,22 @@ def run_comparison(argv: list[str] | None = None) -> dict:
         )
         P.save_grid(samples, out / f"samples_{kind}.png", nrow=8, scale=_scale(samples))
 
-    # Originals / VQ-VAE / VQGAN on the same tiles.
-    sel = _pick_tiles(groups, args.show)
-    rows = torch.cat([images[sel], recons["vqvae"][sel], recons["vqgan"][sel]])
-    P.save_grid(rows, out / "reconstructions.png", nrow=len(sel), scale=_scale(rows))
+    jpeg_whole = None
+    if args.dataset == "digits":  # 8x8 digits: originals / VQ-VAE / VQGAN on the same tiles
+        sel = _pick_tiles(groups, args.show)
+        rows = torch.cat([images[sel], recons["vqvae"][sel], recons["vqgan"][sel]])
+        P.save_grid(rows, out / "reconstructions.png", nrow=len(sel), scale=_scale(rows))
+    else:  # whole held-out photos: original | VQ-VAE | VQGAN | JPEG at equal bpp
+        from .data import eval_photos
+        from .figures import comparison_figure
+
+        named = {NAMES[k]: loaded[k] for k in ("vqvae", "vqgan")}
+        whole = comparison_figure(
+            named, eval_photos(args.dataset), str(out / "reconstructions.png")
+        )
+        for kind in ("vqvae", "vqgan"):
+            results[kind]["whole_image"] = whole[NAMES[kind]]
+        jpeg_whole = whole["JPEG"]
 
     words = describe_differences(results["vqvae"], results["vqgan"])
     env = {
@@ -512,6 +525,8 @@ def run_comparison(argv: list[str] | None = None) -> dict:
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     report = {"setup": setup, "env": env, "models": results, "differences": words}
+    if jpeg_whole is not None:
+        report["jpeg_same_bpp"] = jpeg_whole
     P._write_json(report, out / "metrics.json")
     (out / "report.md").write_text(render_report(report))
     print(f"[compare] wrote {out / 'report.md'}", file=sys.stderr)
@@ -652,7 +667,9 @@ def render_report(report: dict) -> str:
         "",
         "## Reconstructions",
         "",
-        "Rows: held-out originals, VQ-VAE, VQGAN (same tiles).",
+        "Digits: rows of held-out originals, VQ-VAE, VQGAN (same tiles). Photos: each held-out "
+        "photo whole: original | VQ-VAE | VQGAN | JPEG at the VQ-VAE's bits per pixel, with a "
+        "zoomed crop row.",
         "",
         "![reconstructions](reconstructions.png)",
         "",

@@ -1,7 +1,10 @@
-"""Image compression with a trained VQ model: code indices bit-packed to ⌈log2 K⌉ bits each.
+"""Image compression with a trained VQ model: code indices bit-packed to ⌈log2 K⌉ bits each, or
+range-coded with the code-index prior (``--prior``).
 
     python -m models.compress encode --checkpoint runs/quickstart/checkpoint.pt a.png b.jpg --out codes.vqc
     python -m models.compress decode --checkpoint runs/quickstart/checkpoint.pt codes.vqc --out decoded/
+    python -m models.compress encode --checkpoint C --prior runs/prior/prior.pt a.png --out a.vqc
+    python -m models.compress decode --checkpoint C --prior runs/prior/prior.pt a.vqc --out decoded/
 
 ``encode`` reports, per image, the bits per pixel of its packed codes and the PSNR of the
 reconstruction; ``decode`` writes PNGs (and reports PSNR when ``--originals`` are given).
@@ -13,6 +16,11 @@ File layout (little-endian)::
 The header names the model (type, K, bits per index, downsampling, channels, and a SHA-256
 fingerprint of its weights) and each image (name, size, code-grid size).  The payload holds every
 image's indices, row-major, MSB-first at ``bits`` bits each.  The CRC covers everything before it.
+
+Version 2 (``--prior``) is the same container; its header adds ``prior`` (the prior's SHA-256
+fingerprint, grid and frequency total) and each image's ``nbytes``; the payload is each image's
+range-coded stream (:mod:`models.entropy_coding`) one after the other. Decoding needs the same
+prior: a missing or different one is a clear error. Version 1 files stay readable as before.
 A corrupt file, a truncated file or a file made with another model gives a :class:`CompressError`
 (a ValueError) that says which.
 """
@@ -43,7 +51,8 @@ __all__ = [
 ]
 
 MAGIC = b"VQKC"
-VERSION = 1
+VERSION = 1  # fixed-length indices (written without --prior; always readable)
+VERSION_PRIOR = 2  # indices range-coded with a prior's conditional probabilities
 
 
 class CompressError(ValueError):
@@ -95,15 +104,34 @@ def _pad_to(img: torch.Tensor, f: int) -> torch.Tensor:
     return F.pad(img.unsqueeze(0), (0, pw, 0, ph), mode="replicate").squeeze(0)
 
 
-def encode_images(model, images: list[torch.Tensor], names: list[str]) -> tuple[bytes, list[dict]]:
+def _check_prior(model, prior) -> None:
+    if prior.codebook_size != model.codebook_size:
+        raise ValueError(
+            f"the prior was trained for K={prior.codebook_size} codes but the model has "
+            f"K={model.codebook_size}: use the prior trained on this checkpoint"
+        )
+
+
+def encode_images(
+    model, images: list[torch.Tensor], names: list[str], prior=None
+) -> tuple[bytes, list[dict]]:
     """Encode ``images`` (each ``[C, H, W]`` float in [0, 1]) into the file format.
 
-    Returns ``(file_bytes, reports)``; each report has name, size, bits, bpp, psnr."""
+    Without ``prior``: version 1, fixed-length ``⌈log2 K⌉``-bit indices. With an
+    :class:`models.prior.IndexPrior` of the same K: version 2, each image's indices range-coded
+    with the prior's conditional probabilities (:mod:`models.entropy_coding`).
+
+    Returns ``(file_bytes, reports)``; each report has name, size, bits, bpp, psnr (and
+    ``bits_fixed``/``bpp_fixed``, the fixed-length cost, for comparison)."""
     from .metrics import psnr
 
     k, f = model.codebook_size, model.downsample
     bits = index_bits(k)
-    entries, all_idx, reports = [], [], []
+    if prior is not None:
+        from . import entropy_coding as ec
+
+        _check_prior(model, prior)
+    entries, all_idx, reports, streams = [], [], [], []
     for img, name in zip(images, names):
         c, hgt, wid = img.shape
         x = _pad_to(img, f).unsqueeze(0)
@@ -119,7 +147,11 @@ def encode_images(model, images: list[torch.Tensor], names: list[str]) -> tuple[
             }
         )
         all_idx.append(idx.reshape(-1).numpy())
-        nbits = bits * idx.numel()
+        nbits = fixed = bits * idx.numel()
+        if prior is not None:
+            streams.append(ec.encode_grid(prior, idx))
+            entries[-1]["nbytes"] = len(streams[-1])
+            nbits = 8 * len(streams[-1])
         reports.append(
             {
                 "name": name,
@@ -127,6 +159,8 @@ def encode_images(model, images: list[torch.Tensor], names: list[str]) -> tuple[
                 "width": wid,
                 "bits": nbits,
                 "bpp": nbits / (hgt * wid),
+                "bits_fixed": fixed,
+                "bpp_fixed": fixed / (hgt * wid),
                 "psnr": psnr(rec.unsqueeze(0), img.unsqueeze(0)),
             }
         )
@@ -139,11 +173,21 @@ def encode_images(model, images: list[torch.Tensor], names: list[str]) -> tuple[
         "fingerprint": model_fingerprint(model),
         "images": entries,
     }
+    version = VERSION
+    if prior is not None:
+        version = VERSION_PRIOR
+        header["prior"] = {
+            "fingerprint": ec.prior_fingerprint(prior),
+            "grid": list(prior.grid),
+            "freq_total": ec.FREQ_TOTAL,
+        }
+        payload = b"".join(streams)
+    else:
+        payload = pack_indices(np.concatenate(all_idx) if all_idx else np.zeros(0, np.int64), bits)
     hb = json.dumps(header, sort_keys=True).encode()
-    payload = pack_indices(np.concatenate(all_idx) if all_idx else np.zeros(0, np.int64), bits)
     body = (
         MAGIC
-        + struct.pack("<BI", VERSION, len(hb))
+        + struct.pack("<BI", version, len(hb))
         + hb
         + struct.pack("<I", len(payload))
         + payload
@@ -158,8 +202,10 @@ def read_header(data: bytes) -> tuple[dict, bytes]:
     if len(data) < 4 + 5 + 4:
         raise CompressError("file is truncated (no header)")
     version, hlen = struct.unpack_from("<BI", data, 4)
-    if version != VERSION:
-        raise CompressError(f"unsupported file version {version} (this code reads {VERSION})")
+    if version not in (VERSION, VERSION_PRIOR):
+        raise CompressError(
+            f"unsupported file version {version} (this code reads {VERSION} and {VERSION_PRIOR})"
+        )
     off = 9
     if len(data) < off + hlen + 4:
         raise CompressError("file is truncated (header cut short)")
@@ -179,11 +225,14 @@ def read_header(data: bytes) -> tuple[dict, bytes]:
         header = json.loads(hb.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CompressError(f"file header is not valid JSON: {exc}") from None
+    if (version == VERSION_PRIOR) != ("prior" in header):
+        raise CompressError(f"file header does not match its version {version}")
     return header, payload
 
 
-def decode_bytes(model, data: bytes) -> list[tuple[str, torch.Tensor]]:
-    """Decode a file made by :func:`encode_images` with the same model: ``[(name, [C, H, W])]``."""
+def decode_bytes(model, data: bytes, prior=None) -> list[tuple[str, torch.Tensor]]:
+    """Decode a file made by :func:`encode_images` with the same model (and, for a prior-coded
+    file, the same prior): ``[(name, [C, H, W])]``."""
     header, payload = read_header(data)
     fp = model_fingerprint(model)
     if header.get("fingerprint") != fp:
@@ -193,7 +242,10 @@ def decode_bytes(model, data: bytes) -> list[tuple[str, torch.Tensor]]:
         )
     bits = header["bits"]
     counts = [e["h"] * e["w"] for e in header["images"]]
-    flat = unpack_indices(payload, sum(counts), bits)
+    if "prior" in header:
+        flat = _decode_prior_payload(model, header, payload, prior)
+    else:
+        flat = unpack_indices(payload, sum(counts), bits)
     if flat.size and flat.max() >= model.codebook_size:
         raise CompressError("file holds indices outside the codebook")
     out, pos = [], 0
@@ -203,6 +255,37 @@ def decode_bytes(model, data: bytes) -> list[tuple[str, torch.Tensor]]:
         img = model.decode_indices(idx)[0, :, : e["height"], : e["width"]]
         out.append((e["name"], img))
     return out
+
+
+def _decode_prior_payload(model, header: dict, payload: bytes, prior) -> np.ndarray:
+    """The concatenated indices of a prior-coded (version 2) file."""
+    from . import entropy_coding as ec
+
+    want = header["prior"]["fingerprint"]
+    if prior is None:
+        raise CompressError(
+            f"file was entropy-coded with a prior (fingerprint {want}): pass --prior with that "
+            "prior to decode it"
+        )
+    have = ec.prior_fingerprint(prior)
+    if have != want:
+        raise CompressError(
+            f"file was entropy-coded with a different prior (fingerprint {want}, the given prior "
+            f"has {have})"
+        )
+    _check_prior(model, prior)
+    sizes = [int(e["nbytes"]) for e in header["images"]]
+    if sum(sizes) != len(payload):
+        raise CompressError(f"payload holds {len(payload)} bytes, the header lists {sum(sizes)}")
+    out, pos = [], 0
+    for e, n in zip(header["images"], sizes):
+        try:
+            grid = ec.decode_grid(prior, payload[pos : pos + n], e["h"], e["w"])
+        except ec.CodingError as exc:
+            raise CompressError(f"{e['name']}: {exc}") from None
+        out.append(grid.reshape(-1))
+        pos += n
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def _read_image(path: str, channels: int) -> torch.Tensor:
@@ -237,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("images", nargs="+")
     e.add_argument("--out", required=True)
     e.add_argument("--backend", default="auto")
+    e.add_argument(
+        "--prior",
+        default=None,
+        help="prior.pt (or its folder) trained on this checkpoint: range-code the indices with "
+        "its conditional probabilities instead of fixed-length bits",
+    )
     d = sub.add_parser("decode", help="packed code file -> PNGs")
     d.add_argument("--checkpoint", required=True)
     d.add_argument("file")
@@ -248,22 +337,29 @@ def main(argv: list[str] | None = None) -> int:
         help="original images (same order) to report PSNR against",
     )
     d.add_argument("--backend", default="auto")
+    d.add_argument("--prior", default=None, help="the prior the file was encoded with (if any)")
     args = p.parse_args(argv)
     try:
         model = models.load(args.checkpoint, backend=args.backend)
         c = model.config["in_channels"]
+        prior = None
+        if args.prior:
+            from .prior import load_prior
+
+            prior = load_prior(args.prior)
         if args.cmd == "encode":
             imgs = [_read_image(f, c) for f in args.images]
             names = [os.path.basename(f) for f in args.images]
-            data, reports = encode_images(model, imgs, names)
+            data, reports = encode_images(model, imgs, names, prior=prior)
             tmp = args.out + ".tmp"
             with open(tmp, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, args.out)
             for r in reports:
+                coded = f"  (prior-coded; fixed-length {r['bpp_fixed']:.4f} bpp)" if prior else ""
                 print(
                     f"{r['name']}: {r['width']}x{r['height']}  {r['bits']} bits  "
-                    f"{r['bpp']:.4f} bpp  PSNR {r['psnr']:.2f} dB"
+                    f"{r['bpp']:.4f} bpp  PSNR {r['psnr']:.2f} dB{coded}"
                 )
             pixels = sum(r["width"] * r["height"] for r in reports)
             print(
@@ -272,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with open(args.file, "rb") as fh:
                 data = fh.read()
-            decoded = decode_bytes(model, data)
+            decoded = decode_bytes(model, data, prior=prior)
             os.makedirs(args.out, exist_ok=True)
             header, _ = read_header(data)
             origs = args.originals or []
@@ -282,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
                 stem = os.path.splitext(name)[0] or f"image{i}"
                 path = os.path.join(args.out, f"{i:03d}_{stem}.png")
                 _write_png(img, path)
-                bpp = header["bits"] * ent["h"] * ent["w"] / (ent["height"] * ent["width"])
+                nbits = (
+                    8 * ent["nbytes"] if "nbytes" in ent else header["bits"] * ent["h"] * ent["w"]
+                )
+                bpp = nbits / (ent["height"] * ent["width"])
                 msg = f"{path}: {img.shape[2]}x{img.shape[1]}  {bpp:.4f} bpp"
                 if origs:
                     ref = _read_image(origs[i], c)

@@ -9,10 +9,13 @@ Splits
 ------
 ``digits``  scikit-learn ``load_digits`` (1797 grey 8x8 images, values 0..16 -> [0, 1]); the last
             297 images are held out for evaluation.
-``photos``  colour photos bundled in scikit-image and scikit-learn.  Training: random crops with
-            horizontal flips from astronaut, coffee, rocket, motorcycle_left/right, ihc (skimage)
-            and china.jpg (sklearn).  Evaluation (never trained on): fixed non-overlapping tiles of
-            scikit-learn's ``flower.jpg`` and scikit-image's ``chelsea``.
+``photos``  colour photos bundled in scikit-image, scikit-learn and matplotlib.  Training: random
+            crops with horizontal flips and colour augmentation (channel orderings + hue
+            rotations, see ``CropSampler.colour_aug``) from astronaut, coffee, rocket,
+            motorcycle_left/right, ihc, color, logo (skimage), china.jpg (sklearn), grace_hopper
+            and Minduka_Present_Blue_Pack (matplotlib).  Evaluation (never trained on): fixed
+            non-overlapping tiles of scikit-learn's ``flower.jpg`` and scikit-image's ``chelsea``
+            (``eval_photos`` gives them whole).
 PATH        a folder of PNG/JPEG files (RGB); sorted file names, every 10th file (at least one,
             when there are two or more) is held out for evaluation.
 
@@ -23,6 +26,7 @@ draws random crops + flips as ``[B, C, S, S]`` float32 in [0, 1].
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -32,6 +36,7 @@ import torch
 __all__ = [
     "load_dataset",
     "eval_groups",
+    "eval_photos",
     "CropSampler",
     "PHOTOS_TRAIN",
     "PHOTOS_EVAL",
@@ -40,6 +45,8 @@ __all__ = [
 ]
 
 DIGITS_HELD_OUT = 297
+# Share of photo training crops that are recoloured (see CropSampler.colour_aug).
+DEFAULT_COLOUR_AUG = 0.75
 # (source, file name) pairs; "skimage" files live in skimage/data, "sklearn" in sklearn/datasets/images.
 PHOTOS_TRAIN = (
     ("skimage", "astronaut.png"),
@@ -49,6 +56,11 @@ PHOTOS_TRAIN = (
     ("skimage", "motorcycle_right.png"),
     ("skimage", "ihc.png"),
     ("sklearn", "china.jpg"),
+    # More colours (greens, blues, cyans) that the photos above lack; all ship inside the wheels.
+    ("skimage", "color.png"),
+    ("skimage", "logo.png"),
+    ("matplotlib", "grace_hopper.jpg"),
+    ("matplotlib", "Minduka_Present_Blue_Pack.png"),
 )
 PHOTOS_EVAL = (("sklearn", "flower.jpg"), ("skimage", "chelsea.png"))
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -68,6 +80,10 @@ def _data_dir(source: str) -> str:
         import sklearn.datasets
 
         return os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
+    if source == "matplotlib":
+        import matplotlib
+
+        return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data")
     raise ValueError(f"unknown image source {source!r}")
 
 
@@ -126,6 +142,23 @@ def _folder_split(path: str) -> tuple[list[str], list[str]]:
     return train, held
 
 
+# The six orderings of (R, G, B).
+_CHANNEL_PERMS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def hue_rotate(img: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate the colours of ``img: [3, H, W]`` in [0, 1] by ``angle`` radians about the grey
+    axis R = G = B (a hue shift that keeps R + G + B, so brightness and greys are unchanged);
+    results are clamped back to [0, 1] (saturated colours may clip)."""
+    c, s = math.cos(angle), math.sin(angle)
+    # Rodrigues' rotation about the unit axis (1, 1, 1)/sqrt(3).
+    a, b = (1.0 - c) / 3.0, s / math.sqrt(3.0)
+    rot = torch.tensor(
+        [[c + a, a - b, a + b], [a + b, c + a, a - b], [a - b, a + b, c + a]], dtype=img.dtype
+    )
+    return torch.einsum("ij,jhw->ihw", rot, img).clamp_(0.0, 1.0)
+
+
 @dataclass
 class CropSampler:
     """Random ``size x size`` crops with random horizontal flips from a list of images.
@@ -135,16 +168,25 @@ class CropSampler:
         size: crop size S.
         channels: C.
         flip: apply random horizontal flips.
+        colour_aug: probability that a crop's colours are changed: a random ordering of the
+            RGB channels followed by a random hue rotation of up to ±60 degrees
+            (:func:`hue_rotate`), which together reach every hue. The bundled photos are mostly
+            red/brown/grey; recoloured crops show the same textures in greens, cyans and blues,
+            so the codebook learns colours the training photos lack (without it the held-out
+            flower photo's dark green came back navy blue).
     """
 
     images: list[torch.Tensor]
     size: int
     flip: bool = True
+    colour_aug: float = 0.0
     channels: int = field(init=False)
 
     def __post_init__(self):
         if not self.images:
             raise ValueError("CropSampler needs at least one image")
+        if not 0.0 <= float(self.colour_aug) <= 1.0:
+            raise ValueError(f"colour_aug must be a probability in [0, 1], got {self.colour_aug!r}")
         self.channels = int(self.images[0].shape[0])
         for im in self.images:
             if im.shape[1] < self.size or im.shape[2] < self.size:
@@ -167,6 +209,14 @@ class CropSampler:
             left = int(torch.randint(0, im.shape[2] - self.size + 1, (1,), generator=g))
             crop = im[:, top : top + self.size, left : left + self.size]
             out[b] = crop.flip(-1) if (self.flip and bool(flips[b])) else crop
+        if self.colour_aug > 0 and self.channels == 3:
+            # Drawn after the crops, so colour_aug=0 leaves the random stream as it always was.
+            apply = torch.rand(batch_size, generator=g) < self.colour_aug
+            which_perm = torch.randint(0, len(_CHANNEL_PERMS), (batch_size,), generator=g)
+            angle = (torch.rand(batch_size, generator=g) * 2.0 - 1.0) * (math.pi / 3.0)
+            for b in torch.nonzero(apply).flatten().tolist():
+                x = out[b][list(_CHANNEL_PERMS[int(which_perm[b])])]
+                out[b] = hue_rotate(x, float(angle[b]))
         return out
 
 
@@ -207,7 +257,27 @@ def eval_groups(name: str, image_size: int | None = None) -> dict[str, torch.Ten
     return {"folder": torch.cat([_tiles(_read_rgb(f), size) for f in held])}
 
 
-def load_dataset(name: str, split: str, image_size: int | None = None, seed: int = 0):
+def eval_photos(name: str) -> dict[str, torch.Tensor]:
+    """The held-out images WHOLE (not tiled): ``{name: [C, H, W] float32 in [0, 1]}``.
+
+    ``photos``: flower and chelsea; a folder: its held-out files (by file stem); ``digits``: the
+    first 8 held-out digits (each is a whole 8x8 image)."""
+    if name == "digits":
+        data = _digits()[-DIGITS_HELD_OUT:][:8]
+        return {f"digit{i}": d for i, d in enumerate(data)}
+    if name == "photos":
+        return {"flower": _bundled(PHOTOS_EVAL[:1])[0], "chelsea": _bundled(PHOTOS_EVAL[1:])[0]}
+    _, held = _folder_split(name)
+    return {os.path.splitext(os.path.basename(f))[0]: _read_rgb(f) for f in held}
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    image_size: int | None = None,
+    seed: int = 0,
+    colour_aug: float | None = None,
+):
     """Load a dataset split.
 
     Args:
@@ -217,6 +287,8 @@ def load_dataset(name: str, split: str, image_size: int | None = None, seed: int
         image_size: crop/tile size S (default 8 for digits, 32 otherwise).
         seed: unused by the fixed splits (kept for API stability; the sampler's randomness comes
             from the generator passed to ``.sample``).
+        colour_aug: training only: probability of a random RGB channel permutation per crop
+            (see :class:`CropSampler`); default ``DEFAULT_COLOUR_AUG`` for ``photos``, 0 otherwise.
     """
     del seed
     if split not in ("train", "eval"):
@@ -233,6 +305,7 @@ def load_dataset(name: str, split: str, image_size: int | None = None, seed: int
         # Digits are not left/right symmetric: no flips.
         return TensorSampler(data.clamp(0, 1).contiguous(), flip=False)
     if name == "photos":
-        return CropSampler(_bundled(PHOTOS_TRAIN), size)
+        aug = DEFAULT_COLOUR_AUG if colour_aug is None else colour_aug
+        return CropSampler(_bundled(PHOTOS_TRAIN), size, colour_aug=aug)
     train, _ = _folder_split(name)
-    return CropSampler([_read_rgb(f) for f in train], size)
+    return CropSampler([_read_rgb(f) for f in train], size, colour_aug=colour_aug or 0.0)

@@ -405,7 +405,7 @@ def run_training(
     Resuming restores model, optimizer, step, the batch generator and the global RNG (dropout), so
     a resumed run takes exactly the steps the uninterrupted one would.
     """
-    from tqdm.auto import tqdm
+    from .progress import BudgetProgress
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -479,8 +479,9 @@ def run_training(
     t_run = time.perf_counter()
     step = start_step
     train_bits = float("nan")
-    bar = tqdm(
-        total=steps, initial=start_step, desc="prior", disable=not progress, dynamic_ncols=True
+    # Counts towards what will really happen: under --minutes the clock usually ends the run.
+    bar = BudgetProgress(
+        steps, minutes, initial_step=start_step, desc="prior", disable=not progress
     )
     try:
         while step < steps:
@@ -505,8 +506,8 @@ def run_training(
             post = {"bits": f"{train_bits:.3f}"}
             if eval_flat is not None and eval_every and step % eval_every == 0:
                 post["eval_bits"] = f"{bits_per_index(prior, eval_flat):.3f}"
-            bar.set_postfix(post)
-            bar.update(1)
+            bar.set_postfix(**post)
+            bar.update(step)
             if checkpoint_every and step % checkpoint_every == 0:
                 checkpoint(step, time.perf_counter() - t0)
             if stop is not None and stop(step):
@@ -649,7 +650,11 @@ def _cmd_train(args: argparse.Namespace) -> dict:
         train_idx, eval_idx = pool["train"].long(), pool["eval"].long()
     else:
         t = time.perf_counter()
-        sampler = load_dataset(dataset, "train", image_size=image_size, seed=args.seed)
+        # No recolouring: the prior models the codes of real photos (what it will compress and
+        # what its samples should look like); colour augmentation only helps the VQ codebook.
+        sampler = load_dataset(
+            dataset, "train", image_size=image_size, seed=args.seed, colour_aug=0.0
+        )
         train_idx = encode_training_pool(model, sampler, args.train_crops, 128, args.seed)
         eval_images = load_dataset(dataset, "eval", image_size=image_size, seed=args.seed)
         eval_idx = encode_batches(model, eval_images)

@@ -92,8 +92,19 @@ def _deferred(model, n: int):
     return DeferredCodebookUpdates(unwrap(model)) if n > 1 else None
 
 
-def vqvae_step(gen, opt, images, cfg: StepConfig, perc=None, perc_weight: float = 1.0) -> dict:
+def vqvae_step(
+    gen,
+    opt,
+    images,
+    cfg: StepConfig,
+    perc=None,
+    perc_weight: float = 1.0,
+    lab_weight: float = 0.0,
+) -> dict:
     """One VQ-VAE optimizer step on this rank's ``images [B, C, H, W]``.
+
+    ``lab_weight``: the config's weight of the mean squared ΔE (CIE Lab) term in
+    :func:`models.vqvae.reconstruction_loss` (0: RGB MSE only).
 
     Returns floats ``loss``, ``rec_loss``, ``grad_norm`` (this rank's micro-batch means averaged
     over the micro-steps) and ``recon`` (detached, the rank's batch) for logging."""
@@ -107,7 +118,7 @@ def vqvae_step(gen, opt, images, cfg: StepConfig, perc=None, perc_weight: float 
             with _no_sync(gen, i == n - 1):
                 with autocast(cfg.precision, cfg.device):
                     recon, _, vq_loss = gen(x)
-                    rec = reconstruction_loss(recon, x)
+                    rec = reconstruction_loss(recon, x, lab_weight)
                     loss = rec + vq_loss
                     if perc is not None:
                         loss = loss + perc_weight * perc(recon, x)

@@ -12,9 +12,13 @@ Writes to ``--out`` (rank 0):
   ``metrics.json``         held-out evaluation: psnr, ssim, codebook_usage, perplexity,
                            bits_per_image (+ per held-out image), training-set perplexity/usage,
                            steps, seconds, steps_per_second, backend, perceptual, world_size,
-                           global_batch_size, codebook_rank_max_abs_diff, images_per_second
+                           global_batch_size, codebook_rank_max_abs_diff, images_per_second,
+                           whole_image (per photo: psnr, ssim, delta_e76/2000, bias_rgb, bpp),
+                           delta_e76 (mean over whole photos), jpeg_same_bpp
   ``config.json``          model config + training arguments
-  ``reconstructions.png``  held-out originals (top rows) over reconstructions (bottom rows)
+  ``reconstructions.png``  each held-out photo whole: original | VQ reconstruction | JPEG at the
+                           same bpp, bpp/PSNR/ΔE under each, plus a zoomed crop row (digits:
+                           tiles, originals over reconstructions)
   ``tb/``                  TensorBoard scalars and images (when tensorboard is installed)
 
 Programmatic use: ``models.train.train(["--model", "vqvae", ...]) -> metrics dict`` (inside an
@@ -39,9 +43,12 @@ import torch
 from . import build_model, model_from_checkpoint
 from . import distributed as mdist
 from .checkpoint import load_for_resume, save_rotating
-from .data import eval_groups, load_dataset
+from .data import eval_groups, eval_photos, load_dataset
+from .figures import reconstruction_figure
+from .holdout import whole_image_metrics
 from .metrics import bits_per_image, codebook_usage, perplexity, psnr, ssim
 from .perceptual import PERCEPTUAL_KINDS, build_perceptual
+from .progress import BudgetProgress, default_threads
 from .steps import StepConfig, init_codebooks_eagerly, unwrap, vqgan_step, vqvae_step
 from .training import (
     PRECISIONS,
@@ -143,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any model config key, e.g. --set hidden=64 --set "
         "kmeans_init=false (values parsed as JSON)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--colour-aug",
+        type=float,
+        default=None,
+        help="probability of recolouring a training crop (random RGB channel order + hue "
+        "rotation; default 0.75 for photos, 0 otherwise; 0 disables)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: the cores the load average leaves free)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("scale and fault tolerance")
     g.add_argument(
@@ -367,6 +386,8 @@ def train(argv: list[str] | None = None) -> dict:
     _check_scale_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif default_threads() < torch.get_num_threads():  # leave cores that others keep busy
+        torch.set_num_threads(default_threads())
     ctx = mdist.setup(args.device, args.dist_timeout)
     try:
         return _train(args, ctx)
@@ -404,11 +425,14 @@ def _train(args, ctx) -> dict:
                 setattr(args, key, saved[key])
         if saved.get("ema_decay") is not None:
             args.ema_decay = saved["ema_decay"]
+        args.colour_aug = saved.get("colour_aug", args.colour_aug)
 
     seed = args.seed
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    sampler = load_dataset(args.dataset, "train", args.image_size, seed=seed)
+    sampler = load_dataset(
+        args.dataset, "train", args.image_size, seed=seed, colour_aug=args.colour_aug
+    )
     args.image_size = (
         args.image_size or sampler.size if hasattr(sampler, "size") else args.image_size
     )
@@ -595,14 +619,9 @@ def _train(args, ctx) -> dict:
 
     t0 = time.perf_counter()
     last_losses: list[float] = []
-    bar = None
-    if not quiet:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=args.steps, initial=step, dynamic_ncols=True, leave=True)
-        except ImportError:
-            bar = None
+    # Counts towards what will really happen: --minutes usually stops the run long before --steps.
+    # Main rank only (the others are quiet); silent without tqdm.
+    bar = BudgetProgress(args.steps, args.minutes, initial_step=step, disable=quiet)
     steps_this_run, train_time, data_time = 0, 0.0, 0.0
     history = []
     nonfinite: tuple[int, float] | None = None
@@ -649,6 +668,7 @@ def _train(args, ctx) -> dict:
                     step_cfg,
                     perc if perc_kind != "none" else None,
                     vq_perc_weight,
+                    config.get("lab_weight", 0.0),
                 )
             if args.compile and compiled is None:
                 compiled = torch.compile(gen_model)
@@ -682,15 +702,14 @@ def _train(args, ctx) -> dict:
                 if ctx.is_main:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{loss_g:.4f}",
-                        psnr=f"{tr_psnr:.2f}",
-                        usage=f"{usage:.2f}",
-                        ppl=f"{ppl:.0f}",
-                        img_s=f"{ips:.0f}",
-                        refresh=False,
-                    )
+                bar.set_postfix(
+                    loss=f"{loss_g:.4f}",
+                    psnr=f"{tr_psnr:.2f}",
+                    usage=f"{usage:.2f}",
+                    ppl=f"{ppl:.0f}",
+                    img_s=f"{ips:.0f}",
+                    refresh=False,
+                )
                 if tb is not None:
                     tb.add_scalar("train/loss", loss_g, step)
                     tb.add_scalar("train/rec_loss", rec_g, step)
@@ -699,8 +718,7 @@ def _train(args, ctx) -> dict:
                     tb.add_scalar("train/perplexity", ppl, step)
                     tb.add_scalar("train/grad_norm", out["grad_norm"], step)
                     tb.add_scalar("train/images_per_second", ips, step)
-            if bar is not None:
-                bar.update(1)
+            bar.update(step)
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                 ev = do_eval()
                 history.append(
@@ -722,8 +740,7 @@ def _train(args, ctx) -> dict:
                     tb.add_scalar("eval/psnr", ev["psnr"], step)
                     tb.add_scalar("eval/ssim", ev["ssim"], step)
                 checkpoint(ev)
-    if bar is not None:
-        bar.close()
+    bar.close()
     seconds = time.perf_counter() - t0
 
     if stopped_by is not None:
@@ -783,9 +800,26 @@ def _train(args, ctx) -> dict:
             for k in ("psnr", "ssim", "codebook_usage", "perplexity", "train_perplexity")
         }
         metrics["ema"]["decay"] = ema.decay
+    png = os.path.join(args.out, "reconstructions.png")
+    if ctx.is_main:
+        # Whole held-out photos (rank 0 alone: a handful of images, the others wait in the
+        # checkpoint's gather): colour fidelity (ΔE, per-channel bias) and the picture a user sees.
+        photos = eval_photos(args.dataset)
+        whole_metrics, whole_recs = whole_image_metrics(
+            model, {k: v.to(device) for k, v in photos.items()}
+        )
+        whole_recs = {k: (rec.cpu(), idx.cpu()) for k, (rec, idx) in whole_recs.items()}
+        metrics["whole_image"] = whole_metrics
+        if "mean" in whole_metrics:
+            metrics["delta_e76"] = whole_metrics["mean"].get("delta_e76")
     checkpoint(metrics)
     if ctx.is_main:
-        save_reconstructions(pairs, os.path.join(args.out, "reconstructions.png"))
+        if args.dataset == "digits":  # 8x8 digits: the tile strip says more than JPEG at 8x8
+            save_reconstructions(pairs, png)
+        else:
+            metrics["jpeg_same_bpp"] = reconstruction_figure(
+                model, photos, png, whole=(whole_metrics, whole_recs)
+            )
         _write_json(metrics, os.path.join(args.out, "metrics.json"))
     if tb is not None:
         tb.add_scalar("eval/psnr", ev["psnr"], step)
@@ -798,8 +832,14 @@ def _train(args, ctx) -> dict:
         f"train_ppl={metrics['train_perplexity']:.0f} "
         f"codebook_rank_max_abs_diff={cb_diff_max:g}"
         + (f" ema_psnr={metrics['ema']['psnr']:.2f}" if ema is not None else "")
-        + f"\n  {os.path.join(args.out, 'metrics.json')}\n  "
-        f"{os.path.join(args.out, 'reconstructions.png')}"
+        + "\n"
+        + "".join(
+            f"  whole {k}: psnr={v['psnr']:.2f} dB dE76={v['delta_e76']:.2f} "
+            f"bias_rgb={v['bias_rgb']}\n"
+            for k, v in metrics.get("whole_image", {}).items()
+            if k != "mean" and "delta_e76" in v
+        )
+        + f"  {os.path.join(args.out, 'metrics.json')}\n  {png}"
     )
     return metrics
 

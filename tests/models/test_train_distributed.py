@@ -388,9 +388,9 @@ def test_nan_guard_stops_with_a_clear_message(tmp_path, monkeypatch):
 
     real, calls = steps.reconstruction_loss, [0]
 
-    def poisoned(recon, images):
+    def poisoned(recon, images, *rest):  # rest: lab_weight
         calls[0] += 1
-        out = real(recon, images)
+        out = real(recon, images, *rest)
         return out * float("nan") if calls[0] == 2 else out
 
     monkeypatch.setattr(steps, "reconstruction_loss", poisoned)
