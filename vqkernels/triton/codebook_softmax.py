@@ -38,6 +38,16 @@ _MAX_D = 1024
 
 
 @triton.jit
+def _load_rows(ptr, stride_r, stride_d, offs_r, mask_r, offs_d, mask_d):
+    """The [rows, BLOCK_D] tile of a strided 2-D tensor, in fp32 (masked lanes read 0, which adds
+    nothing to any product or sum); int64 row offsets so N·stride cannot overflow int32."""
+    return tl.load(
+        ptr + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :] * stride_d,
+        mask=mask_r[:, None] & mask_d[None, :], other=0.0,
+    ).to(tl.float32)  # fmt: skip
+
+
+@triton.jit
 def _logits(
     x_ptr, stride_xn, stride_xd, xsq_ptr, offs_n, mask_n,
     c_ptr, stride_ck, stride_cd, csq_ptr, offs_k, mask_k,
@@ -46,14 +56,8 @@ def _logits(
 ):  # fmt: skip
     """(logits [BN, BK] with −inf on codes ≥ K, coef [BN, BK]: the euclidean sqrt factor)."""
     mask_d = offs_d < D
-    xv = tl.load(
-        x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-        mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    cv = tl.load(
-        c_ptr + offs_k[:, None].to(tl.int64) * stride_ck + offs_d[None, :] * stride_cd,
-        mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-    ).to(tl.float32)  # fmt: skip
+    xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
+    cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
     dot = tl.dot(xv, tl.trans(cv), input_precision="ieee")
     csq = tl.load(csq_ptr + offs_k, mask=mask_k, other=0.0)
     coef = tl.full(dot.shape, 1.0, tl.float32)
@@ -225,17 +229,11 @@ def _cd_row_bwd_kernel(
             lse_rel_ptr, gl_ptr, gh_ptr, ent_ptr, w_ptr, gm_ptr, gbar_ptr,
         )  # fmt: skip
         e = _e_factor(dl, coef, inv_tau, METRIC)
-        cv = tl.load(
-            c_ptr + offs_k[:, None].to(tl.int64) * stride_ck + offs_d[None, :] * stride_cd,
-            mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
         acc += tl.dot(e, cv, input_precision="ieee")
         esum += tl.sum(e, axis=1)
     if METRIC != 1:
-        xv = tl.load(
-            x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
         acc = acc - xv * esum[:, None]
     tl.store(
         gx_ptr + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], acc,
@@ -270,17 +268,11 @@ def _cd_code_bwd_kernel(
             lse_rel_ptr, gl_ptr, gh_ptr, ent_ptr, w_ptr, gm_ptr, gbar_ptr,
         )  # fmt: skip
         e = _e_factor(dl, coef, inv_tau, METRIC)
-        xv = tl.load(
-            x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
         acc += tl.dot(tl.trans(e), xv, input_precision="ieee")
         esum += tl.sum(e, axis=0)
     if METRIC != 1:
-        cv = tl.load(
-            c_ptr + offs_k[:, None].to(tl.int64) * stride_ck + offs_d[None, :] * stride_cd,
-            mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
         acc = acc - cv * esum[:, None]
     tl.store(
         gc_ptr + offs_k[:, None].to(tl.int64) * D + offs_d[None, :], acc,
@@ -319,10 +311,7 @@ def _sq_row_fwd_kernel(
         m_new = tl.maximum(m, tmax)
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))
         e = tl.exp(logit - m_new[:, None])
-        vv = tl.load(
-            v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + offs_d[None, :] * stride_vd,
-            mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        vv = _load_rows(v_ptr, stride_vk, stride_vd, offs_k, mask_k, offs_d, mask_d)
         acc = acc * alpha[:, None] + tl.dot(e, vv, input_precision="ieee")
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
@@ -361,10 +350,7 @@ def _sq_tiles(
         go_ptr + offs_n[:, None].to(tl.int64) * D + offs_d[None, :],
         mask=mask_n[:, None] & mask_d[None, :], other=0.0,
     )  # fmt: skip
-    vv = tl.load(
-        v_ptr + offs_k[:, None].to(tl.int64) * stride_vk + offs_d[None, :] * stride_vd,
-        mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-    ).to(tl.float32)  # fmt: skip
+    vv = _load_rows(v_ptr, stride_vk, stride_vd, offs_k, mask_k, offs_d, mask_d)
     gv = tl.dot(go, tl.trans(vv), input_precision="ieee")
     dl = tl.where(mask_n[:, None] & mask_k[None, :], p * (gv - delta[:, None]), 0.0)
     e = _e_factor(dl, coef, inv_tau, METRIC)
@@ -395,17 +381,11 @@ def _sq_row_bwd_kernel(
             v_ptr, stride_vk, stride_vd, go_ptr, lse_rel_ptr, delta_ptr,
             offs_n, mask_n, offs_k, mask_k, offs_d, D, inv_tau, METRIC,
         )  # fmt: skip
-        cv = tl.load(
-            c_ptr + offs_k[:, None].to(tl.int64) * stride_ck + offs_d[None, :] * stride_cd,
-            mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
         acc += tl.dot(e, cv, input_precision="ieee")
         esum += tl.sum(e, axis=1)
     if METRIC != 1:
-        xv = tl.load(
-            x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
         acc = acc - xv * esum[:, None]
     tl.store(
         gx_ptr + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], acc,
@@ -438,18 +418,12 @@ def _sq_code_bwd_kernel(
             v_ptr, stride_vk, stride_vd, go_ptr, lse_rel_ptr, delta_ptr,
             offs_n, mask_n, offs_k, mask_k, offs_d, D, inv_tau, METRIC,
         )  # fmt: skip
-        xv = tl.load(
-            x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
         acc_k += tl.dot(tl.trans(e), xv, input_precision="ieee")
         acc_v += tl.dot(tl.trans(p), go, input_precision="ieee")
         esum += tl.sum(e, axis=0)
     if METRIC != 1:
-        cv = tl.load(
-            c_ptr + offs_k[:, None].to(tl.int64) * stride_ck + offs_d[None, :] * stride_cd,
-            mask=mask_k[:, None] & mask_d[None, :], other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
         acc_k = acc_k - cv * esum[:, None]
     off = offs_k[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(gk_ptr + off, acc_k, mask=mask_k[:, None] & mask_d[None, :])
