@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._search import row_sq_norm
 from .sampling import sample_search
 
 __all__ = ["nearest_code", "code_aux", "search_meta", "num_splits", "SEARCH_CONFIGS"]
@@ -403,15 +404,7 @@ def _nearest_epilogue(
 ):  # fmt: skip
     """Store the index and the distance: ‖x‖² in fp32 from the stored x values (one more pass
     over the row tile, which is in L1/L2)."""
-    xsq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        xv = tl.load(
-            x_ptr + row_off[:, None] + offs_d[None, :] * stride_xd,
-            mask=mask_n[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        ).to(tl.float32)
-        xsq += tl.sum(xv * xv, axis=1)
+    xsq = row_sq_norm(x_ptr, row_off, mask_n, stride_xd, D, BLOCK_N, BLOCK_D)
     if IS_COSINE:
         # (a NaN row keeps its NaN norm: maximum() would otherwise return EPS)
         x_norm = tl.maximum(tl.sqrt_rn(xsq), EPS, propagate_nan=tl.PropagateNan.ALL)

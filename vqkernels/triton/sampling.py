@@ -29,6 +29,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..reference.sampling import MASK32, SEED_SALT, mix32
+from ._search import row_sq_norm
 
 __all__ = ["sample_search"]
 
@@ -72,15 +73,7 @@ def _sample_kernel(
     mask_n = offs_n < N
     row_off = offs_n.to(tl.int64) * stride_xn
     # ‖x‖² in fp32 (the reference's offset); its square root for the cosine logits.
-    xsq = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        xv = tl.load(
-            x_ptr + row_off[:, None] + offs_d[None, :] * stride_xd,
-            mask=mask_n[:, None] & (offs_d[None, :] < D),
-            other=0.0,
-        ).to(tl.float32)
-        xsq += tl.sum(xv * xv, axis=1)
+    xsq = row_sq_norm(x_ptr, row_off, mask_n, stride_xd, D, BLOCK_N, BLOCK_D)
     x_norm = tl.maximum(tl.sqrt_rn(xsq), EPS)
     # Row keys of the RNG: counter n·H + h (seed_key already mixes both seed halves).
     counter = offs_n.to(tl.int64) * H + pid_h
