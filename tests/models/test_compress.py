@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint as ck
 from models.compress import (
     CompressError,
     decode_bytes,
@@ -16,7 +15,6 @@ from models.compress import (
     pack_indices,
     unpack_indices,
 )
-from models.vqvae import VQVAE, vqvae_config
 
 
 @pytest.fixture(autouse=True)
@@ -40,21 +38,13 @@ def test_pack_unpack_round_trip(bits):
         pack_indices(np.array([2**bits]), bits)
 
 
-def _model(seed=0, k=32):
-    torch.manual_seed(seed)
-    m = VQVAE(vqvae_config("tiny", codebook_size=k), backend="reference")
-    m.train()
-    m(torch.rand(4, 3, 16, 16))  # k-means init on one batch so codes are data-like
-    return m.eval()
-
-
 def _images():
     g = torch.Generator().manual_seed(1)
     return [torch.rand(3, 13, 10, generator=g), torch.rand(3, 8, 12, generator=g)]
 
 
-def test_round_trip_matches_direct_decode_and_odd_sizes():
-    model = _model()
+def test_round_trip_matches_direct_decode_and_odd_sizes(tiny_vqvae):
+    model = tiny_vqvae()
     imgs = _images()
     data, reports = encode_images(model, imgs, ["a.png", "b.png"])
     out = decode_bytes(model, data)
@@ -73,8 +63,8 @@ def test_round_trip_matches_direct_decode_and_odd_sizes():
         )
 
 
-def test_corrupt_truncated_and_mismatched_files_fail_clearly():
-    model = _model()
+def test_corrupt_truncated_and_mismatched_files_fail_clearly(tiny_vqvae):
+    model = tiny_vqvae()
     data, _ = encode_images(model, _images(), ["a.png", "b.png"])
     bad = bytearray(data)
     bad[-8] ^= 0x01  # a payload bit
@@ -85,24 +75,15 @@ def test_corrupt_truncated_and_mismatched_files_fail_clearly():
     with pytest.raises(CompressError, match="magic"):
         decode_bytes(model, b"PNG!" + data[4:])
     with pytest.raises(CompressError, match="different model"):
-        decode_bytes(_model(seed=1), data)
+        decode_bytes(tiny_vqvae(seed=1), data)
 
 
-def test_cli_encode_decode(tmp_path, capsys):
+def test_cli_encode_decode(tmp_path, capsys, write_model_checkpoint, tiny_vqvae):
     from PIL import Image
 
-    model = _model()
+    model = tiny_vqvae()
     ckpt = tmp_path / "checkpoint.pt"
-    ck.atomic_save(
-        {
-            "format": ck.FORMAT,
-            "version": ck.VERSION,
-            "model_type": "vqvae",
-            "config": model.config,
-            "model": model.state_dict(),
-        },
-        str(ckpt),
-    )
+    write_model_checkpoint(model, str(ckpt))
     paths = []
     for i, img in enumerate(_images()):
         p = tmp_path / f"img{i}.png"

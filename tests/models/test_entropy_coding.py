@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint as ck
 from models import entropy_coding as ec
 from models import prior as P
 from models.compress import CompressError, decode_bytes, encode_images, main, read_header
-from models.vqvae import VQVAE, vqvae_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -152,14 +150,6 @@ def test_grid_errors(trained_prior):
 # ------------------------------------------------------------------ models.compress --prior
 
 
-def _model(k=32):
-    torch.manual_seed(0)
-    m = VQVAE(vqvae_config("tiny", codebook_size=k), backend="reference")
-    m.train()
-    m(torch.rand(4, 3, 16, 16))
-    return m.eval()
-
-
 def _prior_for(model, seed=0, grid=(2, 3)):
     torch.manual_seed(seed)
     return P.IndexPrior(model.codebook_size, grid, **P.PRIOR_CONFIGS["tiny"]).eval()
@@ -170,8 +160,8 @@ def _images():
     return [torch.rand(3, 13, 10, generator=g), torch.rand(3, 8, 12, generator=g)]
 
 
-def test_prior_coded_file_decodes_to_the_same_images():
-    model = _model()
+def test_prior_coded_file_decodes_to_the_same_images(tiny_vqvae):
+    model = tiny_vqvae()
     prior = _prior_for(model)
     imgs = _images()
     fixed, _ = encode_images(model, imgs, ["a", "b"])
@@ -189,8 +179,8 @@ def test_prior_coded_file_decodes_to_the_same_images():
     assert len(decode_bytes(model, fixed, prior)) == 2
 
 
-def test_prior_file_errors():
-    model = _model()
+def test_prior_file_errors(tiny_vqvae):
+    model = tiny_vqvae()
     prior = _prior_for(model)
     coded, _ = encode_images(model, _images(), ["a", "b"], prior=prior)
     with pytest.raises(CompressError, match="pass --prior"):
@@ -209,21 +199,12 @@ def test_prior_file_errors():
         )
 
 
-def test_cli_encode_decode_with_prior(tmp_path, capsys):
+def test_cli_encode_decode_with_prior(tmp_path, capsys, write_model_checkpoint, tiny_vqvae):
     from PIL import Image
 
-    model = _model()
+    model = tiny_vqvae()
     ckpt = tmp_path / "checkpoint.pt"
-    ck.atomic_save(
-        {
-            "format": ck.FORMAT,
-            "version": ck.VERSION,
-            "model_type": "vqvae",
-            "config": model.config,
-            "model": model.state_dict(),
-        },
-        str(ckpt),
-    )
+    write_model_checkpoint(model, str(ckpt))
     P.run_training(
         tmp_path / "prior",
         torch.randint(0, 32, (64, 2, 3)),
