@@ -49,6 +49,26 @@ class CheckpointError(ValueError):
     """The file is not a readable vqkernels-models checkpoint (the message says why)."""
 
 
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort; not all filesystems allow it)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it is there (a temp file after a failed write, an old checkpoint)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_save(obj: dict, path: str) -> None:
     """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -62,19 +82,9 @@ def atomic_save(obj: dict, path: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         # Leave the previous checkpoint untouched and do not litter the directory.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
-    try:  # make the rename itself durable (best effort; not all filesystems allow it)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _fsync_dir(directory)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -120,17 +130,6 @@ def step_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def save_rotating(obj: dict, directory: str, step: int, keep_last: int, name: str) -> str:
     """Write ``obj`` atomically as ``directory/name`` (the newest) and, when ``keep_last > 0``, as
     the step checkpoint ``checkpoint-step{step:08d}.pt``, then delete step checkpoints beyond the
@@ -156,17 +155,11 @@ def save_rotating(obj: dict, directory: str, step: int, keep_last: int, name: st
             shutil.copyfile(step_path, tmp)
         os.replace(tmp, newest)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     _fsync_dir(directory)
     for _, old in step_checkpoints(directory)[keep_last:]:
-        try:
-            os.unlink(old)
-        except OSError:
-            pass
+        _unlink_quietly(old)
     return newest
 
 
@@ -231,3 +224,4 @@ def load_for_resume(directory: str, name: str, ctx) -> dict:
     if status != "ok":
         raise CheckpointError(value)
     return load_checkpoint(value) | {"_path": value}
+
