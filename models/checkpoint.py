@@ -21,6 +21,8 @@ files with a warning.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +41,7 @@ __all__ = [
     "step_checkpoints",
     "load_newest_valid",
     "load_for_resume",
+    "weights_fingerprint",
 ]
 
 FORMAT = "vqkernels-models"
@@ -225,3 +228,13 @@ def load_for_resume(directory: str, name: str, ctx) -> dict:
         raise CheckpointError(value)
     return load_checkpoint(value) | {"_path": value}
 
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 (hex, 32 chars) of ``module.config`` (JSON, sorted keys) and of its state dict in
+    key order (names, then raw bytes): two modules share it only when config and weights match."""
+    h = hashlib.sha256()
+    h.update(json.dumps(module.config, sort_keys=True).encode())
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -28,7 +28,6 @@ A corrupt file, a truncated file or a file made with another model gives a :clas
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,8 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import weights_fingerprint
 
 __all__ = [
     "CompressError",
@@ -87,12 +88,7 @@ def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 (hex, 32 chars) of the model's type, config and weights in key order: a file only
     decodes with the model that encoded it."""
-    h = hashlib.sha256()
-    h.update(json.dumps(model.config, sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    return weights_fingerprint(model)
 
 
 def _pad_to(img: torch.Tensor, f: int) -> torch.Tensor:
