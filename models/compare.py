@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from . import prior as P
+from .cli import exit_status
 
 # The measures (models/compare_measures.py) and the words (models/compare_report.py),
 # re-exported: ``models.compare`` stays the one name to use.
@@ -478,12 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _cli() -> int:
     """Command-line entry: user errors print one line (no traceback) and exit with status 2."""
-    try:
-        main()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(main)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import torch
 from . import build_model, model_from_checkpoint
 from . import distributed as mdist
 from .checkpoint import load_for_resume
+from .cli import exit_status
 from .data import eval_groups, load_dataset
 from .perceptual import build_perceptual
 from .progress import default_threads
@@ -241,15 +242,9 @@ def _train(args, ctx) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        train(argv)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FloatingPointError, mdist.PeerLostError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """Command-line entry: 0; 2 after a user error; 1 when training itself failed (non-finite
+    loss, lost peer).  Errors print one line, no traceback."""
+    return exit_status(lambda: train(argv), failures=(FloatingPointError, mdist.PeerLostError))
 
 
 if __name__ == "__main__":
