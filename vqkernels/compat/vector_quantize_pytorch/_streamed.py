@@ -5,11 +5,10 @@ vector-quantize-pytorch (LR) materializes the full ``[N, K]`` distance matrix fo
 ``indices=`` loss).  Here the same math runs over chunks of rows, each chunk under activation
 checkpointing, so forward *and* backward memory is ``O(chunk·K)``, never ``N x K``.
 
-PLAIN-PYTORCH STAND-INS (to be switched to the fused ops once they land on main):
-* ``logsumexp_rows`` / ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution``
-  / ``vqkernels.soft_quantize`` (issue 11).  LR's Euclidean logits are ``-cdist`` (the NON-squared
-  distance, ``sqrt(clamp(‖x‖²+‖c‖²-2x·c, 1e-8))``), which is not one of that op's metrics, so the
-  ``"neg_cdist"`` logits stay here until the op grows them.
+PLAIN-PYTORCH STAND-INS (to be switched to the fused ops):
+* ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution`` (grouped
+  ``mean_probs``) / ``vqkernels.soft_quantize`` (issue 11; its ``"euclidean"`` metric is LR's
+  ``-cdist``).  The cross-entropy terms already run on ``code_distribution`` (see ``_losses``).
 * ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
   of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
   the whole matrix, so the codes follow the same distribution (not the same draws).
@@ -49,38 +48,6 @@ def _maybe_checkpoint(fn, *args):
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def logsumexp_rows(x: torch.Tensor, embed: torch.Tensor, kind: str, scale: float = 1.0):
-    """``logsumexp_k(scale·logit[n, k])`` -> ``[n]``; differentiable, O(chunk·K) memory."""
-    step = _rows_per_chunk(embed.shape[0])
-
-    def one(xc, e):
-        return torch.logsumexp(logits(xc, e, kind) * scale, dim=-1)
-
-    return torch.cat([_maybe_checkpoint(one, xc, embed) for xc in x.split(step)]) if x.shape[0] else x.new_zeros(0)
-
-
-def picked_logits(x: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
-    """``logit[n, idx_n]`` -> ``[n]`` in O(n·d) (the chosen code's logit only)."""
-    c = embed[idx]
-    if kind == "dot":
-        return (x * c).sum(-1)
-    # same formula as `logits` so picked and full logits round alike
-    x2 = (x * x).sum(-1)
-    y2 = (c * c).sum(-1)
-    return -(x2 + y2 - 2.0 * (x * c).sum(-1)).clamp(min=1e-8).sqrt()
-
-
-def cross_entropy_terms(x: torch.Tensor, embed: torch.Tensor, codes: torch.Tensor, kind: str):
-    """Per-row terms of LR's ``F.cross_entropy(dist, codes, ignore_index=-1)``.
-
-    ``x: [n, d]``, ``embed: [K, d]``, ``codes: [n] int64`` (``-1`` = ignored) ->
-    ``(loss [n], keep [n] bool)``; the caller averages ``loss[keep]`` over every codebook."""
-    keep = codes >= 0
-    safe = codes.clamp_min(0)
-    per_row = logsumexp_rows(x, embed, kind) - picked_logits(x, embed, safe, kind)
-    return per_row, keep
 
 
 def mean_probs_by_position(xs: torch.Tensor, embed: torch.Tensor, kind: str, scale: float):
