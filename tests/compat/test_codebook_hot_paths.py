@@ -40,3 +40,34 @@ def test_redecide_near_rows_zero_rows_take_the_one_row_shortcut():
     assert torch.equal(idx, want)
     assert idx[0, 0] == 3 and idx[0, 1] == 9 and idx[1, 4] == 7 and idx[0, 2] == 11
     assert torch.equal(torch.stack([hs, ns]), torch.stack(near.nonzero(as_tuple=True)))
+
+
+def _naive_inputs(base, steps):
+    r, out = base.reshape(-1, base.shape[-1]), [base.reshape(-1, base.shape[-1])]
+    for idx, snap in steps:
+        r = r - snap[idx]
+        out.append(r)
+    return out
+
+
+def test_residual_chain_replay_keeps_inputs_for_lower_depths_bit_identical():
+    # the backward asks for depth inputs in decreasing order; kept replayed inputs must give the
+    # same bits as a replay from the base, in any request order, and be released once taken
+    g = torch.Generator().manual_seed(0)
+    depths, n, k, d = 8, 37, 5, 3
+    base = torch.randn(n, d, generator=g)
+    steps = [(torch.randint(0, k, (n,), generator=g), torch.randn(k, d, generator=g)) for _ in range(depths)]
+    want = _naive_inputs(base, steps)
+    empty, tiny = torch.zeros(0, d), torch.zeros(0, dtype=torch.long)
+    for order in (list(range(depths - 1, -1, -1)), [5, 7, 2, 6, 0, 3, 1, 4]):
+        chain = _streamed.ResidualChain(base)
+        for idx, snap in steps:
+            chain.steps.append([idx, snap, None, True, tiny, empty])
+        passes = []
+        real_codes = chain.codes
+        chain.codes = lambda i: passes.append(i) or real_codes(i)
+        for depth in order:
+            assert torch.equal(chain.input(depth), want[depth]), (order, depth)
+        if order[0] == depths - 1:
+            assert not chain._replayed  # every kept input was taken by its depth
+            assert len(passes) <= 2 * depths < depths * (depths - 1) // 2
