@@ -43,6 +43,16 @@ QUICK_MEMORY_SHAPES = [(4096, 64, 1024)]
 CPU_PROVIDERS = ["vqkernels-cpu", "reference", "onehot-matmul"]
 CUDA_PROVIDERS = ["vqkernels-triton", "vqkernels-cuda", "reference", "onehot-matmul"]
 OURS = {"vqkernels-cpu", "vqkernels-triton", "vqkernels-cuda"}
+# The columns of the summary rows (summarize), on the console and in the .md file.
+SUMMARY_COLUMNS = [
+    "case",
+    "ours",
+    "ours_ms",
+    "reference_ms",
+    "onehot_ms",
+    "vs_reference",
+    "vs_onehot",
+]
 MEMORY_LIMIT_BYTES = 6 * 1024**3
 DECAY, EPS = 0.99, 1e-5
 
@@ -168,33 +178,24 @@ def main(argv: list[str] | None = None) -> int:
                 harness.progress(row)
 
     summary = summarize(rows)
-    print()
-    print(
-        harness.format_table(
-            rows,
-            [
-                "case",
-                "provider",
-                "median_ms",
-                "p20_ms",
-                "p80_ms",
-                "repeats",
-                "max_abs_err",
-                "loadavg",
-                "status",
-            ],
-        )
+    harness.print_op_tables(
+        rows,
+        [
+            "case",
+            "provider",
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "repeats",
+            "max_abs_err",
+            "loadavg",
+            "status",
+        ],
+        "vqkernels speedup over the reference and the one-hot formulation (same run):",
+        summary,
+        SUMMARY_COLUMNS,
+        mem_rows,
     )
-    print("\nvqkernels speedup over the reference and the one-hot formulation (same run):")
-    print(
-        harness.format_table(
-            summary,
-            ["case", "ours", "ours_ms", "reference_ms", "onehot_ms", "vs_reference", "vs_onehot"],
-        )
-    )
-    if mem_rows:
-        print()
-        print(harness.format_table(mem_rows, ["case", "provider", "extra_mib", "status", "reason"]))
 
     meta = harness.metadata(
         device, elapsed_s=round(time.time() - t_start, 1), quick=args.quick, decay=DECAY, eps=EPS
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         summary_section=(
             "vqkernels speedup",
-            ["case", "ours", "ours_ms", "reference_ms", "onehot_ms", "vs_reference", "vs_onehot"],
+            SUMMARY_COLUMNS,
         ),
     )
     return 0

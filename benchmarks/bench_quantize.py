@@ -52,6 +52,16 @@ QUICK_MEMORY_SHAPES = [(4096, 64, 512)]
 CPU_PROVIDERS = ["vqkernels-cpu", "reference", "plain-torch"]
 CUDA_PROVIDERS = ["vqkernels-triton", "vqkernels-cuda", "reference", "plain-torch"]
 OURS = {"vqkernels-cpu", "vqkernels-triton", "vqkernels-cuda"}
+# The columns of the summary rows, on the console and in the .md file.
+SUMMARY_COLUMNS = [
+    "case",
+    "ours",
+    "ours_ms",
+    "reference_ms",
+    "plain_torch_ms",
+    "vs_reference",
+    "vs_plain_torch",
+]
 
 
 def plain_quantize(x: torch.Tensor, codebook: torch.Tensor, beta: float):
@@ -345,44 +355,27 @@ def main(argv: list[str] | None = None) -> int:
                         "vs_plain_torch": pt["median_ms"] / r["median_ms"] if pt else None,
                     }
                 )
-    print()
-    print(
-        harness.format_table(
-            rows,
-            [
-                "case",
-                "provider",
-                "median_ms",
-                "p20_ms",
-                "p80_ms",
-                "repeats",
-                "agree",
-                "loss_rel_err",
-                "grad_x_max_err",
-                "grad_cb_max_err",
-                "loadavg",
-                "status",
-            ],
-        )
+    harness.print_op_tables(
+        rows,
+        [
+            "case",
+            "provider",
+            "median_ms",
+            "p20_ms",
+            "p80_ms",
+            "repeats",
+            "agree",
+            "loss_rel_err",
+            "grad_x_max_err",
+            "grad_cb_max_err",
+            "loadavg",
+            "status",
+        ],
+        "vqkernels speedup, forward + backward (same run):",
+        summary,
+        SUMMARY_COLUMNS,
+        mem_rows,
     )
-    print("\nvqkernels speedup, forward + backward (same run):")
-    print(
-        harness.format_table(
-            summary,
-            [
-                "case",
-                "ours",
-                "ours_ms",
-                "reference_ms",
-                "plain_torch_ms",
-                "vs_reference",
-                "vs_plain_torch",
-            ],
-        )
-    )
-    if mem_rows:
-        print()
-        print(harness.format_table(mem_rows, ["case", "provider", "extra_mib", "status", "reason"]))
 
     meta = harness.metadata(
         device,
@@ -414,18 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_cb_max_err",
             ],
         ),
-        summary_section=(
-            "vqkernels speedup",
-            [
-                "case",
-                "ours",
-                "ours_ms",
-                "reference_ms",
-                "plain_torch_ms",
-                "vs_reference",
-                "vs_plain_torch",
-            ],
-        ),
+        summary_section=("vqkernels speedup", SUMMARY_COLUMNS),
     )
     return 0
 

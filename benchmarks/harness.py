@@ -808,6 +808,28 @@ def write_markdown(
 
 
 MEMORY_SECTION_COLUMNS = ["case", "provider", "extra_mib", "reason"]
+# The memory table on the console: the status says why a row has no number.
+MEMORY_TABLE_COLUMNS = ["case", "provider", "extra_mib", "status", "reason"]
+
+
+def print_op_tables(
+    rows: list[dict[str, Any]],
+    time_columns: Sequence[str],
+    summary_title: str,
+    summary: list[dict[str, Any]],
+    summary_columns: Sequence[str],
+    mem_rows: list[dict[str, Any]],
+    mem_columns: Sequence[str] = MEMORY_TABLE_COLUMNS,
+) -> None:
+    """The console end of an op benchmark: the timing rows, the vqkernels summary under its
+    title, then the memory rows when any were measured (the .md file holds the same tables)."""
+    print()
+    print(format_table(rows, time_columns))
+    print(f"\n{summary_title}")
+    print(format_table(summary, summary_columns))
+    if mem_rows:
+        print()
+        print(format_table(mem_rows, mem_columns))
 
 
 def save_op_results(
