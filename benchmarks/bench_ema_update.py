@@ -180,17 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     harness.print_op_tables(
         rows,
-        [
-            "case",
-            "provider",
-            "median_ms",
-            "p20_ms",
-            "p80_ms",
-            "repeats",
-            "max_abs_err",
-            "loadavg",
-            "status",
-        ],
+        [*harness.TIMING_COLUMNS, "max_abs_err", "loadavg", "status"],
         "vqkernels speedup over the reference and the one-hot formulation (same run):",
         summary,
         SUMMARY_COLUMNS,

@@ -340,19 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     harness.print_op_tables(
         rows,
-        [
-            "case",
-            "provider",
-            "median_ms",
-            "p20_ms",
-            "p80_ms",
-            "repeats",
-            "gflops",
-            "floor_x",
-            "agree",
-            "max_excess",
-            "status",
-        ],
+        [*harness.TIMING_COLUMNS, "gflops", "floor_x", "agree", "max_excess", "status"],
         "vqkernels vs best other provider (speedup = best_other / vqkernels; >= 1 is a win):",
         summary,
         SUMMARY_COLUMNS,

@@ -358,12 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.print_op_tables(
         rows,
         [
-            "case",
-            "provider",
-            "median_ms",
-            "p20_ms",
-            "p80_ms",
-            "repeats",
+            *harness.TIMING_COLUMNS,
             "agree",
             "loss_rel_err",
             "grad_x_max_err",

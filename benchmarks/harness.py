@@ -808,6 +808,8 @@ def write_markdown(
 
 
 MEMORY_SECTION_COLUMNS = ["case", "provider", "extra_mib", "reason"]
+# The leading columns of every timing table on the console (a bench appends its own checks).
+TIMING_COLUMNS = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "repeats"]
 # The memory table on the console: the status says why a row has no number.
 MEMORY_TABLE_COLUMNS = ["case", "provider", "extra_mib", "status", "reason"]
 
