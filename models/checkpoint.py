@@ -42,6 +42,7 @@ __all__ = [
     "load_newest_valid",
     "load_for_resume",
     "weights_fingerprint",
+    "atomic_write_json",
 ]
 
 FORMAT = "vqkernels-models"
@@ -88,6 +89,25 @@ def atomic_save(obj: dict, path: str) -> None:
         _unlink_quietly(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_write_json(obj, path: str | os.PathLike) -> None:
+    """``obj`` as indented JSON (sorted keys, final newline) to ``path`` atomically: a temp file
+    in the same directory, then ``os.replace`` (readers never see half a file)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)),
+        prefix=os.path.basename(path) + ".",
+        suffix=".tmp",
+    )
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def load_checkpoint(path: str) -> dict:

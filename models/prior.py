@@ -53,7 +53,6 @@ from .prior_model import (  # noqa: F401
     _check_sampling_args,
     _filtered_probs,
     _load,
-    _write_json,
     bits_per_index,
     load_prior,
     sample,

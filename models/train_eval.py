@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 
 from . import distributed as mdist
+from .checkpoint import atomic_write_json
 from .data import eval_photos
 from .figures import reconstruction_figure
 from .holdout import whole_image_metrics
@@ -28,7 +28,6 @@ __all__ = [
     "evaluate",
     "train_set_codes",
     "save_reconstructions",
-    "write_json",
     "open_tensorboard",
     "evaluate_run",
     "start_message",
@@ -134,14 +133,6 @@ def save_reconstructions(pairs, path: str, scale: int | None = None) -> None:
         arr = arr[:, :, 0]
     tmp = path + ".tmp.png"
     Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path: str) -> None:
-    """``json.dump`` to ``path`` atomically (temp file + ``os.replace``)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 
@@ -290,7 +281,7 @@ def finish_run(run: TrainingRun, loop: LoopResult) -> dict:
             metrics["jpeg_same_bpp"] = reconstruction_figure(
                 model, photos, png, whole=(whole_metrics, whole_recs)
             )
-        write_json(metrics, os.path.join(args.out, "metrics.json"))
+        atomic_write_json(metrics, os.path.join(args.out, "metrics.json"))
     if tb is not None:
         tb.add_scalar("eval/psnr", ev["psnr"], step)
         tb.close()
