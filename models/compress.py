@@ -37,10 +37,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import weights_fingerprint
 from .cli import exit_status
+from .holdout import pad_to_multiple
 
 __all__ = [
     "CompressError",
@@ -92,15 +92,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return weights_fingerprint(model)
 
 
-def _pad_to(img: torch.Tensor, f: int) -> torch.Tensor:
-    """Replicate-pad ``[C, H, W]`` so H and W are multiples of ``f`` (edges repeat: no seam)."""
-    h, w = img.shape[-2:]
-    ph, pw = (-h) % f, (-w) % f
-    if ph == 0 and pw == 0:
-        return img
-    return F.pad(img.unsqueeze(0), (0, pw, 0, ph), mode="replicate").squeeze(0)
-
-
 def _check_prior(model, prior) -> None:
     if prior.codebook_size != model.codebook_size:
         raise ValueError(
@@ -131,7 +122,7 @@ def encode_images(
     entries, all_idx, reports, streams = [], [], [], []
     for img, name in zip(images, names):
         c, hgt, wid = img.shape
-        x = _pad_to(img, f).unsqueeze(0)
+        x = pad_to_multiple(img, f).unsqueeze(0)
         idx = model.encode(x)[0]  # [h, w]
         rec = model.decode_indices(idx.unsqueeze(0))[0, :, :hgt, :wid]
         entries.append(
