@@ -162,17 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 if est > MEMORY_LIMIT_BYTES:
                     row = _skipped_row(p, params, est)
                 else:
-                    row = harness.bench_case(
-                        OP,
-                        p,
-                        MODULE,
-                        "make_provider",
-                        params,
-                        args=args,
-                        time_it=False,
-                        memory=True,
-                        extra={"case": harness.shape_label(n, d, k)},
-                    )
+                    row = harness.memory_case(OP, p, MODULE, params, args=args)
                 row["measure"] = "memory"
                 mem_rows.append(row)
                 harness.progress(row)

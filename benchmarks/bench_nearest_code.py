@@ -318,17 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"> {mem_limit / 1024**3:.0f} GiB limit",
                 }
             else:
-                row = harness.bench_case(
-                    OP,
-                    p,
-                    MODULE,
-                    "make_provider",
-                    params,
-                    args=args,
-                    time_it=False,
-                    memory=True,
-                    extra={"case": harness.shape_label(n, d, k)},
-                )
+                row = harness.memory_case(OP, p, MODULE, params, args=args)
             row["nk_fp32_mib"] = 4.0 * n * k / harness.MIB
             mem_rows.append(row)
             print(

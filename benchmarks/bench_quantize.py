@@ -323,16 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print("peak extra memory, forward + backward (child process per provider) ...", flush=True)
         for n, d, k in QUICK_MEMORY_SHAPES if args.quick else MEMORY_SHAPES:
             for p in providers:
-                row = harness.bench_case(
-                    OP,
-                    p,
-                    MODULE,
-                    "make_provider",
-                    dict(provider=p, n=n, d=d, k=k, device=device),
-                    args=args,
-                    time_it=False,
-                    memory=True,
-                    extra={"case": harness.shape_label(n, d, k)},
+                row = harness.memory_case(
+                    OP, p, MODULE, dict(provider=p, n=n, d=d, k=k, device=device), args=args
                 )
                 row["measure"] = "memory"
                 mem_rows.append(row)

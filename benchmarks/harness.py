@@ -464,6 +464,24 @@ def bench_case(
     return row
 
 
+def memory_case(
+    op: str, provider: str, module: str, params: dict[str, Any], *, args: argparse.Namespace
+) -> dict[str, Any]:
+    """:func:`bench_case` of an op at the shape ``params["n"], ["d"], ["k"]``, memory only (no
+    timing): the peak extra memory of ``module.make_provider(**params)`` in a child process."""
+    return bench_case(
+        op,
+        provider,
+        module,
+        "make_provider",
+        params,
+        args=args,
+        time_it=False,
+        memory=True,
+        extra={"case": shape_label(params["n"], params["d"], params["k"])},
+    )
+
+
 def bench_group(
     op: str,
     module: str,
