@@ -276,8 +276,8 @@ def test_signature_errors_and_refusals():
         VectorQuantize(8, 16, learnable_codebook=True)  # LR: needs ema_update=False
     vq = VectorQuantize(8, 16)
     x = torch.randn(2, 3, 8)
-    with pytest.raises(NotImplementedError, match="topk"):
-        vq(x, topk=2)
+    with pytest.raises(ValueError, match="topk"):
+        VectorQuantize(8, 16, heads=2)(x, topk=2)  # LR: single-head codebooks only
     with pytest.raises(ValueError, match="dim=8"):
         vq(torch.randn(2, 3, 7))
     with pytest.raises(ValueError, match="mask"):

@@ -44,7 +44,7 @@ from torch import nn
 
 from ... import dispatch
 from ... import distributed as vqdist
-from . import _losses, _streamed
+from . import _beam, _losses, _streamed
 from ._codebook import Codebook
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
@@ -356,7 +356,10 @@ class VectorQuantize(nn.Module):
         ema_update=None,
     ):
         if topk is not None:
-            raise _unsupported("forward(topk=...)", "beam search over codes; use vector_quantize_pytorch")
+            return _beam.vq_topk_forward(self, x, topk, mask=mask, lens=lens,
+                                         sample_codebook_temp=sample_codebook_temp,
+                                         freeze_codebook=freeze_codebook,
+                                         return_loss_breakdown=return_loss_breakdown)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
