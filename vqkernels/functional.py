@@ -517,6 +517,8 @@ def code_distribution(
     metric: str = "l2",
     mask: torch.Tensor | None = None,
     *,
+    groups: torch.Tensor | None = None,
+    num_groups: int | None = None,
     backend: str = "auto",
     check_inputs: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -533,12 +535,17 @@ def code_distribution(
         metric: ``"l2"``, ``"dot"``, ``"cosine"`` or ``"euclidean"``.
         mask: optional bool ``x.shape[:-1]``; ``False`` rows are left out of ``mean_probs`` (their
             ``logsumexp``/``entropy`` are still computed).
+        groups: optional int64 ``x.shape[:-1]`` with values in ``[0, num_groups)``: ``mean_probs``
+            is then one distribution per group (e.g. the sequence position, for
+            vector-quantize-pytorch's ``codebook_diversity_loss``).
+        num_groups: ``G ≥ 1``, required with ``groups`` (and only with it).
 
     Returns:
         ``logsumexp: [...] float32`` (``log Σ_k exp l_ik``), ``entropy: [...] float32``
         (``−Σ_k p_ik log p_ik``, nats) and ``mean_probs: [K] float32`` (mean of ``p_i`` over the
-        unmasked rows; all zeros when there are none).  All three are differentiable w.r.t. ``x``
-        and ``codebook``.
+        unmasked rows; all zeros when there are none) or, with ``groups``, ``[G, K] float32``
+        (row ``g``: the mean of ``p_i`` over the unmasked rows with ``groups_i = g``; all zeros
+        for an empty group).  All three are differentiable w.r.t. ``x`` and ``codebook``.
     """
     x, codebook, temperature = _check_softmax_args(x, codebook, temperature, metric)
     lead = x.shape[:-1]
@@ -554,18 +561,60 @@ def code_distribution(
         if mask.device != x.device:
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
         keep = mask.reshape(n).to(torch.float32)
-        # 1/#kept on kept rows (0/1 = 0 when none are kept: mean_probs is then all zeros).
-        row_weight = keep / keep.sum().clamp_min(1.0)
     else:
-        row_weight = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float32, device=x.device)
+        keep = None
+    row_group = _check_groups(groups, num_groups, lead, x.device, _want_check(check_inputs))
+    if row_group is None:
+        if keep is None:
+            row_weight = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float32, device=x.device)
+        else:
+            # 1/#kept on kept rows (0/1 = 0 when none are kept: mean_probs is then all zeros).
+            row_weight = keep / keep.sum().clamp_min(1.0)
+    else:
+        keep = torch.ones(n, dtype=torch.float32, device=x.device) if keep is None else keep
+        # 1/#kept rows of the row's group (integer counts, exact in fp32 below 2^24; an empty
+        # group's row of mean_probs stays zero).
+        counts = keep.new_zeros(num_groups).index_add_(0, row_group, keep)
+        row_weight = keep / counts.clamp_min(1.0)[row_group]
     if _want_check(check_inputs):
         _check_finite("x", x)
         _check_finite("codebook", codebook)
     xo, co, op_metric = _softmax_operands(x2, codebook, metric)
+    extra = () if row_group is None else (row_group, num_groups)
     lse, entropy, mean_probs = dispatch.call(
-        "code_distribution", backend, x.device, xo, co, row_weight, temperature, op_metric
+        "code_distribution", backend, x.device, xo, co, row_weight, temperature, op_metric, *extra
     )
     return lse.reshape(lead), entropy.reshape(lead), mean_probs
+
+
+def _check_groups(groups, num_groups, lead, device, check_values: bool):
+    """``groups`` flattened to ``[N]`` int64 (None when not grouped), validated."""
+    if groups is None:
+        if num_groups is not None:
+            raise ValueError("num_groups is only used with groups (pass both or neither)")
+        return None
+    groups = _require_tensor("groups", groups)
+    if num_groups is None:
+        raise ValueError("groups needs num_groups (the number of groups G; values in [0, G))")
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    if groups.dtype != torch.int64 or tuple(groups.shape) != tuple(lead):
+        raise ValueError(
+            f"groups must be an int64 tensor of shape {list(lead)} (x's shape without D), "
+            f"got {groups.dtype} {list(groups.shape)}"
+        )
+    if groups.device != device:
+        raise ValueError(f"groups is on {groups.device} but x is on {device}")
+    groups = groups.reshape(-1)
+    if check_values and groups.numel():
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < 0 or hi >= num_groups:
+            raise ValueError(
+                f"groups must lie in [0, num_groups = {num_groups}), got values in [{lo}, {hi}]"
+            )
+    return groups
 
 
 def soft_quantize(

@@ -1,9 +1,10 @@
 // ┌────────────────────────────────────────────────────────────────────────────────────────────┐
 // │ codebook_softmax family (schemas in vqkernels/_ops.py, spec in reference/codebook_softmax) │
-// │ code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, τ, metric)                     │
-// │     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)                               │
-// │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[0], x, codebook, row_weight, │
-// │     logsumexp, entropy, τ, metric) -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)   │
+// │ code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, τ, metric, row_group[N]|None,  │
+// │     G) -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32 ([G,K] with row_group))     │
+// │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[G,K]|[0], x, codebook,       │
+// │     row_weight, logsumexp, entropy, τ, metric, row_group, G)                               │
+// │     -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)                                  │
 // │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric)                                   │
 // │     -> (out[N,D] dtype x, lse[N] f32, indices[N] i64 = argmax_k l_ik, ties -> lowest)      │
 // │ soft_quantize_backward(grad_out, x, keys, values, out, lse, τ, metric)                     │
@@ -57,6 +58,28 @@ at::Tensor relative_lse(const Problem& P, const at::Tensor& lse) {
   return rel;
 }
 
+// Grouped mean_probs: the group of every padded row (padding rows: group 0, weight 0), checked to
+// lie in [0, G); nullopt -> ungrouped (one group).
+std::vector<int64_t> padded_groups(const std::optional<at::Tensor>& row_group, int64_t num_groups,
+                                   int64_t N, int64_t R, const char* op) {
+  std::vector<int64_t> groups(R, 0);
+  if (!row_group.has_value()) return groups;
+  const at::Tensor& g = *row_group;
+  TORCH_CHECK(num_groups >= 1, "vqkernels.", op, ": row_group needs num_groups >= 1, got ",
+              num_groups);
+  TORCH_CHECK(g.scalar_type() == at::kLong && g.numel() == N, "vqkernels.", op,
+              ": row_group must be int64 with N = ", N, " entries, got ", g.scalar_type(), " ",
+              g.sizes());
+  const at::Tensor gc = g.contiguous();
+  const int64_t* gp = gc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(gp[i] >= 0 && gp[i] < num_groups, "vqkernels.", op, ": row_group[", i, "] = ",
+                gp[i], " is outside [0, num_groups = ", num_groups, ")");
+    groups[i] = gp[i];
+  }
+  return groups;
+}
+
 at::Tensor padded(const at::Tensor& t, int64_t len, float fill) {
   auto out = at::full({len}, fill, t.options().dtype(at::kFloat));
   if (t.numel()) out.narrow(0, 0, t.numel()).copy_(t);
@@ -70,11 +93,10 @@ void check_2d_pair(const at::Tensor& x, const at::Tensor& cb, const char* op) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tensor& x,
-                                                                 const at::Tensor& codebook,
-                                                                 const at::Tensor& row_weight,
-                                                                 double temperature,
-                                                                 c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
+    const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& row_weight,
+    double temperature, c10::string_view metric_name, const std::optional<at::Tensor>& row_group,
+    int64_t num_groups) {
   check_2d_pair(x, codebook, "code_distribution");
   const Metric metric = parse_softmax_metric(metric_name, "code_distribution");
   TORCH_CHECK(temperature > 0.0, "vqkernels.code_distribution: temperature must be > 0");
@@ -82,10 +104,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tenso
   TORCH_CHECK(row_weight.numel() == N, "vqkernels.code_distribution (cpu backend): row_weight ",
               "must have N = ", N, " entries, got ", row_weight.sizes());
   auto f32 = x.options().dtype(at::kFloat);
+  const bool grouped = row_group.has_value();
+  const int64_t G = grouped ? num_groups : 1;
   auto lse = at::empty({N}, f32), entropy = at::empty({N}, f32);
-  auto mean_probs = at::zeros({K}, f32);
-  if (N == 0) return {lse, entropy, mean_probs};
+  auto mean_probs = grouped ? at::zeros({G, K}, f32) : at::zeros({K}, f32);
   const int64_t nb = (N + kRows - 1) / kRows;
+  const std::vector<int64_t> groups =
+      padded_groups(row_group, num_groups, N, nb * kRows, "code_distribution");
+  if (N == 0) return {lse, entropy, mean_probs};
   const Packed pk = pack(x, codebook, nb);
   const Problem P = problem(pk, metric, temperature, N);
   auto lse_rel = at::empty({nb * kRows}, f32);
@@ -123,23 +149,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tenso
   const at::Tensor w = padded(row_weight, nb * kRows, 0.0f);
   const float* wp = w.data_ptr<float>();
   float* mpp = mean_probs.data_ptr<float>();
+  const int64_t* grp = groups.data();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+    // acc[g·kCodes + j]: this tile's sums per group, fp64 across rows (ungrouped: G = 1).
+    std::vector<double> acc(G * kCodes);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
-        double acc[kCodes] = {};
+        std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t b = 0; b < nb; ++b) {
           logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
           const float* lr = lrp + b * kRows;
           const float* wr = wp + b * kRows;
+          const int64_t* gr = grp + b * kRows;
           for (int64_t j = 0; j < nc; ++j) {
             float* lj = l.data() + j * kRows;
             for (int r = 0; r < kRows; ++r) lj[r] = wr[r] * exp_neg(lj[r] - lr[r]);
-            acc[j] += hsum_rows(lj);
+            if (!grouped) {
+              acc[j] += hsum_rows(lj);
+            } else {
+              // Rows in increasing order, each into its group (fixed order: deterministic).
+              for (int r = 0; r < kRows; ++r) acc[gr[r] * kCodes + j] += lj[r];
+            }
           }
         }
-        for (int64_t j = 0; j < nc; ++j) mpp[k0 + j] = static_cast<float>(acc[j]);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t j = 0; j < nc; ++j)
+            mpp[g * K + k0 + j] = static_cast<float>(acc[g * kCodes + j]);
       }
     });
   });
@@ -150,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     const at::Tensor& grad_lse, const at::Tensor& grad_entropy, const at::Tensor& grad_mp,
     const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& row_weight,
     const at::Tensor& lse, const at::Tensor& entropy, double temperature,
-    c10::string_view metric_name) {
+    c10::string_view metric_name, const std::optional<at::Tensor>& row_group,
+    int64_t num_groups) {
   check_2d_pair(x, codebook, "code_distribution_backward");
   const Metric metric = parse_softmax_metric(metric_name, "code_distribution_backward");
   const int64_t N = x.size(0), K = codebook.size(0), D = x.size(1);
@@ -160,13 +198,19 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
               "must have N entries or none");
   TORCH_CHECK(!has_h || grad_entropy.numel() == N, "code_distribution_backward: grad_entropy ",
               "must have N entries or none");
-  TORCH_CHECK(!has_m || grad_mp.numel() == K, "code_distribution_backward: grad_mean_probs ",
-              "must have K entries or none");
+  const bool grouped = row_group.has_value();
+  const int64_t G = grouped ? num_groups : 1;
+  TORCH_CHECK(!has_m || grad_mp.numel() == G * K, "code_distribution_backward: grad_mean_probs ",
+              "must have G·K = ", G * K, " entries or none, got ", grad_mp.sizes());
   auto f32 = x.options().dtype(at::kFloat);
   if (N == 0 || (!has_l && !has_h && !has_m)) {
     return {at::zeros({N, D}, x.options()), at::zeros({K, D}, codebook.options())};
   }
   const int64_t nb = (N + kRows - 1) / kRows, R = nb * kRows;
+  // Row offsets into grad_mean_probs [G, K]: row i reads g_ik = grad_mp[group_i, k].
+  std::vector<int64_t> goff =
+      padded_groups(row_group, num_groups, N, R, "code_distribution_backward");
+  for (auto& o : goff) o *= K;
   const Packed pk = pack(x, codebook, nb);
   const Problem P = problem(pk, metric, temperature, N);
   const at::Tensor lrel = relative_lse(P, lse.to(at::kFloat));
@@ -175,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   const at::Tensor hh = padded(entropy.to(at::kFloat), R, 0.f);
   const at::Tensor w = padded(row_weight.to(at::kFloat), R, 0.f);
   const at::Tensor gm = has_m ? grad_mp.to(at::kFloat).contiguous() : at::zeros({K}, f32);
+  const int64_t* gop = goff.data();
   at::Tensor gbar = at::zeros({R}, f32);
   const float *lrp = lrel.data_ptr<float>(), *glp = gl.data_ptr<float>(),
               *ghp = gh.data_ptr<float>(), *hp = hh.data_ptr<float>(), *wp = w.data_ptr<float>(),
@@ -191,14 +236,21 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
         for (int64_t b = b0; b < b1; ++b) {
           const float* lr = lrp + b * kRows;
           double acc[kRows] = {};
+          const int64_t* go = gop + b * kRows;
           for (int64_t t = 0; t < P.nt; ++t) {
             const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
             logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
             float part[kRows] = {};
             for (int64_t j = 0; j < nc; ++j) {
-              const float g = gmp[k0 + j];
-              for (int r = 0; r < kRows; ++r)
-                part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), g, part[r]);
+              if (!grouped) {
+                const float g = gmp[k0 + j];
+                for (int r = 0; r < kRows; ++r)
+                  part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), g, part[r]);
+              } else {
+                for (int r = 0; r < kRows; ++r)
+                  part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), gmp[go[r] + k0 + j],
+                                     part[r]);
+              }
             }
             for (int r = 0; r < kRows; ++r) acc[r] += part[r];
           }
@@ -213,16 +265,21 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     logits_tile(P, P.cb, b, k0, nc, l, coef);
     const float *lr = lrp + b * kRows, *a = glp + b * kRows, *bh = ghp + b * kRows,
                 *h = hp + b * kRows, *wr = wp + b * kRows, *gb = gbp + b * kRows;
+    const int64_t* go = gop + b * kRows;
+    // ∂L/∂l = p·(g_lse − g_H·(log p + H) + w·(g_k − ḡ)), with log p floored at −88 where p is 0
+    // anyway (padding rows have lse = +inf: this keeps 0·(−inf) out of the product).
+    auto dl = [&](float lv, int r, float g) VQK_INLINE {
+      const float z = std::max(lv - lr[r], -88.0f);
+      const float p = exp_neg(z);
+      return p * ((a[r] - bh[r] * (z + h[r])) + wr[r] * (g - gb[r]));
+    };
     for (int64_t j = 0; j < nc; ++j) {
-      const float g = gmp[k0 + j];
       float* lj = l + j * kRows;
-      for (int r = 0; r < kRows; ++r) {
-        // log p, floored at −88 where p is 0 anyway (padding rows have lse = +inf: this keeps
-        // 0·(−inf) out of the product below).
-        const float z = std::max(lj[r] - lr[r], -88.0f);
-        const float p = exp_neg(z);
-        // ∂L/∂l = p·(g_lse − g_H·(log p + H) + w·(g_k − ḡ))
-        lj[r] = p * ((a[r] - bh[r] * (z + h[r])) + wr[r] * (g - gb[r]));
+      if (!grouped) {
+        const float g = gmp[k0 + j];
+        for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, g);
+      } else {
+        for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, gmp[go[r] + k0 + j]);
       }
     }
     scale_to_e(P, nc, l, coef);
