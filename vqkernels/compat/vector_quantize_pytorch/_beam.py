@@ -133,7 +133,7 @@ class TopkCandidates:
         if training and vq.has_codebook_diversity_loss:
             self.diversity = _diversity(vq, flat, self.embed, x.shape[-2])
         if training and vq.has_codebook_orthogonal_loss:
-            self.orthogonal = _orthogonal(vq, self.idx)
+            self.orthogonal = _losses.orthogonal_reg_loss(vq, self.idx)
 
     def _compose(self, commit):
         """LR's per-candidate loss from its commitment term, with LR's arithmetic order."""
@@ -198,23 +198,10 @@ class TopkCandidates:
         return quantize, idx, self._compose(commit), commit
 
 
-def _diversity(vq, flat, embed, groups):
-    # LR: -entropy(mean over the rows of each group of softmax(dist · T)).mean()
-    kind = "dot" if vq.use_cosine_sim else "neg_cdist"
-    xs = flat.reshape(-1, groups, flat.shape[-1])
-    probs = _streamed.mean_probs_by_position(xs, embed, kind, vq.codebook_diversity_temperature)
-    return -_losses.entropy(probs).mean()
-
-
-def _orthogonal(vq, idx):
-    codebook = vq._codebook.embed
-    if vq.orthogonal_reg_active_codes_only:
-        codebook = codebook[:, torch.unique(idx)]
-    num_codes = codebook.shape[-2]
-    if vq.orthogonal_reg_max_codes is not None and num_codes > vq.orthogonal_reg_max_codes:
-        rand_ids = torch.randperm(num_codes, device=idx.device)[: vq.orthogonal_reg_max_codes]
-        codebook = codebook[:, rand_ids]
-    return _losses.orthogonal_loss(codebook)
+def _diversity(vq, flat, embed, positions):
+    # LR's diversity loss over every candidate row; its "position" is dim -2 of the rows
+    return _losses.diversity_loss(flat.unsqueeze(0), embed.unsqueeze(0), _losses.metric_for(vq.use_cosine_sim),
+                                  positions, vq.codebook_diversity_temperature, vq.backend)
 
 
 def vq_topk_forward(vq, x, topk, mask=None, lens=None, sample_codebook_temp=None, freeze_codebook=None,

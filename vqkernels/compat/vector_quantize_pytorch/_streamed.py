@@ -1,14 +1,14 @@
 """Row-chunked codebook-softmax helpers and the rotation-trick estimator for the VQ drop-ins.
 
 vector-quantize-pytorch (LR) materializes the full ``[N, K]`` distance matrix for its soft terms
-(Gumbel sampling, Gumbel straight-through, codebook-diversity loss, cross-entropy commitment loss,
-``indices=`` loss).  Here the same math runs over chunks of rows, each chunk under activation
-checkpointing, so forward *and* backward memory is ``O(chunk·K)``, never ``N x K``.
+(Gumbel sampling, Gumbel straight-through).  Here the same math runs over chunks of rows, each
+chunk under activation checkpointing, so forward *and* backward memory is ``O(chunk·K)``, never
+``N x K``.
 
 PLAIN-PYTORCH STAND-INS (to be switched to the fused ops):
-* ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution`` (grouped
-  ``mean_probs``) / ``vqkernels.soft_quantize`` (issue 11; its ``"euclidean"`` metric is LR's
-  ``-cdist``).  The cross-entropy terms already run on ``code_distribution`` (see ``_losses``).
+* ``soft_codes`` -> ``vqkernels.soft_quantize`` (issue 11; its ``"euclidean"`` metric is LR's
+  ``-cdist``).  The cross-entropy and diversity losses already run on ``code_distribution`` (see
+  ``_losses``).
 * ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
   of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
   the whole matrix, so the codes follow the same distribution (not the same draws).
@@ -48,24 +48,6 @@ def _maybe_checkpoint(fn, *args):
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def mean_probs_by_position(xs: torch.Tensor, embed: torch.Tensor, kind: str, scale: float):
-    """``xs: [B, n, d]`` -> ``[n, K]`` = mean over B of ``softmax(scale·logits)`` (LR's
-    ``reduce(prob, '... n l -> n l', 'mean')`` for one codebook), chunked over B."""
-    b, n = xs.shape[0], xs.shape[1]
-    k = embed.shape[0]
-    step = max(1, _rows_per_chunk(k) // max(n, 1))
-
-    def one(xc, e):
-        p = (logits(xc.reshape(-1, xc.shape[-1]), e, kind) * scale).softmax(dim=-1)
-        return p.reshape(xc.shape[0], n, k).sum(0)
-
-    total = None
-    for xc in xs.split(step):
-        part = _maybe_checkpoint(one, xc, embed)
-        total = part if total is None else total + part
-    return total / b
 
 
 def soft_codes(x: torch.Tensor, embed: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:

@@ -15,8 +15,11 @@ evaluated on every code for every row, plain PyTorch as LR — the per-row codeb
 ``N x K x d`` by construction), and the layer options of ``VectorQuantize`` (rotation trick by
 default, k-means, dead codes, cosine, ...).
 
-Refused (``NotImplementedError``): ``beam_size``/``eval_beam_size`` (beam search over codes) — use
-the upstream package for that.  Where LR 1.32 itself fails we do what it evidently intends:
+Beam search (``beam_size``, ``eval_beam_size``, ``beam_score_quantizer_weights``,
+``forward(beam_size=)``): LR's search, scores, losses and indices of the best path, on a row-chunked
+top-k (see :mod:`._beam`); after a training beam search every depth's codebook is updated from the
+residual it quantized on the chosen path (LR 1.32 updates depth 0 only: a bug, not reproduced).
+Where LR 1.32 itself fails we do what it evidently intends:
 ``forward(indices=...)`` (LR unpacks a 2-tuple into 3 names) returns ``(quantized, Σ per-depth
 cross-entropy)``; ``accept_image_fmap`` (LR's index bookkeeping only works when C == H == W)
 returns indices ``[B, H, W, Q]`` (equal to LR's where LR works).
