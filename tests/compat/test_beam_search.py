@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vqkernels.compat import GroupedResidualVQ, ResidualVQ, VectorQuantize
-from vqkernels.compat.vector_quantize_pytorch import _beam
+from vqkernels.compat.vector_quantize_pytorch import _streamed
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -136,21 +136,22 @@ def test_vq_topk_refusals_and_clamp():
 
 
 def test_topk_codes_chunks_equal_one_full_search(monkeypatch):
-    # the row-chunked top-k (never N x K) equals topk of the full logits, also with noise: the
-    # chunks draw the Gumbel noise in LR's order
+    # the row-chunked top-k (never N x K) equals LR's topk of the full logits, also with noise:
+    # the chunks draw the Gumbel noise in LR's order
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist
+
     g = torch.Generator().manual_seed(0)
     x, e = torch.randn(37, 6, generator=g), torch.randn(11, 6, generator=g)
+    assert torch.equal(_streamed.topk_codes(x, e, 4, "neg_cdist", 1.0, False),
+                       (-cdist(x[None], e[None]))[0].topk(4, dim=-1).indices)
     for kind, stochastic in (("neg_cdist", False), ("dot", False), ("neg_cdist", True)):
         torch.manual_seed(3)
-        full = _beam.topk_codes(x, e, 4, kind, 0.5, stochastic)
-        monkeypatch.setattr(_beam, "_CHUNK_ELEMS", 30)  # 2 rows per chunk
+        full = _streamed.topk_codes(x, e, 4, kind, 0.5, stochastic)
+        monkeypatch.setattr(_streamed, "_CHUNK_ELEMS", 30)  # 2 rows per chunk
         torch.manual_seed(3)
-        chunked = _beam.topk_codes(x, e, 4, kind, 0.5, stochastic)
+        chunked = _streamed.topk_codes(x, e, 4, kind, 0.5, stochastic)
         monkeypatch.undo()
         assert torch.equal(full, chunked)
-    from vector_quantize_pytorch.vector_quantize_pytorch import cdist
-    assert torch.equal(full if False else _beam.topk_codes(x, e, 4, "neg_cdist", 1.0, False),
-                       (-cdist(x[None], e[None]))[0].topk(4, dim=-1).indices)
 
 
 # ---------------------------------------------------------------------------- ResidualVQ(beam_size=)

@@ -36,30 +36,12 @@ import torch.nn.functional as F
 
 from . import _losses, _streamed
 
-# rows per chunk of the top-k search: chunk·K fp32 logits (+ noise) stay around 8 MiB
+# rows per chunk of the candidates' scores: chunk·k·d fp32 gathered codes stay around 8 MiB
 _CHUNK_ELEMS = 1 << 21
 
 LossBreakdown = namedtuple(
     "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
 )
-
-
-@torch.no_grad()
-def topk_codes(flat: torch.Tensor, embed: torch.Tensor, k: int, kind: str, temperature: float,
-               stochastic: bool) -> torch.Tensor:
-    """``flat: [N, d]``, ``embed: [K, d]`` -> ``[N, k] int64``: LR's ``gumbel_sample(topk=k)``
-    indices, best first (``topk`` of ``logits`` or of ``logits/τ + g`` with LR's Gumbel noise
-    ``g = −log(−log U)``, logs clamped at 1e-20).  Row chunks: O(chunk·K) memory; the noise is
-    drawn chunk after chunk in row order, which is LR's order for one ``[N, K]`` draw."""
-    step = max(1, _CHUNK_ELEMS // max(embed.shape[0], 1))
-    out = []
-    for xc in flat.split(step):
-        lg = _streamed.logits(xc, embed, kind)
-        if stochastic:
-            u = torch.zeros_like(lg).uniform_(0, 1)
-            lg = lg / temperature - torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
-        out.append(lg.topk(k, dim=-1).indices)
-    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long, device=flat.device)
 
 
 @torch.no_grad()
@@ -120,7 +102,7 @@ class TopkCandidates:
         temp = cb.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         kind = "dot" if cb.use_cosine_sim else "neg_cdist"
         stochastic = training and cb.stochastic_sample_codes and temp > 0
-        idx = topk_codes(flat.detach(), self.embed.detach(), k, kind, temp, stochastic)
+        idx = _streamed.topk_codes(flat.detach(), self.embed.detach(), k, kind, temp, stochastic)
         self.idx = idx.reshape(*x.shape[:-1], k)
         self.commit = _candidate_mse(flat.detach(), self.embed.detach(), idx).reshape(self.idx.shape)
         if self.mask is not None:
