@@ -29,8 +29,6 @@ commitment / in-place optimizer in training).  Uninitialized ``kmeans_init`` (LR
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 import torch
 import torch.nn.functional as F
 
@@ -38,11 +36,6 @@ from . import _losses, _streamed
 
 # rows per chunk of the candidates' scores: chunk·k·d fp32 gathered codes stay around 8 MiB
 _CHUNK_ELEMS = 1 << 21
-
-LossBreakdown = namedtuple(
-    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
-)
-
 
 @torch.no_grad()
 def _candidate_mse(flat: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -237,7 +230,7 @@ def vq_topk_forward(vq, x, topk, mask=None, lens=None, sample_codebook_temp=None
         commit = commit.squeeze(1) if commit.ndim > 1 else commit
     if not return_loss_breakdown:
         return quantize, idx, loss
-    return quantize, idx, loss, LossBreakdown(commit, cand.diversity, cand.orthogonal, vq.zero)
+    return quantize, idx, loss, _losses.LossBreakdown(commit, cand.diversity, cand.orthogonal, vq.zero)
 
 
 def check_beam(rvq, beam_size: int, return_loss: bool) -> None:

@@ -14,10 +14,17 @@ codes (``H`` = 1, or the heads with separate codebooks); every op call takes one
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 import torch.nn.functional as F
 
 from ... import functional as vqf
+
+#: LR's ``return_loss_breakdown`` tuple
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+)
 
 
 def metric_for(use_cosine_sim: bool) -> str:

@@ -36,7 +36,6 @@ a shape mismatch there); stochastic draws follow LR's distribution, not its exac
 
 from __future__ import annotations
 
-from collections import namedtuple
 from math import sqrt
 
 import torch
@@ -47,13 +46,9 @@ from ... import dispatch
 from ... import distributed as vqdist
 from . import _beam, _layout, _losses, _streamed
 from ._codebook import Codebook
+from ._losses import LossBreakdown
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
-
-LossBreakdown = namedtuple(
-    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
-)
-
 
 def _unsupported(name: str, why: str) -> NotImplementedError:
     return NotImplementedError(f"vqkernels.compat.VectorQuantize does not support {name} ({why})")
