@@ -37,7 +37,13 @@ def logits(x: torch.Tensor, embed: torch.Tensor, kind: str) -> torch.Tensor:
     # LR's cdist: the clamp keeps sqrt's gradient finite at 0 (rows that coincide with a code)
     x2 = (x * x).sum(-1, keepdim=True)
     y2 = (embed * embed).sum(-1)
-    return -(x2 + y2 - 2.0 * (x @ embed.t())).clamp(min=1e-8).sqrt()
+    if torch.is_grad_enabled() and (x.requires_grad or embed.requires_grad):
+        return -(x2 + y2 - 2.0 * (x @ embed.t())).clamp(min=1e-8).sqrt()
+    # without autograd (the searches): the same float ops in LR's order, (x² + y²) + (−2·x·y),
+    # in place on two [n, K] buffers instead of five (memory and passes of the row chunks)
+    out = x @ embed.t()
+    out.mul_(-2.0).add_(x2 + y2)
+    return out.clamp_(min=1e-8).sqrt_().neg_()
 
 
 def _sampling_logits(lg: torch.Tensor, temperature: float, stochastic: bool) -> torch.Tensor:
