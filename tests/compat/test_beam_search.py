@@ -201,8 +201,11 @@ def test_rvq_beam_search_matches_lr(name, masked):
     # a training step: the search, outputs, losses and gradients are LR's
     before = copy.deepcopy(up)
     x_up, x_ours = _twins((2, 24, 8), 0)
-    a, b = _run_both(up, ours, x_up, x_ours, mask=mask, rand_quantize_dropout_fixed_seed=7)
+    # (dropout seed 1: depth 1 is the last one kept, so beam 1 there and depth 2 padded with -1)
+    a, b = _run_both(up, ours, x_up, x_ours, mask=mask, rand_quantize_dropout_fixed_seed=1)
     _assert_outputs(a, b)
+    if ours.quantize_dropout:
+        assert bool((b[1][..., 2] == -1).all()) and bool((b[1][..., 1] >= 0).any())
     _backward_both(a, b, x_up, x_ours)
     # codebooks: depth 0 as LR; every depth as LR's update_indices on the chosen path
     want = _intended_update(before, ours.project_in(x_ours.detach()), b[1], mask)
