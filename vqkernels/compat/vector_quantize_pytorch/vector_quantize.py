@@ -438,7 +438,7 @@ class VectorQuantize(nn.Module):
         chained_commit = None
         if chained:
             chain, depth = self._residual_chain
-            chain.record(embed_ind, embed[0], quantize, self.rotation_trick)
+            chain.record(embed_ind, embed[0], quantize, self.rotation_trick, self.backend)
             quantize, chained_commit = _streamed.chained_estimator(x, quantize, chain, depth, self.rotation_trick)
         elif self.training:
             commit_quantize = (
