@@ -122,6 +122,24 @@ def test_vq_topk_layouts_match_lr(layout):
             _backward_both(a, b, x_up, x_ours)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_vq_topk_with_indices_returns_candidates_and_cross_entropy(training):
+    # LR's early return: (the k candidates before project_out, cross-entropy of the given codes)
+    up, ours = _pair(vqp.VectorQuantize, VectorQuantize, dim=8, codebook_size=16, codebook_dim=4,
+                     learnable_codebook=True, ema_update=False)
+    up.train(training), ours.train(training)
+    x_up, x_ours = _twins((2, 9, 8), 4)
+    codes = torch.randint(-1, 16, (2, 9), generator=torch.Generator().manual_seed(0))
+    (qa, la), (qb, lb) = _run_both(up, ours, x_up, x_ours, topk=3, indices=codes)
+    assert qb.shape == qa.shape == (2, 9, 3, 4)
+    torch.testing.assert_close(qb, qa, **TOL)
+    torch.testing.assert_close(lb, la, **TOL)
+    (qa.sum() + la).backward()
+    (qb.sum() + lb).backward()
+    torch.testing.assert_close(x_ours.grad, x_up.grad, **TOL)
+    torch.testing.assert_close(ours._codebook.embed.grad, up._codebook.embed.grad, **TOL)
+
+
 def test_vq_topk_refusals_and_clamp():
     x = torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="single-head"):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _losses, _streamed
+from . import _layout, _losses, _streamed
 
 # rows per chunk of the candidates' scores: chunk·k·d fp32 gathered codes stay around 8 MiB
 _CHUNK_ELEMS = 1 << 21
@@ -179,11 +179,13 @@ def _diversity(vq, flat, embed, positions):
                                   positions, vq.codebook_diversity_temperature, vq.backend)
 
 
-def vq_topk_forward(vq, x, topk, mask=None, lens=None, sample_codebook_temp=None, freeze_codebook=None,
-                    return_loss_breakdown=False):
+def vq_topk_forward(vq, x, topk, indices=None, mask=None, lens=None, sample_codebook_temp=None,
+                    freeze_codebook=None, return_loss_breakdown=False):
     """LR's ``VectorQuantize.forward(x, topk=k)``: ``quantized [..., k, D]`` (channel-first
     layouts: ``[B, D, ..., k]``), ``indices [..., k]``, ``loss [..., k]`` (per candidate; a scalar
-    in training without per-candidate terms) — no EMA / usage update (LR skips it for top-k)."""
+    in training without per-candidate terms) — no EMA / usage update (LR skips it for top-k).
+    With ``indices=`` (LR's early return): ``(candidates [b, n, k, d] in codebook space, before
+    ``project_out`` and any layout or mask restoration, LR's cross-entropy of the given codes)``."""
     topk = check_topk(vq, topk, vq.training)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}")
@@ -211,6 +213,11 @@ def vq_topk_forward(vq, x, topk, mask=None, lens=None, sample_codebook_temp=None
     h = vq._codebook.transform_input(vq.project_in(x))
     cand = TopkCandidates(vq, h, topk, mask, sample_codebook_temp, freeze_codebook)
     quantize, idx, loss, commit = cand.outputs()
+    if indices is not None:
+        codes = _layout.indices_to_internal(indices, spatial, only_one, 1).reshape(1, -1)
+        ce = _losses.cross_entropy(h.reshape(1, -1, h.shape[-1]).float(), cand.embed.unsqueeze(0), codes,
+                                   _losses.metric_for(vq.use_cosine_sim), vq.backend)
+        return quantize, ce
     quantize = vq.project_out(quantize)
     if mask is not None:  # LR: zeros or the raw input, after project_out
         fill = torch.zeros_like(quantize) if vq.return_zeros_for_masked_padding else x.unsqueeze(-2).expand_as(quantize)

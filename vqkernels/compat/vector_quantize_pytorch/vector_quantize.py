@@ -352,7 +352,10 @@ class VectorQuantize(nn.Module):
         ema_update=None,
     ):
         if topk is not None:
-            return _beam.vq_topk_forward(self, x, topk, mask=mask, lens=lens,
+            if codebook_transform_fn is not None:
+                raise ValueError("topk cannot be combined with codebook_transform_fn= "
+                                 "(vector-quantize-pytorch 1.32 fails there)")
+            return _beam.vq_topk_forward(self, x, topk, indices=indices, mask=mask, lens=lens,
                                          sample_codebook_temp=sample_codebook_temp,
                                          freeze_codebook=freeze_codebook,
                                          return_loss_breakdown=return_loss_breakdown)
