@@ -306,3 +306,14 @@ def test_rvq_beam_search_kmeans_init_from_every_row():
     assert idx.shape == (3, 20, 3) and torch.isfinite(losses).all()
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         rvq(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_rvq_beam_wider_than_a_depths_codebook_matches_lr(training):
+    # per-depth codebook sizes; beam 5 > 4 codes at depth 1 (LR clamps that depth's top-k to 4)
+    up, ours = _pair(vqp.ResidualVQ, ResidualVQ, dim=6, num_quantizers=3, codebook_size=(16, 4, 32), beam_size=5)
+    up.train(training), ours.train(training)
+    x_up, x_ours = _twins((3, 20, 6), 0)
+    a, b = _run_both(up, ours, x_up, x_ours)
+    _assert_outputs(a, b)
+    _backward_both(a, b, x_up, x_ours)
