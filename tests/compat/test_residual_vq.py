@@ -198,7 +198,8 @@ def test_kmeans_on_few_vectors_per_code_matches_lr_bit_for_bit():
 def test_residual_chain_path_is_used_and_matches_general_path(monkeypatch):
     # the default training path saves a recipe per depth instead of its input and codes (the
     # replayed inputs are bit-identical); its gradients equal the general path's (forced here by
-    # disabling it) up to the rounding of the fused commitment-gradient term
+    # disabling it) up to the rounding of the fused backward kernel (quantize_backward, fp64 row
+    # dot products), the one the fused quantize(estimator="rotation") path uses too
     from vqkernels.compat.vector_quantize_pytorch import VectorQuantize, _streamed
 
     kw = dict(dim=8, num_quantizers=4, codebook_size=16, kmeans_init=True, threshold_ema_dead_code=2)
@@ -222,7 +223,7 @@ def test_residual_chain_path_is_used_and_matches_general_path(monkeypatch):
         ((q * g).sum() + losses.sum()).backward()
         grads.append(x.grad)
     assert used == [0, 1, 2, 3]
-    torch.testing.assert_close(grads[0], grads[2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-5, atol=1e-6)
     # the general path on the fused quantize(estimator="rotation") op: same gradient up to the
     # op's own rounding (near-zero residuals have ‖q‖/‖x‖ in the thousands; ulps scale with it)
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-5, atol=1e-6)

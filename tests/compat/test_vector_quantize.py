@@ -112,6 +112,13 @@ CASES = {
     "commit-ce": (dict(dim=12, codebook_size=40, commitment_use_cross_entropy_loss=True), SEQ),
     "commit-ce-heads": (dict(dim=12, codebook_size=24, heads=3, separate_codebook_per_head=True,
                              codebook_dim=4, commitment_use_cross_entropy_loss=True), SEQ),
+    "commit-ce-heads-shared": (dict(dim=12, codebook_size=24, heads=2, commitment_use_cross_entropy_loss=True),
+                               SEQ),
+    "commit-ce-cosine": (dict(dim=12, codebook_size=40, use_cosine_sim=True, codebook_dim=5,
+                              commitment_use_cross_entropy_loss=True), SEQ),
+    # no EMA: LR's codes are not overwritten before backward, so the gradients compare exactly
+    "commit-ce-learnable": (dict(dim=12, codebook_size=40, learnable_codebook=True, ema_update=False,
+                                 commitment_use_cross_entropy_loss=True, commitment_weight=0.7), SEQ),
     "stochastic": (dict(dim=12, codebook_size=40, stochastic_sample_codes=True,
                         sample_codebook_temp=0.7), SEQ),
     "gumbel-straight-through": (dict(dim=12, codebook_size=40, stochastic_sample_codes=True,
@@ -136,7 +143,7 @@ CASES = {
 # losses (diversity, cross-entropy commitment) is taken at the *updated* codes.  Ours is the
 # gradient at the codes the forward used.  Values and EMA state are compared on training steps;
 # gradients exactly on steps with a frozen codebook (where LR's buffer is not overwritten).
-STALE_CODE_GRADIENT = {"diversity", "commit-ce", "commit-ce-heads"}
+STALE_CODE_GRADIENT = {"diversity", "commit-ce", "commit-ce-heads", "commit-ce-heads-shared", "commit-ce-cosine"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -174,15 +181,44 @@ def test_masked_sequences_match(case, how):
     _compare_steps(up, ours, (3, 11, 8), steps=2, check_grad=case != "commit-ce", **fkw)
 
 
-def test_indices_cross_entropy_loss_matches():
-    up, ours = _pair(dim=8, codebook_size=16, heads=2, separate_codebook_per_head=True, codebook_dim=4)
-    x = _input((2, 7, 8), 0)
-    codes = torch.randint(0, 16, (2, 7, 2), generator=torch.Generator().manual_seed(1))
-    up.eval(), ours.eval()
-    qa, la = up(x, indices=codes)
-    qb, lb = ours(x, indices=codes)
+@pytest.mark.parametrize("case", ["heads-separate", "heads-shared", "cosine", "learnable", "image"])
+@pytest.mark.parametrize("training", [False, True])
+def test_indices_cross_entropy_loss_matches(case, training):
+    """``forward(indices=...)``: LR's ``(quantized, F.cross_entropy(dist, indices, ignore_index=-1))``,
+    its value and its gradients to the input and (learnable) codebook; ``-1`` indices ignored."""
+    kw, shape, idx_shape = {
+        "heads-separate": (dict(heads=2, separate_codebook_per_head=True, codebook_dim=4), (2, 7, 8), (2, 7, 2)),
+        "heads-shared": (dict(heads=2), (2, 7, 8), (2, 7, 2)),
+        "cosine": (dict(use_cosine_sim=True, codebook_dim=3), (2, 7, 8), (2, 7)),
+        "learnable": (dict(learnable_codebook=True, ema_update=False), (2, 7, 8), (2, 7)),
+        "image": (dict(accept_image_fmap=True), (2, 8, 3, 4), (2, 12)),  # LR wants [b, (h w)]
+    }[case]
+    up, ours = _pair(dim=8, codebook_size=16, **kw)
+    up.train(training), ours.train(training)
+    x = _input(shape, 0).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    codes = torch.randint(-1, 16, idx_shape, generator=torch.Generator().manual_seed(1))
+    if training and up.ema_update:
+        # an EMA step: same values and buffers (LR's gradient would see the updated codes, see
+        # STALE_CODE_GRADIENT); the gradients are compared below on a frozen-codebook call
+        qa, la = up(x.detach(), indices=codes)
+        qb, lb = ours(x2.detach(), indices=codes)
+        torch.testing.assert_close(lb, la, **TOL)
+        _assert_state_equal(up, ours)
+    fkw = dict(freeze_codebook=True) if training else {}
+    torch.manual_seed(3)
+    qa, la = up(x, indices=codes, **fkw)
+    torch.manual_seed(3)
+    qb, lb = ours(x2, indices=codes, **fkw)
     torch.testing.assert_close(qb, qa, **TOL)
     torch.testing.assert_close(lb, la, **TOL)
+    (qa.sum() + 3 * la).backward()
+    (qb.sum() + 3 * lb).backward()
+    torch.testing.assert_close(x2.grad, x.grad, **TOL)
+    ga, gb = up._codebook.embed.grad, ours._codebook.embed.grad
+    assert (ga is None) == (gb is None)
+    if ga is not None:
+        torch.testing.assert_close(gb, ga, **TOL)
 
 
 def test_manual_and_accumulated_ema_and_weights():
@@ -364,8 +400,6 @@ def test_streamed_terms_equal_direct_formulas(monkeypatch):
         gb = torch.autograd.grad(direct.square().sum(), (x, e))
         for a, b in zip(ga, gb):
             torch.testing.assert_close(a, b)
-        torch.testing.assert_close(_streamed.logsumexp_rows(x.reshape(-1, 5), e, kind),
-                                   torch.logsumexp(full, -1))
         torch.testing.assert_close(_streamed.soft_codes(x.reshape(-1, 5), e, kind, 0.5),
                                    (full / 0.5).softmax(-1) @ e)
 

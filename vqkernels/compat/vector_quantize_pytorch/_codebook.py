@@ -89,7 +89,22 @@ def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tens
     hs, ns = near.nonzero(as_tuple=True)
     for h in hs.unique().tolist():
         rows = ns[hs == h]
-        idx[h, rows] = _streamed.logits(flat[h, rows], codes[h], "neg_cdist").argmax(dim=-1)
+        xr = flat[h, rows]
+        # Rows that are exactly 0 (a residual equal to its code: common in residual stacks
+        # once dead codes are resampled from the batch) all get the same answer: their logits
+        # are -sqrt(clamp(0 + ‖c‖² − 2·0, 1e-8)) = -sqrt(clamp(‖c‖², 1e-8)) bit for bit (x·c = 0
+        # exactly), so one [K] argmax replaces their [rows, K] GEMM.
+        zero = ~xr.ne(0).any(dim=-1)
+        if bool(zero.any()):
+            e = codes[h]
+            zero_choice = (-(e * e).sum(-1).clamp(min=1e-8).sqrt()).argmax()
+            choice = zero_choice.expand(rows.shape[0]).clone()
+            live = (~zero).nonzero().squeeze(-1)
+            if live.numel():
+                choice[live] = _streamed.logits(xr[live], e, "neg_cdist").argmax(dim=-1)
+            idx[h, rows] = choice
+        else:
+            idx[h, rows] = _streamed.logits(xr, codes[h], "neg_cdist").argmax(dim=-1)
     return hs, ns
 
 

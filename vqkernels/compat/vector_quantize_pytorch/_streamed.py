@@ -5,11 +5,10 @@ vector-quantize-pytorch (LR) materializes the full ``[N, K]`` distance matrix fo
 ``indices=`` loss).  Here the same math runs over chunks of rows, each chunk under activation
 checkpointing, so forward *and* backward memory is ``O(chunk·K)``, never ``N x K``.
 
-PLAIN-PYTORCH STAND-INS (to be switched to the fused ops once they land on main):
-* ``logsumexp_rows`` / ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution``
-  / ``vqkernels.soft_quantize`` (issue 11).  LR's Euclidean logits are ``-cdist`` (the NON-squared
-  distance, ``sqrt(clamp(‖x‖²+‖c‖²-2x·c, 1e-8))``), which is not one of that op's metrics, so the
-  ``"neg_cdist"`` logits stay here until the op grows them.
+PLAIN-PYTORCH STAND-INS (to be switched to the fused ops):
+* ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution`` (grouped
+  ``mean_probs``) / ``vqkernels.soft_quantize`` (issue 11; its ``"euclidean"`` metric is LR's
+  ``-cdist``).  The cross-entropy terms already run on ``code_distribution`` (see ``_losses``).
 * ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
   of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
   the whole matrix, so the codes follow the same distribution (not the same draws).
@@ -23,9 +22,13 @@ Logit kinds (``kind``): ``"neg_cdist"`` = ``-‖x - c‖`` exactly as LR's ``cdi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ... import dispatch
 
 # rows per chunk: chunk·K fp32 logits stay around 8 MiB (a handful of such buffers live at once)
 _CHUNK_ELEMS = 1 << 21
@@ -49,38 +52,6 @@ def _maybe_checkpoint(fn, *args):
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def logsumexp_rows(x: torch.Tensor, embed: torch.Tensor, kind: str, scale: float = 1.0):
-    """``logsumexp_k(scale·logit[n, k])`` -> ``[n]``; differentiable, O(chunk·K) memory."""
-    step = _rows_per_chunk(embed.shape[0])
-
-    def one(xc, e):
-        return torch.logsumexp(logits(xc, e, kind) * scale, dim=-1)
-
-    return torch.cat([_maybe_checkpoint(one, xc, embed) for xc in x.split(step)]) if x.shape[0] else x.new_zeros(0)
-
-
-def picked_logits(x: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
-    """``logit[n, idx_n]`` -> ``[n]`` in O(n·d) (the chosen code's logit only)."""
-    c = embed[idx]
-    if kind == "dot":
-        return (x * c).sum(-1)
-    # same formula as `logits` so picked and full logits round alike
-    x2 = (x * x).sum(-1)
-    y2 = (c * c).sum(-1)
-    return -(x2 + y2 - 2.0 * (x * c).sum(-1)).clamp(min=1e-8).sqrt()
-
-
-def cross_entropy_terms(x: torch.Tensor, embed: torch.Tensor, codes: torch.Tensor, kind: str):
-    """Per-row terms of LR's ``F.cross_entropy(dist, codes, ignore_index=-1)``.
-
-    ``x: [n, d]``, ``embed: [K, d]``, ``codes: [n] int64`` (``-1`` = ignored) ->
-    ``(loss [n], keep [n] bool)``; the caller averages ``loss[keep]`` over every codebook."""
-    keep = codes >= 0
-    safe = codes.clamp_min(0)
-    per_row = logsumexp_rows(x, embed, kind) - picked_logits(x, embed, safe, kind)
-    return per_row, keep
 
 
 def mean_probs_by_position(xs: torch.Tensor, embed: torch.Tensor, kind: str, scale: float):
@@ -269,10 +240,15 @@ class ResidualChain:
     def __init__(self, base: torch.Tensor):
         self.base = base.detach()  # kept as given (a view of the input costs nothing)
         self.steps: list[list] = []
+        self.backend = "auto"  # the layers' vqkernels backend (for the fused backward kernel)
+        # Inputs replayed by the backward and kept for a later (lower) depth's backward, see
+        # input(): {depth: [N, d] tensor}; each entry is taken out when its depth asks for it.
+        self._replayed: dict[int, torch.Tensor] = {}
 
-    def record(self, idx, snapshot, q, rotation: bool):
+    def record(self, idx, snapshot, q, rotation: bool, backend: str = "auto"):
         """Depth ``len(steps)``: its indices + code snapshot (or its codes when K >= N); the
         rotation patch (rows with ‖x‖ < 1e-6) is added by the estimator's forward."""
+        self.backend = backend
         empty = q.new_zeros(0, q.shape[-1])
         tiny = torch.zeros(0, dtype=torch.long, device=q.device)
         if snapshot is not None and snapshot.numel() < q.numel():
@@ -298,9 +274,21 @@ class ResidualChain:
 
     def input(self, depth: int) -> torch.Tensor:
         """Depth ``depth``'s input ``[N, d]``: one gather and one subtraction per earlier depth
-        (plus the rare rotation patch rows), the same float ops as the forward's."""
-        r = self.base.reshape(-1, self.base.shape[-1])
-        for i in range(depth):
+        (plus the rare rotation patch rows), the same float ops as the forward's, so the
+        values are bit-identical.
+
+        The backward asks for depths in decreasing order.  Replaying every depth from the base
+        would cost L(L−1)/2 gather+subtract passes for L depths; instead a replay keeps a few
+        of the inputs it passes through (every m-th depth, m = ⌈√L⌉, plus the last m−1 before
+        its target) for the later requests, which then start from the nearest kept input below
+        them: ~2L passes in all (RVQ 8 depths: 10 instead of 28) for at most ~m+1 extra
+        ``[N, d]`` buffers, each freed when its depth takes it."""
+        start = max((j for j in self._replayed if j <= depth), default=0)
+        if start == depth and depth > 0:
+            return self._replayed.pop(depth)
+        r = self._replayed.pop(start) if start > 0 else self.base.reshape(-1, self.base.shape[-1])
+        m = max(1, math.isqrt(max(len(self.steps) - 1, 0)) + 1)
+        for i in range(start, depth):
             q = self.codes(i)
             rotation, tiny, vals = self.step(i)[3:]
             if rotation:
@@ -311,6 +299,9 @@ class ResidualChain:
             else:
                 v = r + (q - r)
             r = r - v
+            j = i + 1
+            if j < depth and (j % m == 0 or j > depth - m):
+                self._replayed[j] = r
         return r
 
 
@@ -344,8 +335,28 @@ class _ChainedEstimator(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_mse):
-        x = ctx.chain.input(ctx.depth).reshape(ctx.shape)
-        q = ctx.chain.codes(ctx.depth).reshape(ctx.shape)
+        chain = ctx.chain
+        x = chain.input(ctx.depth)
+        if g_out is None:
+            g_out = torch.zeros(ctx.shape, dtype=x.dtype, device=x.device)
+        features = ("rotation",) if ctx.rotation else ()
+        if dispatch.resolve(chain.backend, x.device, "quantize", features) in ("cpu", "cuda"):
+            # The fused quantize backward: estimator(g) + (2·1/numel)·g_mse·(x − q) in one pass
+            # over the rows, its per-row dot products in fp64 (the PyTorch formula below uses
+            # fp32 ones: the two agree to fp32 rounding, amplified on near-zero residuals by
+            # the rotation's ‖q‖/‖x‖ as in the fused VQ path).  Codes by index from the
+            # depth's snapshot, or the saved codes themselves with the identity index.
+            idx, snapshot, q = chain.step(ctx.depth)[:3]
+            if idx is None:
+                snapshot, idx = q, torch.arange(q.shape[0], device=q.device)
+            g_loss = g_mse if g_mse is not None else x.new_zeros(())
+            grad, _ = torch.ops.vqkernels.quantize_backward(
+                g_out.reshape(x.shape).contiguous(), g_loss.float(), x, snapshot, idx, 1.0, False,
+                "rotation" if ctx.rotation else "ste",
+            )  # fmt: skip
+            return grad.reshape(ctx.shape), None, None, None, None
+        x = x.reshape(ctx.shape)
+        q = chain.codes(ctx.depth).reshape(ctx.shape)
         grad = _rotation_grad(x, q, g_out) if ctx.rotation else g_out
         if g_mse is not None:
             grad = grad + g_mse * (2.0 / x.numel()) * (x - q)

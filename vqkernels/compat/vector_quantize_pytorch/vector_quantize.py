@@ -9,9 +9,11 @@ Fused: the nearest-code search and the EMA / k-means statistics (see :mod:`._cod
 rotation trick (LR's default for ``dim > 1``) runs in the fused
 ``quantize(..., estimator="rotation")`` op (search + codes + O(d) backward, every head in one
 call), falling back to the O(d)-per-row autograd function :func:`._streamed.rotate_to` where the
-op cannot keep LR's semantics (see ``forward``); the distance-based terms (Gumbel sampling and straight-through,
-``codebook_diversity_loss_weight``, ``commitment_use_cross_entropy_loss``, ``indices=``) are
-streamed over row chunks, never ``N x K``.  Everything else is LR's math in plain PyTorch.
+op cannot keep LR's semantics (see ``forward``); ``commitment_use_cross_entropy_loss`` and the
+``indices=`` loss take their logsumexp from the fused ``code_distribution`` op (see ``_losses``);
+the other distance-based terms (Gumbel sampling and straight-through,
+``codebook_diversity_loss_weight``) are streamed over row chunks, never ``N x K``.  Everything
+else is LR's math in plain PyTorch.
 
 Implemented with LR's semantics: ``heads`` (shared or ``separate_codebook_per_head``),
 ``codebook_dim`` (+ ``layernorm_after_project_in``), ``use_cosine_sim``, EMA (``decay``, ``eps``,
@@ -42,7 +44,7 @@ from torch import nn
 
 from ... import dispatch
 from ... import distributed as vqdist
-from . import _streamed
+from . import _losses, _streamed
 from ._codebook import Codebook
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
@@ -54,18 +56,6 @@ LossBreakdown = namedtuple(
 
 def _unsupported(name: str, why: str) -> NotImplementedError:
     return NotImplementedError(f"vqkernels.compat.VectorQuantize does not support {name} ({why})")
-
-
-def _orthogonal_loss(t: torch.Tensor) -> torch.Tensor:
-    # eq (2) of https://arxiv.org/abs/2112.00384, as LR: [h, n, d] codes
-    h, n = t.shape[:2]
-    normed = F.normalize(t, p=2, dim=-1, eps=1e-6)
-    cosine = torch.einsum("hid,hjd->hij", normed, normed)
-    return (cosine**2).sum() / (h * n**2) - (1 / n)
-
-
-def _entropy(prob: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    return (-prob * torch.log(prob.clamp(min=eps))).sum(dim=-1)
 
 
 class VectorQuantize(nn.Module):
@@ -448,7 +438,7 @@ class VectorQuantize(nn.Module):
         chained_commit = None
         if chained:
             chain, depth = self._residual_chain
-            chain.record(embed_ind, embed[0], quantize, self.rotation_trick)
+            chain.record(embed_ind, embed[0], quantize, self.rotation_trick, self.backend)
             quantize, chained_commit = _streamed.chained_estimator(x, quantize, chain, depth, self.rotation_trick)
         elif self.training:
             commit_quantize = (
@@ -469,22 +459,14 @@ class VectorQuantize(nn.Module):
             if self.sync_update_v > 0.0:
                 quantize = quantize + self.sync_update_v * (quantize - quantize.detach())
 
-        kind = "dot" if self.use_cosine_sim else "neg_cdist"
+        metric = _losses.metric_for(self.use_cosine_sim)
 
         def ce_loss(codes):
             # codes in LR's layout ([b, n] / [b, n, h]) -> per codebook row order of `flatten`
             codes = self._codes_to_flat(codes, flatten.shape[0], shape[0])
             if dist is not None:  # implicit neural codebook: LR's full [H, N, K] logits exist
-                keep = codes >= 0
-                per = torch.logsumexp(dist, -1) - dist.gather(-1, codes.clamp_min(0)[..., None])[..., 0]
-                return (per * keep).sum() / keep.sum()
-            terms, keeps = [], []
-            for h in range(flatten.shape[0]):
-                t, k = _streamed.cross_entropy_terms(flatten[h], embed[h], codes[h], kind)
-                terms.append(t)
-                keeps.append(k)
-            t, k = torch.cat(terms), torch.cat(keeps)
-            return (t * k).sum() / k.sum()
+                return _losses.cross_entropy_from_logits(dist, codes)
+            return _losses.cross_entropy(flatten, embed, codes, metric, self.backend)
 
         if return_loss:
             return quantize, ce_loss(self._indices_to_internal(indices, spatial, only_one))
@@ -495,7 +477,7 @@ class VectorQuantize(nn.Module):
         if self.training:
             loss.requires_grad_()
             if self.has_codebook_diversity_loss:
-                codebook_diversity_loss = self._diversity_loss(flatten, embed, kind, x, dist)
+                codebook_diversity_loss = self._diversity_loss(flatten, embed, metric, x, dist)
                 loss = loss + codebook_diversity_loss * self.codebook_diversity_loss_weight
             if self.has_commitment_loss:
                 if self.commitment_use_cross_entropy_loss:
@@ -529,7 +511,7 @@ class VectorQuantize(nn.Module):
                 if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
                     rand_ids = torch.randperm(num_codes, device=x.device)[: self.orthogonal_reg_max_codes]
                     codebook = codebook[:, rand_ids]
-                orthogonal_reg_loss = _orthogonal_loss(codebook)
+                orthogonal_reg_loss = _losses.orthogonal_loss(codebook)
                 loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
 
         if is_multiheaded:
@@ -618,17 +600,18 @@ class VectorQuantize(nn.Module):
             return codes.permute(2, 0, 1).reshape(num_codebooks, -1)  # h (b n)
         return codes.permute(0, 2, 1).reshape(1, -1)  # 1 (b h n)
 
-    def _diversity_loss(self, flatten, embed, kind, x, dist=None):
+    def _diversity_loss(self, flatten, embed, metric, x, dist=None):
+        kind = "dot" if metric == "dot" else "neg_cdist"
         # LR: prob = softmax(dist·T); avg over every dim but (position n, code); -entropy, mean over n
         n = x.shape[-2]
         scale = self.codebook_diversity_temperature
         if dist is not None:  # implicit neural codebook: the full logits exist already
             prob = (dist * scale).softmax(-1)
-            return -_entropy(prob.reshape(-1, n, prob.shape[-1]).mean(0)).mean()
+            return -_losses.entropy(prob.reshape(-1, n, prob.shape[-1]).mean(0)).mean()
         total = None
         for h in range(flatten.shape[0]):
             xs = flatten[h].reshape(-1, n, flatten.shape[-1])
             part = _streamed.mean_probs_by_position(xs, embed[h], kind, scale) * xs.shape[0]
             total = part if total is None else total + part
         rows = flatten.shape[0] * flatten.shape[1] // n
-        return -_entropy(total / rows).mean()
+        return -_losses.entropy(total / rows).mean()

@@ -1,0 +1,73 @@
+"""Shortcuts in the hot paths of the VQ drop-ins (``compat/vector_quantize_pytorch/_codebook.py``
+and ``_streamed.py``) against the plain formulas they replace.  The LR-vs-ours tests of this folder
+check the same paths end to end; these pin the shortcut cases (exact-zero residual rows, replayed
+residual-stack inputs) directly, on small shapes."""
+
+from __future__ import annotations
+
+import torch
+
+from vqkernels.compat.vector_quantize_pytorch import _codebook, _streamed
+
+
+def _plain_redecide(idx, near, flat, codes):
+    out = idx.clone()
+    for h in range(flat.shape[0]):
+        rows = near[h].nonzero().squeeze(-1)
+        if rows.numel():
+            out[h, rows] = _streamed.logits(flat[h, rows], codes[h], "neg_cdist").argmax(dim=-1)
+    return out
+
+
+def test_redecide_near_rows_zero_rows_take_the_one_row_shortcut():
+    # rows that are exactly 0 (residual = code) decide by -sqrt(clamp(‖c‖², 1e-8)) alone; codes
+    # 3 and 6 are both exactly 0 (an exact tie: the lowest index wins, as LR's argmax), code 9
+    # equals row 1 (a nonzero near row keeps the GEMM path)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(2, 12, 5, generator=g)
+    codes[0, 3] = 0.0
+    codes[0, 6] = 0.0
+    codes[1, 7] = 1e-5  # no exact-zero code in head 1: the smallest norm wins
+    flat = torch.randn(2, 10, 5, generator=g)
+    flat[:, [0, 4, 7]] = 0.0
+    flat[0, 1] = codes[0, 9]
+    near = torch.zeros(2, 10, dtype=torch.bool)
+    near[0, [0, 1, 4, 7]] = True
+    near[1, [4, 7, 8]] = True
+    idx = torch.full((2, 10), 11, dtype=torch.long)
+    want = _plain_redecide(idx, near, flat, codes)
+    hs, ns = _codebook._redecide_near_rows_(idx, near, flat, codes)
+    assert torch.equal(idx, want)
+    assert idx[0, 0] == 3 and idx[0, 1] == 9 and idx[1, 4] == 7 and idx[0, 2] == 11
+    assert torch.equal(torch.stack([hs, ns]), torch.stack(near.nonzero(as_tuple=True)))
+
+
+def _naive_inputs(base, steps):
+    r, out = base.reshape(-1, base.shape[-1]), [base.reshape(-1, base.shape[-1])]
+    for idx, snap in steps:
+        r = r - snap[idx]
+        out.append(r)
+    return out
+
+
+def test_residual_chain_replay_keeps_inputs_for_lower_depths_bit_identical():
+    # the backward asks for depth inputs in decreasing order; kept replayed inputs must give the
+    # same bits as a replay from the base, in any request order, and be released once taken
+    g = torch.Generator().manual_seed(0)
+    depths, n, k, d = 8, 37, 5, 3
+    base = torch.randn(n, d, generator=g)
+    steps = [(torch.randint(0, k, (n,), generator=g), torch.randn(k, d, generator=g)) for _ in range(depths)]
+    want = _naive_inputs(base, steps)
+    empty, tiny = torch.zeros(0, d), torch.zeros(0, dtype=torch.long)
+    for order in (list(range(depths - 1, -1, -1)), [5, 7, 2, 6, 0, 3, 1, 4]):
+        chain = _streamed.ResidualChain(base)
+        for idx, snap in steps:
+            chain.steps.append([idx, snap, None, True, tiny, empty])
+        passes = []
+        real_codes = chain.codes
+        chain.codes = lambda i: passes.append(i) or real_codes(i)
+        for depth in order:
+            assert torch.equal(chain.input(depth), want[depth]), (order, depth)
+        if order[0] == depths - 1:
+            assert not chain._replayed  # every kept input was taken by its depth
+            assert len(passes) <= 2 * depths < depths * (depths - 1) // 2
