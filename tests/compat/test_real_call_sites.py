@@ -35,6 +35,7 @@ differently (see test_residual_vq.py).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import pytest
@@ -67,6 +68,7 @@ class CallSite:
     forward: dict = field(default_factory=dict)  # forward keywords; mask=True -> a random padding mask
     decode: str | None = None  # the helper the project calls on the indices
     steps: int = 3
+    checkpoint: bool = False  # the project wraps the quantizer in torch.utils.checkpoint
 
 
 CALL_SITES = {
@@ -197,6 +199,14 @@ CALL_SITES = {
                            rotation_trick=True, stochastic_sample_codes=True, kmeans_init=True,
                            threshold_ema_dead_code=2, quantize_dropout=True, quantize_dropout_cutoff_index=1,
                            quantize_dropout_multiple_of=1), (2, 40, 12), forward=dict(mask=True, sample_codebook_temp=1.0)),
+    # the same with MeshAutoencoder(checkpoint_quantizer=True): the quantizer call is wrapped in
+    # torch.utils.checkpoint(..., use_reentrant=False), so its forward runs again in backward
+    "meshgpt-rvq-masked-checkpointed": CallSite(
+        "ResidualVQ", dict(dim=12, num_quantizers=2, codebook_size=16, shared_codebook=True, commitment_weight=1.0,
+                           rotation_trick=True, stochastic_sample_codes=True, kmeans_init=True,
+                           threshold_ema_dead_code=2, quantize_dropout=True, quantize_dropout_cutoff_index=1,
+                           quantize_dropout_multiple_of=1), (2, 40, 12), forward=dict(mask=True, sample_codebook_temp=1.0),
+        checkpoint=True),
     # lucidrains/meshgpt-pytorch MeshAutoencoder default (use_residual_lfq=True): ResidualLFQ(dim,
     # num_quantizers, codebook_size, commitment_loss_weight=1., frac_per_sample_entropy=1.,
     # soft_clamp_input_value=10., quantize_dropout=True, quantize_dropout_cutoff_index=1,
@@ -364,9 +374,12 @@ def run_call_site(site):
         h_up, h_ours = _encode(stub_up, x, site.channel_dim), _encode(stub_ours, x, site.channel_dim)
         h_up.retain_grad(), h_ours.retain_grad()
         torch.manual_seed(100 + step)
-        out_up = up(h_up, **fkw)
+        # LR itself cannot checkpoint the k-means-initialising step (the recomputation skips k-means
+        # and saves other tensors: CheckpointError), so checkpointing starts at the second step
+        checkpointed = site.checkpoint and step > 0
+        out_up = _quantize(up, h_up, fkw, checkpointed)
         torch.manual_seed(100 + step)
-        out_ours = ours(h_ours, **fkw)
+        out_ours = _quantize(ours, h_ours, fkw, checkpointed)
         assert type(out_ours).__name__ == type(out_up).__name__
         assert_same(out_up, out_ours, f"step {step}", **TOL)
         opt_up.zero_grad(), opt_ours.zero_grad()
@@ -396,6 +409,36 @@ def run_call_site(site):
             indices = out_up[1]
             assert_same(getattr(up, site.decode)(indices), getattr(ours, site.decode)(indices), site.decode, **TOL)
     _assert_state_equal(up, ours)
+    _assert_pretrained_round_trip(site, up, ours, _encode(stub_up, x, site.channel_dim).detach(), fkw)
+
+
+def _quantize(quantizer, h, fkw, checkpointed):
+    if not checkpointed:
+        return quantizer(h, **fkw)
+    # MeshGPT's checkpoint_quantizer: the forward (EMA update included) runs again in backward.
+    # Early stop off: LR's einx wraps torch's internal _StopRecomputationError into its own
+    # CallOperationError, so LR fails under the default early-stopping recomputation
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        return torch.utils.checkpoint.checkpoint(lambda t: quantizer(t, **fkw), h, use_reentrant=False)
+
+
+def _assert_pretrained_round_trip(site, up, ours, h, fkw):
+    """A checkpoint trained with LR, loaded strictly into a freshly built drop-in (how projects
+    ship pretrained tokenizers), gives LR's eval outputs, and a trained drop-in loads into LR; a
+    deep copy (what EMA-of-weights wrappers such as ema_pytorch make) gives the same outputs."""
+    fresh_ours = getattr(compat, site.cls)(**site.kwargs)
+    fresh_ours.load_state_dict(up.state_dict(), strict=True)
+    fresh_up = getattr(vqp, site.cls)(**site.kwargs)
+    fresh_up.load_state_dict(ours.state_dict(), strict=True)
+    copied = copy.deepcopy(ours)
+    outs = []
+    for model in (up, fresh_ours, fresh_up, copied):
+        model.eval()
+        torch.manual_seed(6)
+        with torch.no_grad():
+            outs.append(model(h, **fkw))
+    for name, out in zip(("LR checkpoint -> fresh ours", "ours -> fresh LR", "deepcopy"), outs[1:]):
+        assert_same(outs[0], out, name, **TOL)
 
 
 @pytest.mark.parametrize("name", list(CALL_SITES))
