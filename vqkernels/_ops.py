@@ -161,7 +161,7 @@ torch.library.register_autograd(
 #     row_group[N] i64 or None, num_groups)
 #     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32, or [G,K] with row_group)
 #     grouped: mean_probs[g] = Σ_{i: row_group_i = g} row_weight_i·p_i (G = num_groups ≥ 1;
-#     group ids outside [0, G) are the caller's error, checked in functional.py)
+#     group ids outside [0, G): an error (checked by functional/ and the cpu kernel)
 # code_distribution_backward(grad_logsumexp[N] or [0], grad_entropy[N] or [0],
 #     grad_mean_probs[K] ([G,K] grouped) or [0], x, codebook, row_weight, logsumexp, entropy,
 #     temperature, metric, row_group, num_groups)
@@ -170,7 +170,7 @@ torch.library.register_autograd(
 #     -> (out[N,D] dtype of x, logsumexp[N] f32, indices[N] i64 = argmax_k logits, ties -> lowest)
 # soft_quantize_backward(grad_out[N,D], x, keys, values, out, logsumexp, temperature, metric)
 #     -> (grad_x, grad_keys, grad_values)
-# metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional.py).
+# metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional/).
 # ---------------------------------------------------------------------------------------------
 
 _lib.define(

@@ -24,7 +24,8 @@
 //                        mean_probs has a gradient), code pass for grad_codebook.
 // Determinism: each output element is produced by exactly one task, which walks the other axis
 // in a fixed order with fixed tile sizes (fp32 within a tile, fp64 across tiles), so results are
-// the same bits on every run and thread count; no atomics, no per-thread partials.
+// the same bits on every run and thread count; no atomics, no per-thread partials.  Tile products
+// go through single-threaded sgemm calls (see "BLAS tile products" in codebook_softmax_tiles.h).
 //
 // Logits of l2 are computed relative to the row constant −‖x‖²/τ (softmax is shift-invariant):
 // l'_ik = (2·x·c − ‖c‖²)/τ; only lse adds −‖x‖²/τ back (in fp64), so p, the entropy and
@@ -91,6 +92,43 @@ void check_2d_pair(const at::Tensor& x, const at::Tensor& cb, const char* op) {
   TORCH_CHECK(cb.size(0) >= 1, "vqkernels.", op, " (cpu backend): the codebook needs K >= 1 codes");
 }
 
+// The grad_x row pass of both backwards: grad_x_i = Σ_k e_ik·c_k − [not dot]·x_i·Σ_k e_ik, where
+// fill_e(b, k0, nc, l, coef, p, gv) leaves the tile's e in l (p, gv: scratch for soft_quantize).
+// Each row block is one task walking the code tiles in order: fp32 tile products, fp64 across.
+template <class FillE>
+void grad_x_pass(const Problem& P, Isa isa, const FillE& fill_e, float* gxp) {
+  const int64_t D = P.D;
+  at::parallel_for(0, P.nb, 1, [&](int64_t b0, int64_t b1) {
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows), gv(kCodes * kRows),
+        part(D * kRows);
+    std::vector<double> acc(D * kRows);
+    with_isa(isa, [&]() VQK_INLINE {
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        double esum[kRows] = {};
+        for (int64_t t = 0; t < P.nt; ++t) {
+          const int64_t k0 = t * kCodes, nc = std::min(kCodes, P.K - k0);
+          fill_e(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
+          accum_rows(P.gemm, l.data(), P.cb + k0 * D, D, nc, part.data());
+          for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
+          for (int64_t j = 0; j < nc; ++j)
+            for (int r = 0; r < kRows; ++r) esum[r] += l[j * kRows + r];
+        }
+        const bool centred = P.metric != Metric::kDot;
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t i = b * kRows + r;
+          if (i >= P.N) break;
+          const float* xr = P.x32 + i * D;
+          for (int64_t d = 0; d < D; ++d)
+            gxp[i * D + d] =
+                static_cast<float>(acc[d * kRows + r] - (centred ? esum[r] * xr[d] : 0.0));
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
@@ -122,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
   const double inv_tau_d = 1.0 / temperature;
 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t b = b0; b < b1; ++b) {
         float m[kRows];
@@ -151,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
   float* mpp = mean_probs.data_ptr<float>();
   const int64_t* grp = groups.data();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows);
     // acc[g·kCodes + j]: this tile's sums per group, fp64 across rows (ungrouped: G = 1).
     std::vector<double> acc(G * kCodes);
     with_isa(isa, [&]() VQK_INLINE {
@@ -231,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     // ḡ_i = Σ_k p_ik g_k (its own row pass: folding it into the grad_x pass would need
     // Σ p g c − ḡ Σ p c, which cancels when g is nearly constant, as for entropy gradients).
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+      SequentialBlas blas;
+      Buf l(kCodes * kRows), coef(kCodes * kRows);
       with_isa(isa, [&]() VQK_INLINE {
         for (int64_t b = b0; b < b1; ++b) {
           const float* lr = lrp + b * kRows;
@@ -286,40 +327,15 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   };
 
   auto gx32 = at::empty({N, D}, f32);
-  float* gxp = gx32.data_ptr<float>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(D * kRows);
-    std::vector<double> acc(D * kRows);
-    with_isa(isa, [&]() VQK_INLINE {
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        double esum[kRows] = {};
-        for (int64_t t = 0; t < P.nt; ++t) {
-          const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
-          e_tile(b, k0, nc, l.data(), coef.data());
-          accum_rows(l.data(), P.cb + k0 * D, D, nc, part.data());
-          for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
-          for (int64_t j = 0; j < nc; ++j)
-            for (int r = 0; r < kRows; ++r) esum[r] += l[j * kRows + r];
-        }
-        const bool centred = P.metric != Metric::kDot;
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t i = b * kRows + r;
-          if (i >= N) break;
-          const float* xr = P.x32 + i * D;
-          for (int64_t d = 0; d < D; ++d) {
-            const double v = acc[d * kRows + r] - (centred ? esum[r] * xr[d] : 0.0);
-            gxp[i * D + d] = static_cast<float>(v);
-          }
-        }
-      }
-    });
-  });
+  grad_x_pass(P, isa, [&](int64_t b, int64_t k0, int64_t nc, float* l, float* coef, float*,
+                          float*) VQK_INLINE { e_tile(b, k0, nc, l, coef); },
+              gx32.data_ptr<float>());
 
   auto gc32 = at::empty({K, D}, f32);
   float* gcp = gc32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D), scratch(4 * D);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acc(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
@@ -328,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           e_tile(b, k0, nc, l.data(), coef.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
+          accum_codes(P.gemm, l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acc[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }
@@ -373,7 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x
   const double inv_tau_d = 1.0 / temperature;
 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(D * kRows);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), part(D * kRows);
     std::vector<double> acc(D * kRows);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t b = b0; b < b1; ++b) {
@@ -424,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x
               ps[r] += e;
             }
           }
-          accum_rows(l.data(), vp + k0 * D, D, nc, part.data());
+          accum_rows(P.gemm, l.data(), vp + k0 * D, D, nc, part.data());
           for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
           for (int r = 0; r < kRows; ++r) S[r] += ps[r];
         }
@@ -479,7 +496,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
   auto tiles = [&](int64_t b, int64_t k0, int64_t nc, float* l, float* coef, float* p,
                    float* gv) VQK_INLINE {
     logits_tile(P, P.cb, b, k0, nc, l, coef);
-    tile_dot(gop + b * D * kRows, vp + k0 * D, D, nc, gv);
+    if (P.gemm_logits) {  // gv (column-major kRows x nc) = GO_b (row-major) · V_tileᵀ
+      sgemm_tile(true, false, kRows, nc, D, gor + b * kRows * D, D, vp + k0 * D, D, gv, kRows);
+    } else {
+      tile_dot(gop + b * D * kRows, vp + k0 * D, D, nc, gv);
+    }
     const float *lr = lrp + b * kRows, *dl = dp + b * kRows;
     for (int64_t i = 0; i < nc; ++i) {
       for (int r = 0; r < kRows; ++r) {
@@ -493,40 +514,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
   };
 
   auto gx32 = at::empty({N, D}, f32);
-  float* gxp = gx32.data_ptr<float>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
-        gv(kCodes * kRows), part(D * kRows);
-    std::vector<double> acc(D * kRows);
-    with_isa(isa, [&]() VQK_INLINE {
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        double esum[kRows] = {};
-        for (int64_t t = 0; t < P.nt; ++t) {
-          const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
-          tiles(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
-          accum_rows(l.data(), P.cb + k0 * D, D, nc, part.data());
-          for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
-          for (int64_t j = 0; j < nc; ++j)
-            for (int r = 0; r < kRows; ++r) esum[r] += l[j * kRows + r];
-        }
-        const bool centred = P.metric != Metric::kDot;
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t i = b * kRows + r;
-          if (i >= N) break;
-          const float* xr = P.x32 + i * D;
-          for (int64_t d = 0; d < D; ++d)
-            gxp[i * D + d] =
-                static_cast<float>(acc[d * kRows + r] - (centred ? esum[r] * xr[d] : 0.0));
-        }
-      }
-    });
-  });
+  grad_x_pass(P, isa, tiles, gx32.data_ptr<float>());
 
   auto gk32 = at::empty({K, D}, f32), gv32 = at::empty({K, D}, f32);
   float *gkp = gk32.data_ptr<float>(), *gvp = gv32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
         gv(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acck(kCodes * D), accv(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
@@ -537,9 +531,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           tiles(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
+          accum_codes(P.gemm, l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acck[i] += part[i];
-          accum_codes(p.data(), gor + b * kRows * D, D, nc, part.data(), scratch.data());
+          accum_codes(P.gemm, p.data(), gor + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) accv[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }
