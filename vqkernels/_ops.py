@@ -157,26 +157,32 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 # codebook_softmax family: code_distribution and soft_quantize (streamed softmax over the codes).
 #
-# code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, temperature, metric)
-#     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)
+# code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, temperature, metric,
+#     row_group[N] i64 or None, num_groups)
+#     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32, or [G,K] with row_group)
+#     grouped: mean_probs[g] = Σ_{i: row_group_i = g} row_weight_i·p_i (G = num_groups ≥ 1;
+#     group ids outside [0, G): an error (checked by functional/ and the cpu kernel)
 # code_distribution_backward(grad_logsumexp[N] or [0], grad_entropy[N] or [0],
-#     grad_mean_probs[K] or [0], x, codebook, row_weight, logsumexp, entropy, temperature, metric)
+#     grad_mean_probs[K] ([G,K] grouped) or [0], x, codebook, row_weight, logsumexp, entropy,
+#     temperature, metric, row_group, num_groups)
 #     -> (grad_x[N,D] dtype of x, grad_codebook[K,D] dtype of codebook)   ([0] grads = zero)
 # soft_quantize(x[N,D], keys[K,D], values[K,D], temperature, metric)
 #     -> (out[N,D] dtype of x, logsumexp[N] f32, indices[N] i64 = argmax_k logits, ties -> lowest)
 # soft_quantize_backward(grad_out[N,D], x, keys, values, out, logsumexp, temperature, metric)
 #     -> (grad_x, grad_keys, grad_values)
-# metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional.py).
+# metric: "l2" | "dot" | "euclidean" (cosine = "dot" on normalized inputs, in functional/).
 # ---------------------------------------------------------------------------------------------
 
 _lib.define(
     "code_distribution(Tensor x, Tensor codebook, Tensor row_weight, float temperature, "
-    "str metric) -> (Tensor logsumexp, Tensor entropy, Tensor mean_probs)"
+    "str metric, Tensor? row_group=None, int num_groups=0) "
+    "-> (Tensor logsumexp, Tensor entropy, Tensor mean_probs)"
 )
 _lib.define(
     "code_distribution_backward(Tensor grad_logsumexp, Tensor grad_entropy, "
     "Tensor grad_mean_probs, Tensor x, Tensor codebook, Tensor row_weight, Tensor logsumexp, "
-    "Tensor entropy, float temperature, str metric) -> (Tensor grad_x, Tensor grad_codebook)"
+    "Tensor entropy, float temperature, str metric, Tensor? row_group=None, int num_groups=0) "
+    "-> (Tensor grad_x, Tensor grad_codebook)"
 )
 _lib.define(
     "soft_quantize(Tensor x, Tensor keys, Tensor values, float temperature, str metric) "
@@ -197,18 +203,26 @@ CODEBOOK_SOFTMAX_OP_NAMES = (
 
 
 @torch.library.register_fake(f"{NAMESPACE}::code_distribution")
-def _code_distribution_fake(x, codebook, row_weight, temperature, metric):
+def _code_distribution_fake(
+    x, codebook, row_weight, temperature, metric, row_group=None, num_groups=0
+):
     torch._check(x.dim() == 2 and codebook.dim() == 2, lambda: "x and codebook must be 2-D")
     torch._check(x.shape[1] == codebook.shape[1], lambda: "x and codebook must share D")
     n, k = x.shape[0], codebook.shape[0]
     f32 = dict(dtype=torch.float32)
-    return x.new_empty((n,), **f32), x.new_empty((n,), **f32), x.new_empty((k,), **f32)
+    if row_group is None:
+        mp_shape = (k,)
+    else:
+        torch._check(num_groups >= 1, lambda: "row_group needs num_groups >= 1")
+        torch._check(row_group.shape == (n,), lambda: "row_group must have N entries")
+        mp_shape = (num_groups, k)
+    return x.new_empty((n,), **f32), x.new_empty((n,), **f32), x.new_empty(mp_shape, **f32)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::code_distribution_backward")
 def _code_distribution_backward_fake(
     grad_logsumexp, grad_entropy, grad_mean_probs, x, codebook, row_weight, logsumexp, entropy,
-    temperature, metric,
+    temperature, metric, row_group=None, num_groups=0,
 ):  # fmt: skip
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -235,9 +249,12 @@ def _soft_quantize_backward_fake(grad_out, x, keys, values, out, logsumexp, temp
 
 
 def _code_distribution_setup_context(ctx, inputs, output):
-    x, codebook, row_weight, temperature, metric = inputs
+    x, codebook, row_weight, temperature, metric = inputs[:5]
+    row_group = inputs[5] if len(inputs) > 5 else None
+    ctx.num_groups = inputs[6] if len(inputs) > 6 else 0
+    ctx.num_inputs = len(inputs)
     logsumexp, entropy, _ = output
-    ctx.save_for_backward(x, codebook, row_weight, logsumexp, entropy)
+    ctx.save_for_backward(x, codebook, row_weight, logsumexp, entropy, row_group)
     ctx.temperature = temperature
     ctx.metric = metric
 
@@ -246,7 +263,7 @@ def code_distribution_autograd(namespace: str = NAMESPACE):
     """The backward of ``<namespace>::code_distribution`` (tests reuse it for the reference ops)."""
 
     def backward(ctx, grad_logsumexp, grad_entropy, grad_mean_probs):
-        x, codebook, row_weight, logsumexp, entropy = ctx.saved_tensors
+        x, codebook, row_weight, logsumexp, entropy, row_group = ctx.saved_tensors
         # An absent gradient travels as an empty tensor: the kernels then skip that term (and,
         # for mean_probs, a whole streamed pass).
         empty = x.new_empty((0,), dtype=torch.float32)
@@ -256,9 +273,10 @@ def code_distribution_autograd(namespace: str = NAMESPACE):
         ]
         op = getattr(torch.ops, namespace).code_distribution_backward
         grad_x, grad_cb = op(
-            *grads, x, codebook, row_weight, logsumexp, entropy, ctx.temperature, ctx.metric
-        )
-        return grad_x, grad_cb, None, None, None
+            *grads, x, codebook, row_weight, logsumexp, entropy, ctx.temperature, ctx.metric,
+            row_group, ctx.num_groups,
+        )  # fmt: skip
+        return (grad_x, grad_cb) + (None,) * (ctx.num_inputs - 2)
 
     return backward
 

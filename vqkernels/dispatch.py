@@ -246,7 +246,8 @@ def _sig(name: str, keep: int) -> OpFn:
 #   ema_update_(codebook, cluster_size, embed_sum, x, indices, decay, eps) -> None
 #   quantize(x, codebook, beta, metric, codebook_loss, estimator, precision)
 #       -> (quantized, indices, loss)
-#   code_distribution(x, codebook, row_weight, temperature, metric) -> (lse, entropy, mean_probs)
+#   code_distribution(x, codebook, row_weight, temperature, metric[, row_group, num_groups])
+#       -> (lse, entropy, mean_probs [K] or [G, K])
 #   soft_quantize(x, keys, values, temperature, metric) -> (out, lse)
 OP_TABLE: dict[str, dict[str, OpFn]] = {
     "nearest_code": {

@@ -1,9 +1,10 @@
 // ┌────────────────────────────────────────────────────────────────────────────────────────────┐
 // │ codebook_softmax family (schemas in vqkernels/_ops.py, spec in reference/codebook_softmax) │
-// │ code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, τ, metric)                     │
-// │     -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32)                               │
-// │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[0], x, codebook, row_weight, │
-// │     logsumexp, entropy, τ, metric) -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)   │
+// │ code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, τ, metric, row_group[N]|None,  │
+// │     G) -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32 ([G,K] with row_group))     │
+// │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[G,K]|[0], x, codebook,       │
+// │     row_weight, logsumexp, entropy, τ, metric, row_group, G)                               │
+// │     -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)                                  │
 // │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric)                                   │
 // │     -> (out[N,D] dtype x, lse[N] f32, indices[N] i64 = argmax_k l_ik, ties -> lowest)      │
 // │ soft_quantize_backward(grad_out, x, keys, values, out, lse, τ, metric)                     │
@@ -23,7 +24,8 @@
 //                        mean_probs has a gradient), code pass for grad_codebook.
 // Determinism: each output element is produced by exactly one task, which walks the other axis
 // in a fixed order with fixed tile sizes (fp32 within a tile, fp64 across tiles), so results are
-// the same bits on every run and thread count; no atomics, no per-thread partials.
+// the same bits on every run and thread count; no atomics, no per-thread partials.  Tile products
+// go through single-threaded sgemm calls (see "BLAS tile products" in codebook_softmax_tiles.h).
 //
 // Logits of l2 are computed relative to the row constant −‖x‖²/τ (softmax is shift-invariant):
 // l'_ik = (2·x·c − ‖c‖²)/τ; only lse adds −‖x‖²/τ back (in fp64), so p, the entropy and
@@ -57,6 +59,28 @@ at::Tensor relative_lse(const Problem& P, const at::Tensor& lse) {
   return rel;
 }
 
+// Grouped mean_probs: the group of every padded row (padding rows: group 0, weight 0), checked to
+// lie in [0, G); nullopt -> ungrouped (one group).
+std::vector<int64_t> padded_groups(const std::optional<at::Tensor>& row_group, int64_t num_groups,
+                                   int64_t N, int64_t R, const char* op) {
+  std::vector<int64_t> groups(R, 0);
+  if (!row_group.has_value()) return groups;
+  const at::Tensor& g = *row_group;
+  TORCH_CHECK(num_groups >= 1, "vqkernels.", op, ": row_group needs num_groups >= 1, got ",
+              num_groups);
+  TORCH_CHECK(g.scalar_type() == at::kLong && g.numel() == N, "vqkernels.", op,
+              ": row_group must be int64 with N = ", N, " entries, got ", g.scalar_type(), " ",
+              g.sizes());
+  const at::Tensor gc = g.contiguous();
+  const int64_t* gp = gc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(gp[i] >= 0 && gp[i] < num_groups, "vqkernels.", op, ": row_group[", i, "] = ",
+                gp[i], " is outside [0, num_groups = ", num_groups, ")");
+    groups[i] = gp[i];
+  }
+  return groups;
+}
+
 at::Tensor padded(const at::Tensor& t, int64_t len, float fill) {
   auto out = at::full({len}, fill, t.options().dtype(at::kFloat));
   if (t.numel()) out.narrow(0, 0, t.numel()).copy_(t);
@@ -68,13 +92,49 @@ void check_2d_pair(const at::Tensor& x, const at::Tensor& cb, const char* op) {
   TORCH_CHECK(cb.size(0) >= 1, "vqkernels.", op, " (cpu backend): the codebook needs K >= 1 codes");
 }
 
+// The grad_x row pass of both backwards: grad_x_i = Σ_k e_ik·c_k − [not dot]·x_i·Σ_k e_ik, where
+// fill_e(b, k0, nc, l, coef, p, gv) leaves the tile's e in l (p, gv: scratch for soft_quantize).
+// Each row block is one task walking the code tiles in order: fp32 tile products, fp64 across.
+template <class FillE>
+void grad_x_pass(const Problem& P, Isa isa, const FillE& fill_e, float* gxp) {
+  const int64_t D = P.D;
+  at::parallel_for(0, P.nb, 1, [&](int64_t b0, int64_t b1) {
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows), gv(kCodes * kRows),
+        part(D * kRows);
+    std::vector<double> acc(D * kRows);
+    with_isa(isa, [&]() VQK_INLINE {
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        double esum[kRows] = {};
+        for (int64_t t = 0; t < P.nt; ++t) {
+          const int64_t k0 = t * kCodes, nc = std::min(kCodes, P.K - k0);
+          fill_e(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
+          accum_rows(P.gemm, l.data(), P.cb + k0 * D, D, nc, part.data());
+          for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
+          for (int64_t j = 0; j < nc; ++j)
+            for (int r = 0; r < kRows; ++r) esum[r] += l[j * kRows + r];
+        }
+        const bool centred = P.metric != Metric::kDot;
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t i = b * kRows + r;
+          if (i >= P.N) break;
+          const float* xr = P.x32 + i * D;
+          for (int64_t d = 0; d < D; ++d)
+            gxp[i * D + d] =
+                static_cast<float>(acc[d * kRows + r] - (centred ? esum[r] * xr[d] : 0.0));
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tensor& x,
-                                                                 const at::Tensor& codebook,
-                                                                 const at::Tensor& row_weight,
-                                                                 double temperature,
-                                                                 c10::string_view metric_name) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
+    const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& row_weight,
+    double temperature, c10::string_view metric_name, const std::optional<at::Tensor>& row_group,
+    int64_t num_groups) {
   check_2d_pair(x, codebook, "code_distribution");
   const Metric metric = parse_softmax_metric(metric_name, "code_distribution");
   TORCH_CHECK(temperature > 0.0, "vqkernels.code_distribution: temperature must be > 0");
@@ -82,10 +142,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tenso
   TORCH_CHECK(row_weight.numel() == N, "vqkernels.code_distribution (cpu backend): row_weight ",
               "must have N = ", N, " entries, got ", row_weight.sizes());
   auto f32 = x.options().dtype(at::kFloat);
+  const bool grouped = row_group.has_value();
+  const int64_t G = grouped ? num_groups : 1;
   auto lse = at::empty({N}, f32), entropy = at::empty({N}, f32);
-  auto mean_probs = at::zeros({K}, f32);
-  if (N == 0) return {lse, entropy, mean_probs};
+  auto mean_probs = grouped ? at::zeros({G, K}, f32) : at::zeros({K}, f32);
   const int64_t nb = (N + kRows - 1) / kRows;
+  const std::vector<int64_t> groups =
+      padded_groups(row_group, num_groups, N, nb * kRows, "code_distribution");
+  if (N == 0) return {lse, entropy, mean_probs};
   const Packed pk = pack(x, codebook, nb);
   const Problem P = problem(pk, metric, temperature, N);
   auto lse_rel = at::empty({nb * kRows}, f32);
@@ -96,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tenso
   const double inv_tau_d = 1.0 / temperature;
 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t b = b0; b < b1; ++b) {
         float m[kRows];
@@ -123,23 +188,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tenso
   const at::Tensor w = padded(row_weight, nb * kRows, 0.0f);
   const float* wp = w.data_ptr<float>();
   float* mpp = mean_probs.data_ptr<float>();
+  const int64_t* grp = groups.data();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows);
+    // acc[g·kCodes + j]: this tile's sums per group, fp64 across rows (ungrouped: G = 1).
+    std::vector<double> acc(G * kCodes);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
-        double acc[kCodes] = {};
+        std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t b = 0; b < nb; ++b) {
           logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
           const float* lr = lrp + b * kRows;
           const float* wr = wp + b * kRows;
+          const int64_t* gr = grp + b * kRows;
           for (int64_t j = 0; j < nc; ++j) {
             float* lj = l.data() + j * kRows;
             for (int r = 0; r < kRows; ++r) lj[r] = wr[r] * exp_neg(lj[r] - lr[r]);
-            acc[j] += hsum_rows(lj);
+            if (!grouped) {
+              acc[j] += hsum_rows(lj);
+            } else {
+              // Rows in increasing order, each into its group (fixed order: deterministic).
+              for (int r = 0; r < kRows; ++r) acc[gr[r] * kCodes + j] += lj[r];
+            }
           }
         }
-        for (int64_t j = 0; j < nc; ++j) mpp[k0 + j] = static_cast<float>(acc[j]);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t j = 0; j < nc; ++j)
+            mpp[g * K + k0 + j] = static_cast<float>(acc[g * kCodes + j]);
       }
     });
   });
@@ -150,7 +227,8 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     const at::Tensor& grad_lse, const at::Tensor& grad_entropy, const at::Tensor& grad_mp,
     const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& row_weight,
     const at::Tensor& lse, const at::Tensor& entropy, double temperature,
-    c10::string_view metric_name) {
+    c10::string_view metric_name, const std::optional<at::Tensor>& row_group,
+    int64_t num_groups) {
   check_2d_pair(x, codebook, "code_distribution_backward");
   const Metric metric = parse_softmax_metric(metric_name, "code_distribution_backward");
   const int64_t N = x.size(0), K = codebook.size(0), D = x.size(1);
@@ -160,13 +238,19 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
               "must have N entries or none");
   TORCH_CHECK(!has_h || grad_entropy.numel() == N, "code_distribution_backward: grad_entropy ",
               "must have N entries or none");
-  TORCH_CHECK(!has_m || grad_mp.numel() == K, "code_distribution_backward: grad_mean_probs ",
-              "must have K entries or none");
+  const bool grouped = row_group.has_value();
+  const int64_t G = grouped ? num_groups : 1;
+  TORCH_CHECK(!has_m || grad_mp.numel() == G * K, "code_distribution_backward: grad_mean_probs ",
+              "must have G·K = ", G * K, " entries or none, got ", grad_mp.sizes());
   auto f32 = x.options().dtype(at::kFloat);
   if (N == 0 || (!has_l && !has_h && !has_m)) {
     return {at::zeros({N, D}, x.options()), at::zeros({K, D}, codebook.options())};
   }
   const int64_t nb = (N + kRows - 1) / kRows, R = nb * kRows;
+  // Row offsets into grad_mean_probs [G, K]: row i reads g_ik = grad_mp[group_i, k].
+  std::vector<int64_t> goff =
+      padded_groups(row_group, num_groups, N, R, "code_distribution_backward");
+  for (auto& o : goff) o *= K;
   const Packed pk = pack(x, codebook, nb);
   const Problem P = problem(pk, metric, temperature, N);
   const at::Tensor lrel = relative_lse(P, lse.to(at::kFloat));
@@ -175,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   const at::Tensor hh = padded(entropy.to(at::kFloat), R, 0.f);
   const at::Tensor w = padded(row_weight.to(at::kFloat), R, 0.f);
   const at::Tensor gm = has_m ? grad_mp.to(at::kFloat).contiguous() : at::zeros({K}, f32);
+  const int64_t* gop = goff.data();
   at::Tensor gbar = at::zeros({R}, f32);
   const float *lrp = lrel.data_ptr<float>(), *glp = gl.data_ptr<float>(),
               *ghp = gh.data_ptr<float>(), *hp = hh.data_ptr<float>(), *wp = w.data_ptr<float>(),
@@ -186,19 +271,27 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     // ḡ_i = Σ_k p_ik g_k (its own row pass: folding it into the grad_x pass would need
     // Σ p g c − ḡ Σ p c, which cancels when g is nearly constant, as for entropy gradients).
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> l(kCodes * kRows), coef(kCodes * kRows);
+      SequentialBlas blas;
+      Buf l(kCodes * kRows), coef(kCodes * kRows);
       with_isa(isa, [&]() VQK_INLINE {
         for (int64_t b = b0; b < b1; ++b) {
           const float* lr = lrp + b * kRows;
           double acc[kRows] = {};
+          const int64_t* go = gop + b * kRows;
           for (int64_t t = 0; t < P.nt; ++t) {
             const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
             logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
             float part[kRows] = {};
             for (int64_t j = 0; j < nc; ++j) {
-              const float g = gmp[k0 + j];
-              for (int r = 0; r < kRows; ++r)
-                part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), g, part[r]);
+              if (!grouped) {
+                const float g = gmp[k0 + j];
+                for (int r = 0; r < kRows; ++r)
+                  part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), g, part[r]);
+              } else {
+                for (int r = 0; r < kRows; ++r)
+                  part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), gmp[go[r] + k0 + j],
+                                     part[r]);
+              }
             }
             for (int r = 0; r < kRows; ++r) acc[r] += part[r];
           }
@@ -213,56 +306,36 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     logits_tile(P, P.cb, b, k0, nc, l, coef);
     const float *lr = lrp + b * kRows, *a = glp + b * kRows, *bh = ghp + b * kRows,
                 *h = hp + b * kRows, *wr = wp + b * kRows, *gb = gbp + b * kRows;
+    const int64_t* go = gop + b * kRows;
+    // ∂L/∂l = p·(g_lse − g_H·(log p + H) + w·(g_k − ḡ)), with log p floored at −88 where p is 0
+    // anyway (padding rows have lse = +inf: this keeps 0·(−inf) out of the product).
+    auto dl = [&](float lv, int r, float g) VQK_INLINE {
+      const float z = std::max(lv - lr[r], -88.0f);
+      const float p = exp_neg(z);
+      return p * ((a[r] - bh[r] * (z + h[r])) + wr[r] * (g - gb[r]));
+    };
     for (int64_t j = 0; j < nc; ++j) {
-      const float g = gmp[k0 + j];
       float* lj = l + j * kRows;
-      for (int r = 0; r < kRows; ++r) {
-        // log p, floored at −88 where p is 0 anyway (padding rows have lse = +inf: this keeps
-        // 0·(−inf) out of the product below).
-        const float z = std::max(lj[r] - lr[r], -88.0f);
-        const float p = exp_neg(z);
-        // ∂L/∂l = p·(g_lse − g_H·(log p + H) + w·(g_k − ḡ))
-        lj[r] = p * ((a[r] - bh[r] * (z + h[r])) + wr[r] * (g - gb[r]));
+      if (!grouped) {
+        const float g = gmp[k0 + j];
+        for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, g);
+      } else {
+        for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, gmp[go[r] + k0 + j]);
       }
     }
     scale_to_e(P, nc, l, coef);
   };
 
   auto gx32 = at::empty({N, D}, f32);
-  float* gxp = gx32.data_ptr<float>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(D * kRows);
-    std::vector<double> acc(D * kRows);
-    with_isa(isa, [&]() VQK_INLINE {
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        double esum[kRows] = {};
-        for (int64_t t = 0; t < P.nt; ++t) {
-          const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
-          e_tile(b, k0, nc, l.data(), coef.data());
-          accum_rows(l.data(), P.cb + k0 * D, D, nc, part.data());
-          for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
-          for (int64_t j = 0; j < nc; ++j)
-            for (int r = 0; r < kRows; ++r) esum[r] += l[j * kRows + r];
-        }
-        const bool centred = P.metric != Metric::kDot;
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t i = b * kRows + r;
-          if (i >= N) break;
-          const float* xr = P.x32 + i * D;
-          for (int64_t d = 0; d < D; ++d) {
-            const double v = acc[d * kRows + r] - (centred ? esum[r] * xr[d] : 0.0);
-            gxp[i * D + d] = static_cast<float>(v);
-          }
-        }
-      }
-    });
-  });
+  grad_x_pass(P, isa, [&](int64_t b, int64_t k0, int64_t nc, float* l, float* coef, float*,
+                          float*) VQK_INLINE { e_tile(b, k0, nc, l, coef); },
+              gx32.data_ptr<float>());
 
   auto gc32 = at::empty({K, D}, f32);
   float* gcp = gc32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D), scratch(4 * D);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acc(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t t = t0; t < t1; ++t) {
@@ -271,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           e_tile(b, k0, nc, l.data(), coef.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
+          accum_codes(P.gemm, l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acc[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }
@@ -316,7 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x
   const double inv_tau_d = 1.0 / temperature;
 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), part(D * kRows);
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), part(D * kRows);
     std::vector<double> acc(D * kRows);
     with_isa(isa, [&]() VQK_INLINE {
       for (int64_t b = b0; b < b1; ++b) {
@@ -367,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x
               ps[r] += e;
             }
           }
-          accum_rows(l.data(), vp + k0 * D, D, nc, part.data());
+          accum_rows(P.gemm, l.data(), vp + k0 * D, D, nc, part.data());
           for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
           for (int r = 0; r < kRows; ++r) S[r] += ps[r];
         }
@@ -422,7 +496,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
   auto tiles = [&](int64_t b, int64_t k0, int64_t nc, float* l, float* coef, float* p,
                    float* gv) VQK_INLINE {
     logits_tile(P, P.cb, b, k0, nc, l, coef);
-    tile_dot(gop + b * D * kRows, vp + k0 * D, D, nc, gv);
+    if (P.gemm_logits) {  // gv (column-major kRows x nc) = GO_b (row-major) · V_tileᵀ
+      sgemm_tile(true, false, kRows, nc, D, gor + b * kRows * D, D, vp + k0 * D, D, gv, kRows);
+    } else {
+      tile_dot(gop + b * D * kRows, vp + k0 * D, D, nc, gv);
+    }
     const float *lr = lrp + b * kRows, *dl = dp + b * kRows;
     for (int64_t i = 0; i < nc; ++i) {
       for (int r = 0; r < kRows; ++r) {
@@ -436,40 +514,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
   };
 
   auto gx32 = at::empty({N, D}, f32);
-  float* gxp = gx32.data_ptr<float>();
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
-        gv(kCodes * kRows), part(D * kRows);
-    std::vector<double> acc(D * kRows);
-    with_isa(isa, [&]() VQK_INLINE {
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        double esum[kRows] = {};
-        for (int64_t t = 0; t < P.nt; ++t) {
-          const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
-          tiles(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
-          accum_rows(l.data(), P.cb + k0 * D, D, nc, part.data());
-          for (int64_t i = 0; i < D * kRows; ++i) acc[i] += part[i];
-          for (int64_t j = 0; j < nc; ++j)
-            for (int r = 0; r < kRows; ++r) esum[r] += l[j * kRows + r];
-        }
-        const bool centred = P.metric != Metric::kDot;
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t i = b * kRows + r;
-          if (i >= N) break;
-          const float* xr = P.x32 + i * D;
-          for (int64_t d = 0; d < D; ++d)
-            gxp[i * D + d] =
-                static_cast<float>(acc[d * kRows + r] - (centred ? esum[r] * xr[d] : 0.0));
-        }
-      }
-    });
-  });
+  grad_x_pass(P, isa, tiles, gx32.data_ptr<float>());
 
   auto gk32 = at::empty({K, D}, f32), gv32 = at::empty({K, D}, f32);
   float *gkp = gk32.data_ptr<float>(), *gvp = gv32.data_ptr<float>();
   at::parallel_for(0, P.nt, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
+    SequentialBlas blas;
+    Buf l(kCodes * kRows), coef(kCodes * kRows), p(kCodes * kRows),
         gv(kCodes * kRows), part(kCodes * D), scratch(4 * D);
     std::vector<double> acck(kCodes * D), accv(kCodes * D);
     with_isa(isa, [&]() VQK_INLINE {
@@ -480,9 +531,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward(
         double esum[kCodes] = {};
         for (int64_t b = 0; b < nb; ++b) {
           tiles(b, k0, nc, l.data(), coef.data(), p.data(), gv.data());
-          accum_codes(l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
+          accum_codes(P.gemm, l.data(), P.x32 + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) acck[i] += part[i];
-          accum_codes(p.data(), gor + b * kRows * D, D, nc, part.data(), scratch.data());
+          accum_codes(P.gemm, p.data(), gor + b * kRows * D, D, nc, part.data(), scratch.data());
           for (int64_t i = 0; i < nc * D; ++i) accv[i] += part[i];
           for (int64_t j = 0; j < nc; ++j) esum[j] += hsum_rows(l.data() + j * kRows);
         }

@@ -123,16 +123,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_backward(const at::Tensor& grad_quan
                                                      c10::string_view estimator);
 
 // codebook_softmax family (codebook_softmax.cpp): streamed softmax over the codebook.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(const at::Tensor& x,
-                                                                 const at::Tensor& codebook,
-                                                                 const at::Tensor& row_weight,
-                                                                 double temperature,
-                                                                 c10::string_view metric);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
+    const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& row_weight,
+    double temperature, c10::string_view metric, const std::optional<at::Tensor>& row_group,
+    int64_t num_groups);
 std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     const at::Tensor& grad_logsumexp, const at::Tensor& grad_entropy,
     const at::Tensor& grad_mean_probs, const at::Tensor& x, const at::Tensor& codebook,
     const at::Tensor& row_weight, const at::Tensor& logsumexp, const at::Tensor& entropy,
-    double temperature, c10::string_view metric);
+    double temperature, c10::string_view metric, const std::optional<at::Tensor>& row_group,
+    int64_t num_groups);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x,
                                                              const at::Tensor& keys,
                                                              const at::Tensor& values,

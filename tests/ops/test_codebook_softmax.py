@@ -545,11 +545,16 @@ def test_errors_shapes_and_dtypes():
         vqkernels.soft_quantize(x.long(), cb)
 
 
+@pytest.mark.parametrize("d", [9, 70], ids=["D9", "D70-gemm-logits"])
 @pytest.mark.parametrize("isa", ["scalar", "avx2"])
-def test_cpu_deterministic_across_threads_and_isas(cpu_backend, restore_threads, monkeypatch, isa):
+def test_cpu_deterministic_across_threads_and_isas(
+    cpu_backend, restore_threads, monkeypatch, isa, d
+):
     """Same bits on every run, thread count and SIMD path: every output element is owned by one
-    task with a fixed summation order, and the exp/fma arithmetic is the same on every ISA."""
-    x, cb = make_inputs(70, 150, 9, seed=6)
+    task with a fixed summation order, the exp/fma arithmetic is the same on every ISA, and the
+    BLAS tile products run single-threaded on fixed, aligned tiles (D = 70 also takes the BLAS
+    logits path)."""
+    x, cb = make_inputs(70, 150, d, seed=6)
 
     def run():
         xg, cg = x.clone().requires_grad_(), cb.clone().requires_grad_()
@@ -564,3 +569,24 @@ def test_cpu_deterministic_across_threads_and_isas(cpu_backend, restore_threads,
     monkeypatch.setenv("VQKERNELS_CPU_ISA", isa)
     for a, b in zip(base, run()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [5, 70])
+def test_cpu_blas_and_hand_tile_products_agree(cpu_backend, monkeypatch, d):
+    """VQKERNELS_CPU_GEMM=0 (hand-vectorized tile products) and the BLAS path compute the same
+    numbers up to fp32 summation order (each is held to the fp64 oracle by the tests above)."""
+
+    def run():
+        xg, cg = x.clone().requires_grad_(), cb.clone().requires_grad_()
+        lse, ent, mp = vqkernels.code_distribution(xg, cg, 0.3, "l2", backend="cpu")
+        soft = vqkernels.soft_quantize(xg, cg, 0.5, "dot", backend="cpu")
+        (lse.sum() + ent.sum() + (mp * mp).sum() + soft.square().sum()).backward()
+        return [t.detach().clone() for t in (lse, ent, mp, soft, xg.grad, cg.grad)]
+
+    x, cb = make_inputs(45, 130, d, seed=7)
+    blas = run()
+    monkeypatch.setenv("VQKERNELS_CPU_GEMM", "0")
+    for a, b in zip(blas, run()):
+        # Relative to the tensor's scale: gradients are differences of sums (Σ e·c − x·Σ e) whose
+        # rounding follows the summation order, so small elements carry the large ones' error.
+        assert float((a - b).abs().max()) <= 1e-4 * (1.0 + float(a.abs().max()))

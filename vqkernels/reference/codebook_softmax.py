@@ -11,10 +11,13 @@ A softmax over the whole codebook, per row ``i`` of ``x: [N, D]`` over the codes
 ``"cosine"`` is not an op-level metric: :mod:`vqkernels.functional` L2-normalizes ``x`` and the codes
 (fp32, ``F.normalize`` eps 1e-12) and calls ``"dot"``.
 
-``code_distribution(x, codebook, row_weight, τ, metric) -> (logsumexp [N], entropy [N], mean_probs [K])``
+``code_distribution(x, codebook, row_weight, τ, metric, row_group=None, num_groups=0)
+-> (logsumexp [N], entropy [N], mean_probs [K] or [G, K])``
     ``p_ik = softmax_k(l_ik)``; ``logsumexp_i = log Σ_k exp l_ik``; ``entropy_i = −Σ_k p_ik log p_ik``
     (nats); ``mean_probs_k = Σ_i row_weight_i · p_ik`` (the functional layer passes ``1/#rows`` on
-    unmasked rows and 0 on masked ones).  All fp32.
+    unmasked rows and 0 on masked ones).  Grouped (``row_group: [N] int64`` in ``[0, G)``,
+    ``num_groups = G ≥ 1``): ``mean_probs_gk = Σ_{i: row_group_i = g} row_weight_i · p_ik`` (the
+    functional layer passes ``1/#unmasked rows of the group``), ``[G, K]``.  All fp32.
 ``soft_quantize(x, keys, values, τ, metric) -> (out [N, D] in x's dtype, logsumexp [N] fp32,
 indices [N] int64)``
     ``out_i = Σ_k p_ik · values_k``; ``indices_i = argmax_k l_ik`` (ties -> lowest index; the hard
@@ -64,17 +67,24 @@ def code_distribution(
     row_weight: torch.Tensor,
     temperature: float = 1.0,
     metric: str = "l2",
+    row_group: torch.Tensor | None = None,
+    num_groups: int = 0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct ``(logsumexp [N], entropy [N], mean_probs [K])`` (see the module docstring); float32
-    outputs (``compute_dtype`` when that is float64)."""
+    """Direct ``(logsumexp [N], entropy [N], mean_probs [K] or [G, K])`` (see the module
+    docstring); float32 outputs (``compute_dtype`` when that is float64)."""
     out_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     logits = code_scores(x.to(compute_dtype), codebook.to(compute_dtype), metric) / temperature
     lse = torch.logsumexp(logits, dim=-1)
     log_p = logits - lse.unsqueeze(-1)
     p = log_p.exp()
     entropy = -(p * log_p).sum(-1)
-    mean_probs = (row_weight.to(compute_dtype).unsqueeze(-1) * p).sum(0)
+    weighted = row_weight.to(compute_dtype).unsqueeze(-1) * p
+    if row_group is None:
+        mean_probs = weighted.sum(0)
+    else:
+        # Row i adds into its group's row (index_add: sequential on the CPU, no G x N x K).
+        mean_probs = weighted.new_zeros((num_groups, p.shape[1])).index_add(0, row_group, weighted)
     return lse.to(out_dtype), entropy.to(out_dtype), mean_probs.to(out_dtype)
 
 
@@ -105,11 +115,14 @@ def code_distribution_backward(
     entropy: torch.Tensor,
     temperature: float,
     metric: str,
+    row_group: torch.Tensor | None = None,
+    num_groups: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form backward of :func:`code_distribution` (what the kernels compute).
 
-    With ``p = softmax(l)``, ``ḡ_i = Σ_k p_ik·g_k`` (``g = grad_mean_probs``):
-    ``∂L/∂l_ik = p_ik·(grad_lse_i − grad_H_i·(l_ik − lse_i + H_i) + w_i·(g_k − ḡ_i))``
+    With ``p = softmax(l)``, ``g_ik = grad_mean_probs[row_group_i, k]`` (``grad_mean_probs_k``
+    ungrouped) and ``ḡ_i = Σ_k p_ik·g_ik``:
+    ``∂L/∂l_ik = p_ik·(grad_lse_i − grad_H_i·(l_ik − lse_i + H_i) + w_i·(g_ik − ḡ_i))``
     (``∂H/∂l_k = −p_k(log p_k + H)``), then ``∂L/∂s = ∂L/∂l / τ`` chained through the scores.
     Empty (``numel 0``) gradients mean zero.  Returns ``(grad_x, grad_codebook)`` in the inputs'
     dtypes.
@@ -128,7 +141,9 @@ def code_distribution_backward(
             logits - lse + entropy.to(cdt).reshape(n, 1)
         )
     if grad_mean_probs.numel():
-        g = grad_mean_probs.to(cdt).reshape(1, k)
+        g = grad_mean_probs.to(cdt).reshape(-1, k)
+        if row_group is not None:
+            g = g[row_group]  # [N, K]: each row sees its group's gradient
         gbar = (p * g).sum(-1, keepdim=True)
         dl = dl + row_weight.to(cdt).reshape(n, 1) * (g - gbar)
     ds = p * dl / temperature

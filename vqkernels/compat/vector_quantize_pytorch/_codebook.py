@@ -574,9 +574,13 @@ class Codebook(nn.Module):
             quantize = (F.embedding(embed_ind[0], embed[0]).unsqueeze(0) if heads == 1 else
                         torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(heads)]))
         if dist is None and self.training and self.straight_through and temp > 0:
-            kind = "dot" if self.use_cosine_sim else "neg_cdist"
+            # LR's Gumbel straight-through: one_hot + π − sg(π) with π = softmax(logits/τ), i.e.
+            # the soft codes Σ_k π_k c_k, on the fused soft_quantize (never N x K); LR's logits:
+            # -cdist ("euclidean") or x·c of the already normalized rows and codes ("dot")
+            metric = "dot" if self.use_cosine_sim else "euclidean"
             soft = torch.stack([
-                _streamed.soft_codes(flatten[h], embed[h], kind, temp) for h in range(embed.shape[0])
+                vqf.soft_quantize(flatten[h], embed[h], float(temp), metric, backend=self.backend)
+                for h in range(embed.shape[0])
             ])
             quantize = quantize + soft - soft.detach()
         if self.training and update_usage and not freeze_codebook:
