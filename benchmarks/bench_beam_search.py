@@ -1,5 +1,8 @@
-"""Beam-search benchmark: ``vqkernels.compat.ResidualVQ(beam_size=)`` and
-``VectorQuantize.forward(topk=)`` vs vector-quantize-pytorch 1.32 (LR), same weights, same input.
+"""Beam-search and soft-loss benchmark: ``vqkernels.compat.ResidualVQ(beam_size=)``,
+``VectorQuantize.forward(topk=)`` (suite ``beam``) and ``VectorQuantize`` with
+``commitment_use_cross_entropy_loss`` / ``codebook_diversity_loss_weight`` (suite ``losses``: both
+on the fused ``code_distribution``, LR builds the ``N x K`` softmax) vs vector-quantize-pytorch 1.32
+(LR), same weights, same input.
 
 LR builds a one-hot ``[N, beam, beam, K]`` per depth (its codes are ``one_hot @ codebook``) and keeps
 every candidate's residual and graph; ours searches the top-k over row chunks (never ``N x K``) and
@@ -7,7 +10,8 @@ builds outputs and graph for the surviving ``beam`` candidates only (see ``compa
 ``agree`` = fraction of indices equal to LR's on the first call.  Modes as ``bench_layer_vq``:
 ``train`` = training forward + backward of ``(quantized, Σ losses)``; ``eval`` = ``no_grad`` forward.
 
-``python -m benchmarks.bench_beam_search [--quick] [--threads N] [--no-memory] [--out DIR]``
+``python -m benchmarks.bench_beam_search [--suite beam|losses] [--quick] [--threads N] [--no-memory]
+[--out DIR]`` (results ``beam_search_cpu.*`` / ``vq_losses_cpu.*``)
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, Any], tuple[int, ...]]] 
                               {}, (4, 256, 128)),
     "VQ K4096 D256 topk8": ("VectorQuantize", dict(dim=256, codebook_size=4096), dict(topk=8), (4, 256, 256)),
 }
+LOSS_CONFIGS = {
+    "VQ K4096 D256 CE commitment": ("VectorQuantize", dict(dim=256, codebook_size=4096,
+                                                           commitment_use_cross_entropy_loss=True), {},
+                                    (8, 512, 256)),
+    "VQ K4096 D256 diversity": ("VectorQuantize", dict(dim=256, codebook_size=4096,
+                                                       codebook_diversity_loss_weight=0.1), {}, (8, 512, 256)),
+}
 QUICK_CONFIGS = {
     "RVQ 4x128 D32 beam3": ("ResidualVQ", dict(dim=32, num_quantizers=4, codebook_size=128, beam_size=3),
                             {}, (2, 64, 32)),
@@ -42,7 +53,7 @@ QUICK_CONFIGS = {
 def make_provider(provider: str, name: str, mode: str, device: str = "cpu"):
     """One provider on one config; a callable running one step (returns the indices)."""
     warnings.filterwarnings("ignore")
-    cls, kw, fkw, shape = {**CONFIGS, **QUICK_CONFIGS}[name]
+    cls, kw, fkw, shape = {**CONFIGS, **LOSS_CONFIGS, **QUICK_CONFIGS}[name]
     try:
         import vector_quantize_pytorch as lr
     except ImportError as exc:  # pragma: no cover - optional peer
@@ -100,12 +111,15 @@ def make_check(name: str, mode: str, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parse_args(harness.make_parser(__doc__.splitlines()[0]), argv)
+    parser = harness.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("beam", "losses"), default="beam")
+    args = harness.parse_args(parser, argv)
     t0 = time.time()
     providers = [p for p in PROVIDERS if harness.wanted(args, p)]
     rows, mem_rows, summary = [], [], []
-    for name in QUICK_CONFIGS if args.quick else CONFIGS:
-        for mode in MODES:
+    configs = QUICK_CONFIGS if args.quick else CONFIGS if args.suite == "beam" else LOSS_CONFIGS
+    for name in configs:
+        for mode in MODES if args.suite == "beam" else ("train",):  # (the losses exist in training)
             extra = {"case": f"{mode} {name}", "mode": mode}
             cases = [(p, dict(provider=p, name=name, mode=mode, device=args.device), extra,
                       make_check(name, mode, args.device)) for p in providers]
@@ -135,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_table(summary, cols))
     meta = harness.metadata(args.device, elapsed_s=round(time.time() - t0, 1), quick=args.quick)
     harness.save_op_results(
-        ("beam_search_cpu" if args.device == "cpu" else "beam_search_gpu") + args.suffix, args, meta, rows,
-        mem_rows, summary, label="beam search / top-k codes vs vector-quantize-pytorch",
+        ("beam_search" if args.suite == "beam" else "vq_losses") + ("_cpu" if args.device == "cpu" else "_gpu")
+        + args.suffix, args, meta, rows, mem_rows, summary,
+        label=f"{args.suite} suite vs vector-quantize-pytorch",
         time_section=("Step time (ms)", ["case", "provider", "median_ms", "p20_ms", "p80_ms", "repeats",
                                          "agree", "loadavg", "status", "reason"]),
         summary_section=("vqkernels.compat vs vector-quantize-pytorch", cols),

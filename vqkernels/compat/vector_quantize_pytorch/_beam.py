@@ -261,7 +261,8 @@ def residual_beam_search(rvq, x, mask, beam_size, sample_codebook_temp, freeze_c
     (LR's per-candidate layer loss), and the best ``beam_size`` candidates survive (one at the last
     depth, or at the quantize-dropout depth).  Returns ``(quantized_out [b, n, d], indices [b, n,
     Q], losses [Q], chosen_inputs)``, those of the best path; ``chosen_inputs`` are the residuals
-    each non-dropped depth quantized (LR's ``all_residuals`` of that path, for the EMA update)."""
+    each non-dropped depth quantized (LR's ``all_residuals`` of that path, for the EMA update; empty
+    in eval)."""
     b, n, d = x.shape
     device = x.device
     residual = x.unsqueeze(-2)  # [b, n, j, d], j = 1 path so far
@@ -291,7 +292,8 @@ def residual_beam_search(rvq, x, mask, beam_size, sample_codebook_temp, freeze_c
         if mask is not None:  # LR: zeros or the layer's raw input (the residual) on padding
             fill = torch.zeros_like(quantized) if vq.return_zeros_for_masked_padding else parent_residual
             quantized = torch.where(mask[..., None, None], quantized, fill)
-        history.append((residual, parent, idx, loss))
+        # each depth's input, for the codebook updates of a training step only ([N, j, d] per depth)
+        history.append((residual.detach() if rvq.training else None, parent, idx, loss))
         residual = parent_residual - frac_gradient(quantized, rvq.quant_grad_frac)
         if quantized_out is None:
             quantized_out = quantized  # LR adds it to zeros: the same values
@@ -304,7 +306,8 @@ def residual_beam_search(rvq, x, mask, beam_size, sample_codebook_temp, freeze_c
         indices.append(idx.gather(-1, path))
         losses.append(loss.gather(-1, path) if loss.ndim else loss.expand(b, n, 1))
         p = parent.gather(-1, path)
-        inputs.append(inp.gather(-2, p.unsqueeze(-1).expand(b, n, 1, d)).squeeze(-2))
+        if inp is not None:
+            inputs.append(inp.gather(-2, p.unsqueeze(-1).expand(b, n, 1, d)).squeeze(-2))
         path = p
     indices, losses, inputs = indices[::-1], losses[::-1], inputs[::-1]
     all_losses = torch.cat(losses, dim=-1)  # [b, n, depths]

@@ -65,6 +65,9 @@ class VectorQuantize(nn.Module):
     * ``quantized``: like ``x``; ``indices``: int64, ``x`` without the channel dim (plus a heads dim
       when ``heads > 1``; ``-1`` where masked); ``loss``: ``[]`` float32 (0 in eval).
     * with ``indices=`` given: returns ``(quantized, cross_entropy_loss)`` as LR.
+    * with ``topk=k`` (single head): the ``k`` best codes per row, best first: ``quantized``
+      ``[..., k, D]`` (channel-first layouts ``[B, D, ..., k]``), ``indices [..., k]``, ``loss``
+      ``[..., k]`` per candidate (LR's), no codebook update (see :mod:`._beam`).
 
     Extra keyword-only arguments (not LR's): ``backend`` (vqkernels backend) and
     ``fused_sampling`` (``stochastic_sample_codes`` on ``nearest_code``'s fused Gumbel-max:
