@@ -477,3 +477,44 @@ def test_misused_call_site_is_refused_like_lr(name):
         getattr(compat, cls)(**kwargs)
     allowed = (theirs.type, *_CLEARER.get(theirs.type, ()))
     assert issubclass(ours.type, allowed), f"LR raises {theirs.type.__name__}, ours {ours.type.__name__}: {ours.value}"
+
+
+#: the attributes the projects read off the layers (when LR's class has them, ours must agree)
+HELPER_ATTRIBUTES = ("codebook", "codebooks", "codebook_size", "codebook_dim", "num_quantizers", "dim", "heads",
+                     "groups", "has_projections", "levels", "num_codebooks", "scales")
+
+
+@pytest.mark.parametrize("name", list(CALL_SITES))
+def test_real_call_site_helpers_match_lr(name):
+    """What the projects touch besides forward: the attributes above, ``get_codes_from_indices``
+    (SoundStream / MeshGPT decode paths), and the writable ``.codebook`` of VectorQuantize."""
+    site = CALL_SITES[name]
+    up, ours = strict_pair(getattr(vqp, site.cls), getattr(compat, site.cls), **site.kwargs)
+    up.eval(), ours.eval()
+    x = torch.randn(*site.shape, generator=torch.Generator().manual_seed(0))
+    fkw = _forward_kwargs(site, 0)
+    torch.manual_seed(1)
+    indices = up(x, **fkw)[1]
+    torch.manual_seed(1)
+    ours(x, **fkw)  # k-means initialises on the first forward, in eval too
+    for attr in HELPER_ATTRIBUTES:
+        if not hasattr(up, attr):
+            continue
+        theirs, mine = getattr(up, attr), getattr(ours, attr)
+        if isinstance(theirs, torch.Tensor):
+            assert_same(theirs, mine, attr, **TOL)
+        else:
+            assert theirs == mine, f"{attr}: {theirs!r} vs {mine!r}"
+    if hasattr(up, "get_codes_from_indices") and site.channel_dim == -1:
+        assert_same(up.get_codes_from_indices(indices), ours.get_codes_from_indices(indices), "codes", **TOL)
+    if site.cls == "VectorQuantize":
+        # raw codes, not unit vectors: LR's cosine codebooks then score x̂·c against them.  Under
+        # no_grad: LR's setter copies into the codebook in place, which autograd refuses for a
+        # learnable one (learnable_codebook, or orthogonal_reg_weight > 0) outside no_grad
+        new_codes = torch.randn(up.codebook.shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            up.codebook, ours.codebook = new_codes, new_codes.clone()
+        torch.manual_seed(1)
+        theirs = up(x, **fkw)
+        torch.manual_seed(1)
+        assert_same(theirs, ours(x, **fkw), "after .codebook = ...", **TOL)
