@@ -518,3 +518,32 @@ def test_real_call_site_helpers_match_lr(name):
         theirs = up(x, **fkw)
         torch.manual_seed(1)
         assert_same(theirs, ours(x, **fkw), "after .codebook = ...", **TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["readme-vq-defaults", "soundstream-grvq", "mel-rvq-shared-stochastic",
+                                  "meshgpt-rvq-masked", "vqgan-vae-cosine-fmap"])
+def test_real_call_site_under_cuda_autocast_matches_lr(name):
+    """Mixed-precision training (accelerate / torch.autocast bf16 on the GPU): LR runs its codebook
+    (k-means, distances, Gumbel logits, EMA) with CUDA autocast off, so the codes and EMA state are
+    fp32 decisions on the encoder's output; ours must pick the same codes and keep the same state.
+    (Values are not compared: the parts outside LR's codebook, e.g. its rotation, run in bf16.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    site = CALL_SITES[name]
+    up, ours = strict_pair(getattr(vqp, site.cls), getattr(compat, site.cls), **site.kwargs)
+    up, ours = up.cuda(), ours.cuda()
+    stub = nn.Linear(site.shape[site.channel_dim], site.shape[site.channel_dim]).cuda()
+    for step in range(site.steps):
+        x = torch.randn(*site.shape, generator=torch.Generator().manual_seed(step)).cuda()
+        fkw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _forward_kwargs(site, step).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+            h = _encode(stub, x, site.channel_dim)
+            torch.manual_seed(100 + step)
+            out_up = up(h, **fkw)
+            torch.manual_seed(100 + step)
+            out_ours = ours(h, **fkw)
+        assert torch.equal(out_up[1], out_ours[1]), f"step {step}: indices"
+        a, b = up.state_dict(), ours.state_dict()
+        for k in a:
+            torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")

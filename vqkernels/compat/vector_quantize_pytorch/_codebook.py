@@ -542,6 +542,11 @@ class Codebook(nn.Module):
             embed = (embed - self.codebook_mean) * (bstd / cstd) + self.batch_mean
         return embed
 
+    # LR's Codebook.forward runs with CUDA autocast off (``@autocast('cuda', enabled=False)``):
+    # its k-means, distances and Gumbel logits stay fp32 under mixed-precision training; ours
+    # must too, or its k-means and PyTorch stand-ins would run in half precision there.  (Like
+    # LR, CPU autocast is left alone.)
+    @torch.autocast("cuda", enabled=False)
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
                 keep_embed=False, codebook_transform_fn=None, fused_rotation=False):
