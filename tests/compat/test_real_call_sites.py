@@ -189,6 +189,12 @@ CALL_SITES = {
                            kmeans_iters=1, ema_update=False, learnable_codebook=True,
                            in_place_codebook_optimizer=lambda *a, **k: torch.optim.Adam(*a, **k, lr=1e-4)),
         (2, 48, 8)),
+    # image RQ-VAE, public file (index id 27342283012): ResidualVQ(dim, num_quantizers, codebook_size,
+    # kmeans_init=False, kmeans_iters=10, decay=0.0, accept_image_fmap=True) on the encoder's
+    # [B, C, H, W] (C == H == W here: LR's image bookkeeping needs it, see test_residual_vq.py)
+    "image-rqvae-fmap-decay0": CallSite(
+        "ResidualVQ", dict(dim=6, num_quantizers=2, codebook_size=16, kmeans_init=False, kmeans_iters=10, decay=0.0,
+                           accept_image_fmap=True), (4, 6, 6, 6), channel_dim=1),
     # lucidrains/meshgpt-pytorch MeshAutoencoder (use_residual_lfq=False): ResidualVQ(dim, num_quantizers,
     # codebook_size, shared_codebook=True, commitment_weight=1., rotation_trick=True,
     # stochastic_sample_codes=True, kmeans_init=True, threshold_ema_dead_code=2, quantize_dropout=True,
@@ -547,3 +553,30 @@ def test_real_call_site_under_cuda_autocast_matches_lr(name):
         a, b = up.state_dict(), ours.state_dict()
         for k in a:
             torch.testing.assert_close(b[k].float(), a[k].float(), rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_channel_first_residual_vq_call_site():
+    """Audio diffusion autoencoder, public file (index id 39878447872): ResidualVQ(num_quantizers,
+    dim, codebook_size, kmeans_init=True, kmeans_iters=100, threshold_ema_dead_code=2,
+    channel_last=False, sync_codebook=True) on the encoder's (B, C, T).  LR 1.32 itself fails on
+    it (its residual bookkeeping assumes channel-last: "Sizes of tensors must match"); ours runs
+    and gives LR's channel-last numbers on the transposed input (sync_codebook needs a process
+    group in both, so one process runs without it)."""
+    kw = dict(num_quantizers=2, dim=8, codebook_size=16, kmeans_init=True, kmeans_iters=100,
+              threshold_ema_dead_code=2)
+    x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        vqp.ResidualVQ(channel_last=False, **kw)(x)
+    torch.manual_seed(0)
+    up = vqp.ResidualVQ(**kw)
+    ours = compat.ResidualVQ(channel_last=False, **kw)
+    ours.load_state_dict(up.state_dict(), strict=True)
+    for step in range(2):
+        x = torch.randn(2, 8, 48, generator=torch.Generator().manual_seed(step))
+        torch.manual_seed(10 + step)
+        q_up, idx_up, loss_up = up(x.transpose(1, 2))
+        torch.manual_seed(10 + step)
+        q_ours, idx_ours, loss_ours = ours(x)
+        assert_same(q_up.transpose(1, 2), q_ours, "quantized", **TOL)
+        assert_same((idx_up, loss_up), (idx_ours, loss_ours), "indices, losses", **TOL)
+        _assert_state_equal(up, ours)
