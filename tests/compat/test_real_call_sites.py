@@ -600,3 +600,30 @@ def test_channel_first_residual_vq_call_site():
         assert_same(q_up.transpose(1, 2), q_ours, "quantized", **TOL)
         assert_same((idx_up, loss_up), (idx_ours, loss_ours), "indices, losses", **TOL)
         _assert_state_equal(up, ours)
+
+
+#: call sites whose codebook sees the layer's input directly (no project_in, which runs in bf16
+#: under autocast in LR and ours alike)
+UNPROJECTED_VQ_SITES = ["readme-vq-defaults", "speech-vqencoder-dead-codes", "zoo-vanilla-ema-fmap",
+                        "bert-vits2-emo-heads-stochastic", "svq-cosine-gumbel-straight-through",
+                        "mel-rvq-shared-stochastic", "semantic-id-rvq-cosine-dropout", "3dgs-rvq-learnable-inplace-adam",
+                        "meshgpt-rvq-masked", "soundstream-grvq", "style-grvq-ste", "robot-action-grvq-shared"]
+
+
+@pytest.mark.parametrize("name", UNPROJECTED_VQ_SITES)
+def test_real_call_site_under_cpu_autocast_keeps_fp32_codes(name):
+    """Mixed precision on the CPU (torch.autocast('cpu', bfloat16)): ours decides codes, losses and
+    EMA state in fp32, i.e. gives LR's fp32 numbers -- LR's own guard names only 'cuda', so on the
+    CPU parts of LR's search drift with the autocast setting (1-47 % of these sites' codes)."""
+    site = CALL_SITES[name]
+    up, ours = strict_pair(getattr(vqp, site.cls), getattr(compat, site.cls), **site.kwargs)
+    for step in range(2):
+        x = torch.randn(*site.shape, generator=torch.Generator().manual_seed(step))
+        fkw = _forward_kwargs(site, step)
+        torch.manual_seed(100 + step)
+        out_up = up(x, **fkw)
+        torch.manual_seed(100 + step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_ours = ours(x, **fkw)
+        assert_same(out_up, out_ours, f"step {step}", **TOL)
+        _assert_state_equal(up, ours)

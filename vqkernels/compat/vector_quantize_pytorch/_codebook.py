@@ -544,9 +544,11 @@ class Codebook(nn.Module):
 
     # LR's Codebook.forward runs with CUDA autocast off (``@autocast('cuda', enabled=False)``):
     # its k-means, distances and Gumbel logits stay fp32 under mixed-precision training; ours
-    # must too, or its k-means and PyTorch stand-ins would run in half precision there.  (Like
-    # LR, CPU autocast is left alone.)
+    # must too, or its k-means and PyTorch stand-ins would run in half precision there.  CPU
+    # autocast too: LR's guard names only 'cuda', so under CPU autocast parts of LR's search run
+    # in bf16 (its codes then move with the autocast setting); ours keeps LR's fp32 decisions.
     @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
                 keep_embed=False, codebook_transform_fn=None, fused_rotation=False):
