@@ -87,6 +87,8 @@ def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tens
     """Overwrite ``idx[h, n]`` where ``near[h, n]`` with LR's choice (its clamped ``-cdist``
     argmax, see :func:`_lr_nearest`); returns the (head, row) indices of those rows."""
     hs, ns = near.nonzero(as_tuple=True)
+    if hs.numel() == 0:  # the usual case: no row near any code
+        return hs, ns
     for h in hs.unique().tolist():
         rows = ns[hs == h]
         xr = flat[h, rows]

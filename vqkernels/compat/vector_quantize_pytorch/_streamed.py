@@ -143,10 +143,17 @@ def _rotation_value(x, q, return_patch=False):
     tiny = (x2.float().norm(dim=-1) < 1e-6).nonzero().squeeze(-1)
     vals = o2.new_zeros(0, o2.shape[-1])  # (not a view of `out`: it would keep `out` alive)
     if tiny.numel():
-        xf, qf = x2[tiny].float(), o2[tiny].float()
-        u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
-        lr_value = s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))
-        vals = lr_value.to(out.dtype)
+        xf = x2[tiny].float()
+        # Rows that are exactly 0 (a residual equal to its code, frequent in residual stacks):
+        # LR's value is s·(0 − 2·0·w + 2·0·q̂) = 0 for any finite s = ‖q‖/1e-6, so they skip
+        # the frame computation (same values; only the nonzero tiny rows need it).
+        live = xf.ne(0).any(dim=-1).nonzero().squeeze(-1)
+        vals = o2.new_zeros(tiny.shape[0], o2.shape[-1])
+        if live.numel():
+            xl, ql = xf[live], o2[tiny[live]].float()
+            u, qh, w, s = _rotation_frame(xl, ql, xl.norm(dim=-1, keepdim=True))
+            lr_value = s * (xl - 2.0 * w * _rowdot(xl, w) + 2.0 * qh * _rowdot(xl, u))
+            vals[live] = lr_value.to(out.dtype)
         o2[tiny] = vals
     return (out, tiny, vals) if return_patch else out
 
@@ -275,13 +282,15 @@ class ResidualChain:
             q = self.codes(i)
             rotation, tiny, vals = self.step(i)[3:]
             if rotation:
-                v = q
+                # r − v with v = q patched on the tiny rows: subtract q everywhere, then redo
+                # the tiny rows with their patched values (elementwise: the same bits as the
+                # forward's r − v, without a patched copy of q)
+                nr = r - q
                 if tiny.numel():
-                    v = q.clone()
-                    v[tiny] = vals
+                    nr[tiny] = r[tiny] - vals
+                r = nr
             else:
-                v = r + (q - r)
-            r = r - v
+                r = r - (r + (q - r))
             j = i + 1
             if j < depth and (j % m == 0 or j > depth - m):
                 self._replayed[j] = r
