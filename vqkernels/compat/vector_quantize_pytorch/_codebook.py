@@ -579,7 +579,8 @@ class Codebook(nn.Module):
             # -cdist ("euclidean") or x·c of the already normalized rows and codes ("dot")
             metric = "dot" if self.use_cosine_sim else "euclidean"
             soft = torch.stack([
-                vqf.soft_quantize(flatten[h], embed[h], float(temp), metric, backend=self.backend)
+                vqf.soft_quantize(flatten[h], embed[h], float(temp), metric, backend=self.backend,
+                                  check_inputs=False)
                 for h in range(embed.shape[0])
             ])
             quantize = quantize + soft - soft.detach()
