@@ -109,6 +109,16 @@ def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tens
     return hs, ns
 
 
+def _codes_are_unit(embed: torch.Tensor) -> bool:
+    """Whether a cosine codebook's codes are unit vectors, as LR keeps them (l2-normalised at
+    init, by k-means, dead-code replacement and the EMA update).  A user can still write raw codes
+    (``vq.codebook = codes``, ``_codebook.embed.copy_``); LR then scores ``x̂·c`` against them and
+    returns the raw code, which the fused ``"cosine"`` search (it normalises the codes) would not
+    reproduce, so such codebooks take the ``"dot"`` stand-in.  O(K·d), a rounding margin of 1e-5."""
+    norms = embed.detach().float().norm(dim=-1)
+    return bool(((norms - 1.0).abs() <= 1e-5).all())
+
+
 class Codebook(AffineParams, nn.Module):
     """LR's ``Codebook`` (euclidean and cosine) on fused kernels; arguments as LR's."""
 
@@ -254,6 +264,8 @@ class Codebook(AffineParams, nn.Module):
         over a non-learnable code set (the op's codes carry no codebook gradient; LR's learnable
         codebook gets one through its commitment loss) under ``"l2"`` or unit-code ``"cosine"``."""
         stochastic = self.stochastic_sample_codes and temperature > 0
+        if self.use_cosine_sim and not _codes_are_unit(self.embed):
+            return False
         return not (stochastic or self.learnable_codebook or self.vq_bridge is not None)
 
     def rotation_quantize(self, flat: torch.Tensor, embed: torch.Tensor):
@@ -488,6 +500,11 @@ class Codebook(AffineParams, nn.Module):
             embed = (embed - self.codebook_mean) * (bstd / cstd) + self.batch_mean
         return embed
 
+    # LR's Codebook.forward runs with CUDA autocast off (``@autocast('cuda', enabled=False)``):
+    # its k-means, distances and Gumbel logits stay fp32 under mixed-precision training; ours
+    # must too, or its k-means and PyTorch stand-ins would run in half precision there.  (Like
+    # LR, CPU autocast is left alone.)
+    @torch.autocast("cuda", enabled=False)
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
                 keep_embed=False, codebook_transform_fn=None, fused_rotation=False):
@@ -524,7 +541,7 @@ class Codebook(AffineParams, nn.Module):
         elif fused_rotation:
             quantize, embed_ind = self.rotation_quantize(flatten, embed)
         else:
-            unit = self.use_cosine_sim and self.vq_bridge is None
+            unit = self.use_cosine_sim and self.vq_bridge is None and _codes_are_unit(embed)
             embed_ind = self.search(flatten, embed, temp, self.training, unit)
             # gather = LR's one-hot @ embed (same values, same gradient to a learnable codebook)
             # (one codebook: unsqueeze, not stack, so the [N, d] codes are not copied again)
