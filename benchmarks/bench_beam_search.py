@@ -48,12 +48,17 @@ QUICK_CONFIGS = {
     "RVQ 4x128 D32 beam3": ("ResidualVQ", dict(dim=32, num_quantizers=4, codebook_size=128, beam_size=3),
                             {}, (2, 64, 32)),
 }
+QUICK_LOSS_CONFIGS = {
+    "VQ K256 D32 CE + diversity": ("VectorQuantize", dict(dim=32, codebook_size=256,
+                                                          commitment_use_cross_entropy_loss=True,
+                                                          codebook_diversity_loss_weight=0.1), {}, (2, 64, 32)),
+}
 
 
 def make_provider(provider: str, name: str, mode: str, device: str = "cpu"):
     """One provider on one config; a callable running one step (returns the indices)."""
     warnings.filterwarnings("ignore")
-    cls, kw, fkw, shape = {**CONFIGS, **LOSS_CONFIGS, **QUICK_CONFIGS}[name]
+    cls, kw, fkw, shape = {**CONFIGS, **LOSS_CONFIGS, **QUICK_CONFIGS, **QUICK_LOSS_CONFIGS}[name]
     try:
         import vector_quantize_pytorch as lr
     except ImportError as exc:  # pragma: no cover - optional peer
@@ -117,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     providers = [p for p in PROVIDERS if harness.wanted(args, p)]
     rows, mem_rows, summary = [], [], []
-    configs = QUICK_CONFIGS if args.quick else CONFIGS if args.suite == "beam" else LOSS_CONFIGS
+    if args.suite == "beam":
+        configs = QUICK_CONFIGS if args.quick else CONFIGS
+    else:
+        configs = QUICK_LOSS_CONFIGS if args.quick else LOSS_CONFIGS
     for name in configs:
         for mode in MODES if args.suite == "beam" else ("train",):  # (the losses exist in training)
             extra = {"case": f"{mode} {name}", "mode": mode}

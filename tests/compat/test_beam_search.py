@@ -317,3 +317,34 @@ def test_rvq_beam_wider_than_a_depths_codebook_matches_lr(training):
     a, b = _run_both(up, ours, x_up, x_ours)
     _assert_outputs(a, b)
     _backward_both(a, b, x_up, x_ours)
+
+
+@pytest.mark.parametrize("name", ["defaults", "dead-codes", "shared-codebook"])
+def test_rvq_beam_search_ema_over_training_steps(name):
+    # several EMA steps: each step's search, outputs, losses and gradients are LR's, starting from
+    # the codebooks LR's own update_indices gives on the chosen path (_intended_update; LR itself
+    # updates depth 0 only, see the module docs)
+    up, ours = _pair(vqp.ResidualVQ, ResidualVQ, beam_size=3, **RVQ, **BEAM_CASES[name])
+    for step in range(3):
+        before = copy.deepcopy(up)
+        x_up, x_ours = _twins((2, 24, 8), 10 + step)
+        a, b = _run_both(up, ours, x_up, x_ours)
+        _assert_outputs(a, b)
+        _backward_both(a, b, x_up, x_ours)
+        up = _intended_update(before, x_ours.detach(), b[1], None)
+        for k, v in up.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k].float(), v.float(), **TOL, msg=f"step {step}: {k}")
+
+
+def test_streamed_logits_in_place_path_is_bit_identical_to_lr_cdist():
+    # the searches' in-place -cdist (no autograd) does LR's float ops in LR's order: bit for bit
+    from vector_quantize_pytorch.vector_quantize_pytorch import cdist
+
+    g = torch.Generator().manual_seed(5)
+    x, e = torch.randn(300, 16, generator=g), torch.randn(70, 16, generator=g)
+    x[3] = e[7]  # a zero distance: LR's clamp
+    with torch.no_grad():
+        fast = _streamed.logits(x, e, "neg_cdist")
+    slow = _streamed.logits(x.clone().requires_grad_(), e, "neg_cdist").detach()
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast, -cdist(x[None], e[None])[0])

@@ -71,7 +71,7 @@ def test_residual_chain_replay_keeps_inputs_for_lower_depths_bit_identical():
             chain.steps.append([idx, snap, None, True, tiny, vals])
         passes = []
         real_codes = chain.codes
-        chain.codes = lambda i: passes.append(i) or real_codes(i)
+        chain.codes = lambda i, passes=passes, real=real_codes: passes.append(i) or real(i)
         for depth in order:
             assert torch.equal(chain.input(depth), want[depth]), (order, depth)
         if order[0] == depths - 1:

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from . import _layout, _losses, _streamed
 
-# rows per chunk of the candidates' scores: chunk·k·d fp32 gathered codes stay around 8 MiB
-_CHUNK_ELEMS = 1 << 21
+# rows per chunk of the candidates' scores: chunk·k·d fp32 gathered codes (and their squared
+# differences) stay around 2 MiB each; the scores are a small share of the step's time
+_CHUNK_ELEMS = 1 << 19
 
 @torch.no_grad()
 def _candidate_mse(flat: torch.Tensor, embed: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,8 @@ class TopkCandidates:
         return self._compose(self.commit)
 
     def outputs(self, parent=None, choice=None):
-        """The candidates' ``(quantize [..., m, d], indices [..., m], loss [..., m], commit)``,
+        """The candidates' ``(quantize [..., m, d], indices [..., m], loss [..., m], commit, rows)``
+        (``rows [..., m, d]``: each candidate's input row, a gather of ``x``),
         differentiable: all ``k`` per row (``parent=None``), or for ``x: [b, n, j, d]`` the
         candidates ``(parent [b, n, m] in [0, j), choice [b, n, m] in [0, k))``.  Masked rows get
         index -1 and a zero commitment; their ``quantize`` is left to the caller (LR fills it
@@ -170,7 +172,7 @@ class TopkCandidates:
             keep = self.mask.reshape(*self.mask.shape[:2], 1)  # [b, n] -> the output rows [b, n, m]
             commit = commit.masked_fill(~keep, 0.0)
             idx = idx.masked_fill(~keep, -1)
-        return quantize, idx, self._compose(commit), commit
+        return quantize, idx, self._compose(commit), commit, x_sel
 
 
 def _diversity(vq, flat, embed, positions):
@@ -212,7 +214,7 @@ def vq_topk_forward(vq, x, topk, indices=None, mask=None, lens=None, sample_code
         raise ValueError(f"mask must have shape {list(x.shape[:2])}, got {list(mask.shape)}")
     h = vq._codebook.transform_input(vq.project_in(x))
     cand = TopkCandidates(vq, h, topk, mask, sample_codebook_temp, freeze_codebook)
-    quantize, idx, loss, commit = cand.outputs()
+    quantize, idx, loss, commit, _ = cand.outputs()
     if indices is not None:
         codes = _layout.indices_to_internal(indices, spatial, only_one, 1).reshape(1, -1)
         ce = _losses.cross_entropy(h.reshape(1, -1, h.shape[-1]).float(), cand.embed.unsqueeze(0), codes,
@@ -268,7 +270,7 @@ def residual_beam_search(rvq, x, mask, beam_size, sample_codebook_temp, freeze_c
     residual = x.unsqueeze(-2)  # [b, n, j, d], j = 1 path so far
     quantized_out = None
     scores = torch.zeros(b, n, 1, device=device, dtype=x.dtype)
-    history = []  # per depth: (input residual [b, n, j, d], parent [b, n, m], indices, losses)
+    history = []  # per depth: (survivors' inputs [b, n, m, d] | None, parent [b, n, m], indices, losses)
     num_layers = len(rvq.layers)
     for qi, vq in enumerate(rvq.layers):
         if dropout_index is not None and qi > dropout_index:
@@ -287,13 +289,16 @@ def residual_beam_search(rvq, x, mask, beam_size, sample_codebook_temp, freeze_c
             scores = total
             sel = torch.arange(j * k, device=device).expand(b, n, j * k)
         parent, choice = sel // k, sel % k
-        quantized, idx, loss, _ = cand.outputs(parent, choice)
-        parent_residual = residual.gather(-2, parent.unsqueeze(-1).expand(*parent.shape, d))
+        quantized, idx, loss, _, rows = cand.outputs(parent, choice)
+        # each survivor's input residual: the candidates' own rows when the codebook sees the
+        # residual as is (euclidean; one [N, m, d] gather, already kept by autograd, not two)
+        parent_residual = (rows if cand.x is residual else
+                           residual.gather(-2, parent.unsqueeze(-1).expand(*parent.shape, d)))
         if mask is not None:  # LR: zeros or the layer's raw input (the residual) on padding
             fill = torch.zeros_like(quantized) if vq.return_zeros_for_masked_padding else parent_residual
             quantized = torch.where(mask[..., None, None], quantized, fill)
-        # each depth's input, for the codebook updates of a training step only ([N, j, d] per depth)
-        history.append((residual.detach() if rvq.training else None, parent, idx, loss))
+        # each survivor's input, for the codebook updates of a training step only
+        history.append((parent_residual.detach() if rvq.training else None, parent, idx, loss))
         residual = parent_residual - frac_gradient(quantized, rvq.quant_grad_frac)
         if quantized_out is None:
             quantized_out = quantized  # LR adds it to zeros: the same values
@@ -305,10 +310,9 @@ def residual_beam_search(rvq, x, mask, beam_size, sample_codebook_temp, freeze_c
     for inp, parent, idx, loss in reversed(history):
         indices.append(idx.gather(-1, path))
         losses.append(loss.gather(-1, path) if loss.ndim else loss.expand(b, n, 1))
-        p = parent.gather(-1, path)
         if inp is not None:
-            inputs.append(inp.gather(-2, p.unsqueeze(-1).expand(b, n, 1, d)).squeeze(-2))
-        path = p
+            inputs.append(inp.gather(-2, path.unsqueeze(-1).expand(b, n, 1, d)).squeeze(-2))
+        path = parent.gather(-1, path)
     indices, losses, inputs = indices[::-1], losses[::-1], inputs[::-1]
     all_losses = torch.cat(losses, dim=-1)  # [b, n, depths]
     pad = num_layers - len(history)

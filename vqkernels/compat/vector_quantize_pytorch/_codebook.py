@@ -19,8 +19,6 @@ per-rank samples in multinomial proportions): a valid k-means/dead-code seed, no
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +26,7 @@ from torch import nn
 from ... import distributed as vqdist
 from ... import functional as vqf
 from . import _streamed
+from ._affine import AffineParams
 
 
 def _l2norm(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +109,6 @@ def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tens
     return hs, ns
 
 
-
 def _codes_are_unit(embed: torch.Tensor) -> bool:
     """Whether a cosine codebook's codes are unit vectors, as LR keeps them (l2-normalised at
     init, by k-means, dead-code replacement and the EMA update).  A user can still write raw codes
@@ -120,7 +118,8 @@ def _codes_are_unit(embed: torch.Tensor) -> bool:
     norms = embed.detach().float().norm(dim=-1)
     return bool(((norms - 1.0).abs() <= 1e-5).all())
 
-class Codebook(nn.Module):
+
+class Codebook(AffineParams, nn.Module):
     """LR's ``Codebook`` (euclidean and cosine) on fused kernels; arguments as LR's."""
 
     def __init__(
@@ -359,47 +358,6 @@ class Codebook(nn.Module):
         self.update_ema()
         self.initted.data.copy_(torch.tensor(True))
 
-    # ------------------------------------------------------------------ affine
-
-    def update_with_decay(self, buffer_name, new_value, decay):
-        old_value = getattr(self, buffer_name)
-        needs_init = getattr(self, buffer_name + "_needs_init", False)
-        if needs_init:
-            self.register_buffer(buffer_name + "_needs_init", torch.tensor(False))
-        if old_value is None or bool(needs_init):
-            self.register_buffer(buffer_name, new_value.detach())
-            return
-        self.register_buffer(buffer_name, old_value * decay + new_value.detach() * (1 - decay))
-
-    def update_affine(self, data, embed, mask=None):
-        var_fn = partial(torch.var, unbiased=False)
-        embed = embed.reshape(embed.shape[0], -1, embed.shape[-1])
-        if self.training:
-            self.update_with_decay("codebook_mean", embed.mean(1, keepdim=True), self.affine_param_codebook_decay)
-            self.update_with_decay("codebook_variance", var_fn(embed, dim=1, keepdim=True),
-                                   self.affine_param_codebook_decay)
-        data = data.reshape(data.shape[0], -1, data.shape[-1])
-        if mask is not None:
-            c = data.shape[0]
-            data = data[mask].reshape(c, -1, data.shape[-1])
-        if not self.sync_affine_param:
-            self.update_with_decay("batch_mean", data.mean(1, keepdim=True), self.affine_param_batch_decay)
-            self.update_with_decay("batch_variance", var_fn(data, dim=1, keepdim=True),
-                                   self.affine_param_batch_decay)
-            return
-        num = torch.tensor(data.shape[-2], device=data.device, dtype=data.dtype)
-        vqdist.all_reduce_sum_(num)
-        batch_sum = data.sum(1, keepdim=True)
-        vqdist.all_reduce_sum_(batch_sum)
-        batch_mean = batch_sum / num
-        self.update_with_decay("batch_mean", batch_mean, self.affine_param_batch_decay)
-        numer = ((data - batch_mean) ** 2).sum(1, keepdim=True)
-        vqdist.all_reduce_sum_(numer)
-        self.update_with_decay("batch_variance", numer / num, self.affine_param_batch_decay)
-
-    def _affine_stds(self):
-        return self.codebook_variance.clamp(min=1e-5).sqrt(), self.batch_variance.clamp(min=1e-5).sqrt()
-
     # ------------------------------------------------------------------ dead codes
 
     @torch.no_grad()
@@ -598,7 +556,8 @@ class Codebook(nn.Module):
             # -cdist ("euclidean") or x·c of the already normalized rows and codes ("dot")
             metric = "dot" if self.use_cosine_sim else "euclidean"
             soft = torch.stack([
-                vqf.soft_quantize(flatten[h], embed[h], float(temp), metric, backend=self.backend)
+                vqf.soft_quantize(flatten[h], embed[h], float(temp), metric, backend=self.backend,
+                                  check_inputs=False)
                 for h in range(embed.shape[0])
             ])
             quantize = quantize + soft - soft.detach()

@@ -87,7 +87,8 @@ def cross_entropy(flatten: torch.Tensor, embed: torch.Tensor, codes: torch.Tenso
     for h in range(flatten.shape[0]):
         keep = codes[h] >= 0
         safe = codes[h].clamp_min(0)
-        lse = vqf.code_distribution(flatten[h], embed[h], 1.0, metric, backend=backend)[0]
+        # (check_inputs=False, as the layer's searches: LR lets non-finite rows through too)
+        lse = vqf.code_distribution(flatten[h], embed[h], 1.0, metric, backend=backend, check_inputs=False)[0]
         terms.append(lse - picked_logits(flatten[h], F.embedding(safe, embed[h]), metric))
         keeps.append(keep)
     per_row, keep = torch.cat(terms), torch.cat(keeps)
@@ -120,6 +121,6 @@ def diversity_loss(flatten: torch.Tensor, embed: torch.Tensor, metric: str, posi
     total = None
     for i in range(h):
         mean_probs = vqf.code_distribution(flatten[i], embed[i], 1.0 / temperature, metric, groups=groups,
-                                           num_groups=positions, backend=backend)[2]
+                                           num_groups=positions, backend=backend, check_inputs=False)[2]
         total = mean_probs if total is None else total + mean_probs
     return -entropy(total / h).mean()
