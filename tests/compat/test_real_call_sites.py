@@ -627,3 +627,35 @@ def test_real_call_site_under_cpu_autocast_keeps_fp32_codes(name):
             out_ours = ours(x, **fkw)
         assert_same(out_up, out_ours, f"step {step}", **TOL)
         _assert_state_equal(up, ours)
+
+
+# The mistakes these call sites invite (a channel-first encoder output into a channel-last layer, a
+# wrong feature size, a padding mask off by one, integer tokens): LR fails deep inside (einsum /
+# einops / a bare assert); ours names the argument and the expected shape or dtype.
+MISUSED_FORWARDS = {
+    "vq-channel-first-audio": ("VectorQuantize", dict(dim=16, codebook_size=32), (2, 16, 30), {}, "dim=16"),
+    "vq-int-tokens": ("VectorQuantize", dict(dim=16, codebook_size=32), (2, 30, 16), dict(as_int=True), "float"),
+    "vq-mask-off-by-one": ("VectorQuantize", dict(dim=16, codebook_size=32), (2, 30, 16),
+                           dict(mask=torch.ones(2, 29, dtype=torch.bool)), "mask"),
+    "vq-fmap-without-spatial-dims": ("VectorQuantize", dict(dim=16, codebook_size=32, accept_image_fmap=True),
+                                     (2, 16, 30), {}, "4 dims"),
+    "rvq-channel-first-audio": ("ResidualVQ", dict(dim=16, num_quantizers=2, codebook_size=32), (2, 16, 30), {},
+                                "dim=16"),
+    "grvq-wrong-dim": ("GroupedResidualVQ", dict(dim=16, groups=2, num_quantizers=2, codebook_size=32), (2, 30, 12),
+                       {}, "dim=16"),
+    "fsq-wrong-dim": ("FSQ", dict(levels=[8, 5, 5, 5]), (2, 30, 5), {}, "dimension of 4"),
+    "lfq-wrong-dim": ("LFQ", dict(dim=8), (2, 30, 6), {}, "8"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISUSED_FORWARDS))
+def test_misused_forward_gets_a_clear_error(name):
+    cls, kwargs, shape, fkw, names = MISUSED_FORWARDS[name]
+    fkw = dict(fkw)
+    x = torch.randn(*shape)
+    if fkw.pop("as_int", False):
+        x = torch.randint(0, 5, shape)
+    with pytest.raises(Exception):  # noqa: B017  (LR: RuntimeError, EinopsError, NotImplementedError, assert)
+        getattr(vqp, cls)(**kwargs)(x, **fkw)
+    with pytest.raises((ValueError, TypeError), match=names):
+        getattr(compat, cls)(**kwargs)(x, **fkw)
