@@ -43,6 +43,16 @@ QUICK_MEMORY_SHAPES = [(4096, 64, 1024)]
 CPU_PROVIDERS = ["vqkernels-cpu", "reference", "onehot-matmul"]
 CUDA_PROVIDERS = ["vqkernels-triton", "vqkernels-cuda", "reference", "onehot-matmul"]
 OURS = {"vqkernels-cpu", "vqkernels-triton", "vqkernels-cuda"}
+# The columns of the summary rows (summarize), on the console and in the .md file.
+SUMMARY_COLUMNS = [
+    "case",
+    "ours",
+    "ours_ms",
+    "reference_ms",
+    "onehot_ms",
+    "vs_reference",
+    "vs_onehot",
+]
 MEMORY_LIMIT_BYTES = 6 * 1024**3
 DECAY, EPS = 0.99, 1e-5
 
@@ -152,49 +162,20 @@ def main(argv: list[str] | None = None) -> int:
                 if est > MEMORY_LIMIT_BYTES:
                     row = _skipped_row(p, params, est)
                 else:
-                    row = harness.bench_case(
-                        OP,
-                        p,
-                        MODULE,
-                        "make_provider",
-                        params,
-                        args=args,
-                        time_it=False,
-                        memory=True,
-                        extra={"case": harness.shape_label(n, d, k)},
-                    )
+                    row = harness.memory_case(OP, p, MODULE, params, args=args)
                 row["measure"] = "memory"
                 mem_rows.append(row)
                 harness.progress(row)
 
     summary = summarize(rows)
-    print()
-    print(
-        harness.format_table(
-            rows,
-            [
-                "case",
-                "provider",
-                "median_ms",
-                "p20_ms",
-                "p80_ms",
-                "repeats",
-                "max_abs_err",
-                "loadavg",
-                "status",
-            ],
-        )
+    harness.print_op_tables(
+        rows,
+        [*harness.TIMING_COLUMNS, "max_abs_err", "loadavg", "status"],
+        "vqkernels speedup over the reference and the one-hot formulation (same run):",
+        summary,
+        SUMMARY_COLUMNS,
+        mem_rows,
     )
-    print("\nvqkernels speedup over the reference and the one-hot formulation (same run):")
-    print(
-        harness.format_table(
-            summary,
-            ["case", "ours", "ours_ms", "reference_ms", "onehot_ms", "vs_reference", "vs_onehot"],
-        )
-    )
-    if mem_rows:
-        print()
-        print(harness.format_table(mem_rows, ["case", "provider", "extra_mib", "status", "reason"]))
 
     meta = harness.metadata(
         device, elapsed_s=round(time.time() - t_start, 1), quick=args.quick, decay=DECAY, eps=EPS
@@ -215,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         summary_section=(
             "vqkernels speedup",
-            ["case", "ours", "ours_ms", "reference_ms", "onehot_ms", "vs_reference", "vs_onehot"],
+            SUMMARY_COLUMNS,
         ),
     )
     return 0

@@ -78,6 +78,17 @@ CUDA_PROVIDERS = [
 # that do not solve the problem (excluded from "best peer").
 OURS = {"vqkernels-cpu", "vqkernels-triton", "vqkernels-triton-fast-bf16", "vqkernels-cuda"}
 YARDSTICKS = {"mm-bf16"}
+# The columns of the summary rows (summarize), on the console and in the .md file.
+SUMMARY_COLUMNS = [
+    "case",
+    "ours",
+    "ours_ms",
+    "best_other",
+    "best_other_ms",
+    "speedup",
+    "ours_floor_x",
+    "vs_mm_bf16",
+]
 
 # A provider whose estimated extra memory exceeds this is skipped at the memory shape (reason
 # recorded) rather than risking the shared machine's RAM.
@@ -307,17 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"> {mem_limit / 1024**3:.0f} GiB limit",
                 }
             else:
-                row = harness.bench_case(
-                    OP,
-                    p,
-                    MODULE,
-                    "make_provider",
-                    params,
-                    args=args,
-                    time_it=False,
-                    memory=True,
-                    extra={"case": harness.shape_label(n, d, k)},
-                )
+                row = harness.memory_case(OP, p, MODULE, params, args=args)
             row["nk_fp32_mib"] = 4.0 * n * k / harness.MIB
             mem_rows.append(row)
             print(
@@ -327,49 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     summary = summarize(rows)
-    print()
-    print(
-        harness.format_table(
-            [r for r in rows],
-            [
-                "case",
-                "provider",
-                "median_ms",
-                "p20_ms",
-                "p80_ms",
-                "repeats",
-                "gflops",
-                "floor_x",
-                "agree",
-                "max_excess",
-                "status",
-            ],
-        )
+    harness.print_op_tables(
+        rows,
+        [*harness.TIMING_COLUMNS, "gflops", "floor_x", "agree", "max_excess", "status"],
+        "vqkernels vs best other provider (speedup = best_other / vqkernels; >= 1 is a win):",
+        summary,
+        SUMMARY_COLUMNS,
+        mem_rows,
+        ["case", "provider", "extra_mib", "nk_fp32_mib", "status", "reason"],
     )
-    print()
-    print("vqkernels vs best other provider (speedup = best_other / vqkernels; >= 1 is a win):")
-    print(
-        harness.format_table(
-            summary,
-            [
-                "case",
-                "ours",
-                "ours_ms",
-                "best_other",
-                "best_other_ms",
-                "speedup",
-                "ours_floor_x",
-                "vs_mm_bf16",
-            ],
-        )
-    )
-    if mem_rows:
-        print()
-        print(
-            harness.format_table(
-                mem_rows, ["case", "provider", "extra_mib", "nk_fp32_mib", "status", "reason"]
-            )
-        )
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         print("\nnot measured:")
@@ -398,16 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         summary_section=(
             "vqkernels vs the best other provider (speedup = best_other_ms / ours_ms)",
-            [
-                "case",
-                "ours",
-                "ours_ms",
-                "best_other",
-                "best_other_ms",
-                "speedup",
-                "ours_floor_x",
-                "vs_mm_bf16",
-            ],
+            SUMMARY_COLUMNS,
         ),
     )
     return 0

@@ -52,6 +52,16 @@ QUICK_MEMORY_SHAPES = [(4096, 64, 512)]
 CPU_PROVIDERS = ["vqkernels-cpu", "reference", "plain-torch"]
 CUDA_PROVIDERS = ["vqkernels-triton", "vqkernels-cuda", "reference", "plain-torch"]
 OURS = {"vqkernels-cpu", "vqkernels-triton", "vqkernels-cuda"}
+# The columns of the summary rows, on the console and in the .md file.
+SUMMARY_COLUMNS = [
+    "case",
+    "ours",
+    "ours_ms",
+    "reference_ms",
+    "plain_torch_ms",
+    "vs_reference",
+    "vs_plain_torch",
+]
 
 
 def plain_quantize(x: torch.Tensor, codebook: torch.Tensor, beta: float):
@@ -313,16 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print("peak extra memory, forward + backward (child process per provider) ...", flush=True)
         for n, d, k in QUICK_MEMORY_SHAPES if args.quick else MEMORY_SHAPES:
             for p in providers:
-                row = harness.bench_case(
-                    OP,
-                    p,
-                    MODULE,
-                    "make_provider",
-                    dict(provider=p, n=n, d=d, k=k, device=device),
-                    args=args,
-                    time_it=False,
-                    memory=True,
-                    extra={"case": harness.shape_label(n, d, k)},
+                row = harness.memory_case(
+                    OP, p, MODULE, dict(provider=p, n=n, d=d, k=k, device=device), args=args
                 )
                 row["measure"] = "memory"
                 mem_rows.append(row)
@@ -345,44 +347,22 @@ def main(argv: list[str] | None = None) -> int:
                         "vs_plain_torch": pt["median_ms"] / r["median_ms"] if pt else None,
                     }
                 )
-    print()
-    print(
-        harness.format_table(
-            rows,
-            [
-                "case",
-                "provider",
-                "median_ms",
-                "p20_ms",
-                "p80_ms",
-                "repeats",
-                "agree",
-                "loss_rel_err",
-                "grad_x_max_err",
-                "grad_cb_max_err",
-                "loadavg",
-                "status",
-            ],
-        )
+    harness.print_op_tables(
+        rows,
+        [
+            *harness.TIMING_COLUMNS,
+            "agree",
+            "loss_rel_err",
+            "grad_x_max_err",
+            "grad_cb_max_err",
+            "loadavg",
+            "status",
+        ],
+        "vqkernels speedup, forward + backward (same run):",
+        summary,
+        SUMMARY_COLUMNS,
+        mem_rows,
     )
-    print("\nvqkernels speedup, forward + backward (same run):")
-    print(
-        harness.format_table(
-            summary,
-            [
-                "case",
-                "ours",
-                "ours_ms",
-                "reference_ms",
-                "plain_torch_ms",
-                "vs_reference",
-                "vs_plain_torch",
-            ],
-        )
-    )
-    if mem_rows:
-        print()
-        print(harness.format_table(mem_rows, ["case", "provider", "extra_mib", "status", "reason"]))
 
     meta = harness.metadata(
         device,
@@ -414,18 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grad_cb_max_err",
             ],
         ),
-        summary_section=(
-            "vqkernels speedup",
-            [
-                "case",
-                "ours",
-                "ours_ms",
-                "reference_ms",
-                "plain_torch_ms",
-                "vs_reference",
-                "vs_plain_torch",
-            ],
-        ),
+        summary_section=("vqkernels speedup", SUMMARY_COLUMNS),
     )
     return 0
 

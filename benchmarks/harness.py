@@ -374,6 +374,31 @@ def measure_memory(
 # ---------------------------------------------------------------------------------------------
 
 
+def _new_row(
+    op: str,
+    provider: str,
+    params: dict[str, Any],
+    extra: dict[str, Any] | None,
+    **more: Any,
+) -> dict[str, Any]:
+    """A result row before anything ran: the case's keys, status ok, no numbers yet."""
+    row: dict[str, Any] = {"op": op, "provider": provider, **params, **(extra or {})}
+    row.update(status="ok", reason="", median_ms=None, p20_ms=None, p80_ms=None, repeats=0)
+    row.update(extra_mib=None, mem_method="", **more)
+    return row
+
+
+def _record_failure(row: dict[str, Any], exc: Exception) -> None:
+    """A provider that raised: :class:`Skip` is 'skipped' with its reason, anything else an
+    'error' (traceback printed when VQKERNELS_BENCH_TRACEBACK is set); the run goes on."""
+    if isinstance(exc, Skip):
+        row.update(status="skipped", reason=str(exc))
+        return
+    row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+    if os.environ.get("VQKERNELS_BENCH_TRACEBACK"):
+        traceback.print_exc()
+
+
 def bench_case(
     op: str,
     provider: str,
@@ -399,9 +424,7 @@ def bench_case(
     reference: a benchmark of a wrong answer is worthless.
     """
     device = params.get("device", "cpu")
-    row: dict[str, Any] = {"op": op, "provider": provider, **params, **(extra or {})}
-    row.update(status="ok", reason="", median_ms=None, p20_ms=None, p80_ms=None, repeats=0)
-    row.update(extra_mib=None, mem_method="")
+    row = _new_row(op, provider, params, extra)
     # The 1-minute load average when the case starts: on a shared machine a load above the
     # thread count means timings include waiting for a core (OpenMP barriers suffer most).
     row["loadavg"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -422,12 +445,8 @@ def bench_case(
                 time_kwargs.setdefault("warmup", 0)  # the checked call was the warm-up
             t = time_fn(fn, device=device, **time_kwargs)
             row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, repeats=t.repeats)
-        except Skip as exc:
-            row.update(status="skipped", reason=str(exc))
         except Exception as exc:
-            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-            if os.environ.get("VQKERNELS_BENCH_TRACEBACK"):
-                traceback.print_exc()
+            _record_failure(row, exc)
         finally:
             del fn
             gc.collect()
@@ -443,6 +462,24 @@ def bench_case(
                 status="skipped" if m.get("skip") else "error", reason="memory: " + m["reason"]
             )
     return row
+
+
+def memory_case(
+    op: str, provider: str, module: str, params: dict[str, Any], *, args: argparse.Namespace
+) -> dict[str, Any]:
+    """:func:`bench_case` of an op at the shape ``params["n"], ["d"], ["k"]``, memory only (no
+    timing): the peak extra memory of ``module.make_provider(**params)`` in a child process."""
+    return bench_case(
+        op,
+        provider,
+        module,
+        "make_provider",
+        params,
+        args=args,
+        time_it=False,
+        memory=True,
+        extra={"case": shape_label(params["n"], params["d"], params["k"])},
+    )
 
 
 def bench_group(
@@ -475,9 +512,7 @@ def bench_group(
     device = "cpu"
     for provider, params, extra, check in cases:
         device = params.get("device", "cpu")
-        row: dict[str, Any] = {"op": op, "provider": provider, **params, **(extra or {})}
-        row.update(status="ok", reason="", median_ms=None, p20_ms=None, p80_ms=None, repeats=0)
-        row.update(extra_mib=None, mem_method="", timing="interleaved")
+        row = _new_row(op, provider, params, extra, timing="interleaved")
         rows[provider] = row
         try:
             fn = getattr(importlib.import_module(module), factory)(**params)
@@ -488,12 +523,8 @@ def bench_group(
                 row.update(check(out))
             del out
             fns[provider] = fn
-        except Skip as exc:
-            row.update(status="skipped", reason=str(exc))
         except Exception as exc:
-            row.update(status="error", reason=f"{type(exc).__name__}: {exc}")
-            if os.environ.get("VQKERNELS_BENCH_TRACEBACK"):
-                traceback.print_exc()
+            _record_failure(row, exc)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if fns:
         try:
@@ -808,6 +839,30 @@ def write_markdown(
 
 
 MEMORY_SECTION_COLUMNS = ["case", "provider", "extra_mib", "reason"]
+# The leading columns of every timing table on the console (a bench appends its own checks).
+TIMING_COLUMNS = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "repeats"]
+# The memory table on the console: the status says why a row has no number.
+MEMORY_TABLE_COLUMNS = ["case", "provider", "extra_mib", "status", "reason"]
+
+
+def print_op_tables(
+    rows: list[dict[str, Any]],
+    time_columns: Sequence[str],
+    summary_title: str,
+    summary: list[dict[str, Any]],
+    summary_columns: Sequence[str],
+    mem_rows: list[dict[str, Any]],
+    mem_columns: Sequence[str] = MEMORY_TABLE_COLUMNS,
+) -> None:
+    """The console end of an op benchmark: the timing rows, the vqkernels summary under its
+    title, then the memory rows when any were measured (the .md file holds the same tables)."""
+    print()
+    print(format_table(rows, time_columns))
+    print(f"\n{summary_title}")
+    print(format_table(summary, summary_columns))
+    if mem_rows:
+        print()
+        print(format_table(mem_rows, mem_columns))
 
 
 def save_op_results(

@@ -21,6 +21,8 @@ files with a warning.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +41,8 @@ __all__ = [
     "step_checkpoints",
     "load_newest_valid",
     "load_for_resume",
+    "weights_fingerprint",
+    "atomic_write_json",
 ]
 
 FORMAT = "vqkernels-models"
@@ -47,6 +51,26 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """The file is not a readable vqkernels-models checkpoint (the message says why)."""
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort; not all filesystems allow it)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it is there (a temp file after a failed write, an old checkpoint)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def atomic_save(obj: dict, path: str) -> None:
@@ -62,19 +86,28 @@ def atomic_save(obj: dict, path: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         # Leave the previous checkpoint untouched and do not litter the directory.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
-    try:  # make the rename itself durable (best effort; not all filesystems allow it)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _fsync_dir(directory)
+
+
+def atomic_write_json(obj, path: str | os.PathLike) -> None:
+    """``obj`` as indented JSON (sorted keys, final newline) to ``path`` atomically: a temp file
+    in the same directory, then ``os.replace`` (readers never see half a file)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)),
+        prefix=os.path.basename(path) + ".",
+        suffix=".tmp",
+    )
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
 
 
 def load_checkpoint(path: str) -> dict:
@@ -120,17 +153,6 @@ def step_checkpoints(directory: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def save_rotating(obj: dict, directory: str, step: int, keep_last: int, name: str) -> str:
     """Write ``obj`` atomically as ``directory/name`` (the newest) and, when ``keep_last > 0``, as
     the step checkpoint ``checkpoint-step{step:08d}.pt``, then delete step checkpoints beyond the
@@ -156,17 +178,11 @@ def save_rotating(obj: dict, directory: str, step: int, keep_last: int, name: st
             shutil.copyfile(step_path, tmp)
         os.replace(tmp, newest)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     _fsync_dir(directory)
     for _, old in step_checkpoints(directory)[keep_last:]:
-        try:
-            os.unlink(old)
-        except OSError:
-            pass
+        _unlink_quietly(old)
     return newest
 
 
@@ -231,3 +247,14 @@ def load_for_resume(directory: str, name: str, ctx) -> dict:
     if status != "ok":
         raise CheckpointError(value)
     return load_checkpoint(value) | {"_path": value}
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 (hex, 32 chars) of ``module.config`` (JSON, sorted keys) and of its state dict in
+    key order (names, then raw bytes): two modules share it only when config and weights match."""
+    h = hashlib.sha256()
+    h.update(json.dumps(module.config, sort_keys=True).encode())
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 
 from . import prior as P
+from .checkpoint import atomic_write_json
+from .cli import exit_status
 
 # The measures (models/compare_measures.py) and the words (models/compare_report.py),
 # re-exported: ``models.compare`` stays the one name to use.
@@ -232,7 +234,7 @@ def run_comparison(argv: list[str] | None = None) -> dict:
             run_metrics[kind] = _train_model(kind, d, args, size)
             # Kept next to the run so that a --resume'd report still shows the load each model
             # was trained under (steps/s on a shared machine depend on it).
-            P._write_json({"load_average": [before, _loadavg()]}, d / "compare_load.json")
+            atomic_write_json({"load_average": [before, _loadavg()]}, d / "compare_load.json")
         if (d / "compare_load.json").is_file():
             run_metrics[kind]["load_average"] = _read_json(d / "compare_load.json")["load_average"]
         ckpts[kind] = d / "checkpoint.pt"
@@ -357,7 +359,7 @@ def run_comparison(argv: list[str] | None = None) -> dict:
     report = {"setup": setup, "env": env, "models": results, "differences": words}
     if jpeg_whole is not None:
         report["jpeg_same_bpp"] = jpeg_whole
-    P._write_json(report, out / "metrics.json")
+    atomic_write_json(report, out / "metrics.json")
     (out / "report.md").write_text(render_report(report))
     print(f"[compare] wrote {out / 'report.md'}", file=sys.stderr)
     return report
@@ -478,12 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _cli() -> int:
     """Command-line entry: user errors print one line (no traceback) and exit with status 2."""
-    try:
-        main()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(main)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ A corrupt file, a truncated file or a file made with another model gives a :clas
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .checkpoint import weights_fingerprint
+from .cli import exit_status
+from .holdout import pad_to_multiple
 
 __all__ = [
     "CompressError",
@@ -87,21 +89,7 @@ def unpack_indices(data: bytes, count: int, bits: int) -> np.ndarray:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 (hex, 32 chars) of the model's type, config and weights in key order: a file only
     decodes with the model that encoded it."""
-    h = hashlib.sha256()
-    h.update(json.dumps(model.config, sort_keys=True).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def _pad_to(img: torch.Tensor, f: int) -> torch.Tensor:
-    """Replicate-pad ``[C, H, W]`` so H and W are multiples of ``f`` (edges repeat: no seam)."""
-    h, w = img.shape[-2:]
-    ph, pw = (-h) % f, (-w) % f
-    if ph == 0 and pw == 0:
-        return img
-    return F.pad(img.unsqueeze(0), (0, pw, 0, ph), mode="replicate").squeeze(0)
+    return weights_fingerprint(model)
 
 
 def _check_prior(model, prior) -> None:
@@ -134,7 +122,7 @@ def encode_images(
     entries, all_idx, reports, streams = [], [], [], []
     for img, name in zip(images, names):
         c, hgt, wid = img.shape
-        x = _pad_to(img, f).unsqueeze(0)
+        x = pad_to_multiple(img, f).unsqueeze(0)
         idx = model.encode(x)[0]  # [h, w]
         rec = model.decode_indices(idx.unsqueeze(0))[0, :, :hgt, :wid]
         entries.append(
@@ -307,10 +295,7 @@ def _write_png(img: torch.Tensor, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import models
-
-    from .metrics import psnr
-
+    """``python -m models.compress encode|decode ...``: 0, or 2 after a user error (one line)."""
     p = argparse.ArgumentParser(
         prog="python -m models.compress", description=__doc__.split("\n")[0]
     )
@@ -339,63 +324,63 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--backend", default="auto")
     d.add_argument("--prior", default=None, help="the prior the file was encoded with (if any)")
     args = p.parse_args(argv)
-    try:
-        model = models.load(args.checkpoint, backend=args.backend)
-        c = model.config["in_channels"]
-        prior = None
-        if args.prior:
-            from .prior import load_prior
+    return exit_status(lambda: _run(args))
 
-            prior = load_prior(args.prior)
-        if args.cmd == "encode":
-            imgs = [_read_image(f, c) for f in args.images]
-            names = [os.path.basename(f) for f in args.images]
-            data, reports = encode_images(model, imgs, names, prior=prior)
-            tmp = args.out + ".tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, args.out)
-            for r in reports:
-                coded = f"  (prior-coded; fixed-length {r['bpp_fixed']:.4f} bpp)" if prior else ""
-                print(
-                    f"{r['name']}: {r['width']}x{r['height']}  {r['bits']} bits  "
-                    f"{r['bpp']:.4f} bpp  PSNR {r['psnr']:.2f} dB{coded}"
-                )
-            pixels = sum(r["width"] * r["height"] for r in reports)
+
+def _run(args: argparse.Namespace) -> None:
+    """``encode`` or ``decode`` as the parsed ``args`` say (user errors raise)."""
+    import models
+
+    from .metrics import psnr
+
+    model = models.load(args.checkpoint, backend=args.backend)
+    c = model.config["in_channels"]
+    prior = None
+    if args.prior:
+        from .prior import load_prior
+
+        prior = load_prior(args.prior)
+    if args.cmd == "encode":
+        imgs = [_read_image(f, c) for f in args.images]
+        names = [os.path.basename(f) for f in args.images]
+        data, reports = encode_images(model, imgs, names, prior=prior)
+        tmp = args.out + ".tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, args.out)
+        for r in reports:
+            coded = f"  (prior-coded; fixed-length {r['bpp_fixed']:.4f} bpp)" if prior else ""
             print(
-                f"wrote {args.out}: {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp with header"
+                f"{r['name']}: {r['width']}x{r['height']}  {r['bits']} bits  "
+                f"{r['bpp']:.4f} bpp  PSNR {r['psnr']:.2f} dB{coded}"
             )
-        else:
-            with open(args.file, "rb") as fh:
-                data = fh.read()
-            decoded = decode_bytes(model, data, prior=prior)
-            os.makedirs(args.out, exist_ok=True)
-            header, _ = read_header(data)
-            origs = args.originals or []
-            if origs and len(origs) != len(decoded):
-                raise ValueError(f"--originals: got {len(origs)} files for {len(decoded)} images")
-            for i, ((name, img), ent) in enumerate(zip(decoded, header["images"])):
-                stem = os.path.splitext(name)[0] or f"image{i}"
-                path = os.path.join(args.out, f"{i:03d}_{stem}.png")
-                _write_png(img, path)
-                nbits = (
-                    8 * ent["nbytes"] if "nbytes" in ent else header["bits"] * ent["h"] * ent["w"]
-                )
-                bpp = nbits / (ent["height"] * ent["width"])
-                msg = f"{path}: {img.shape[2]}x{img.shape[1]}  {bpp:.4f} bpp"
-                if origs:
-                    ref = _read_image(origs[i], c)
-                    if ref.shape != img.shape:
-                        raise ValueError(
-                            f"original {origs[i]} has shape {tuple(ref.shape)}, "
-                            f"decoded image {tuple(img.shape)}"
-                        )
-                    msg += f"  PSNR {psnr(img.unsqueeze(0), ref.unsqueeze(0)):.2f} dB"
-                print(msg)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        pixels = sum(r["width"] * r["height"] for r in reports)
+        print(f"wrote {args.out}: {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp with header")
+    else:
+        with open(args.file, "rb") as fh:
+            data = fh.read()
+        decoded = decode_bytes(model, data, prior=prior)
+        os.makedirs(args.out, exist_ok=True)
+        header, _ = read_header(data)
+        origs = args.originals or []
+        if origs and len(origs) != len(decoded):
+            raise ValueError(f"--originals: got {len(origs)} files for {len(decoded)} images")
+        for i, ((name, img), ent) in enumerate(zip(decoded, header["images"])):
+            stem = os.path.splitext(name)[0] or f"image{i}"
+            path = os.path.join(args.out, f"{i:03d}_{stem}.png")
+            _write_png(img, path)
+            nbits = 8 * ent["nbytes"] if "nbytes" in ent else header["bits"] * ent["h"] * ent["w"]
+            bpp = nbits / (ent["height"] * ent["width"])
+            msg = f"{path}: {img.shape[2]}x{img.shape[1]}  {bpp:.4f} bpp"
+            if origs:
+                ref = _read_image(origs[i], c)
+                if ref.shape != img.shape:
+                    raise ValueError(
+                        f"original {origs[i]} has shape {tuple(ref.shape)}, "
+                        f"decoded image {tuple(img.shape)}"
+                    )
+                msg += f"  PSNR {psnr(img.unsqueeze(0), ref.unsqueeze(0)):.2f} dB"
+            print(msg)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,13 @@ Pieces:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import weights_fingerprint
 
 __all__ = [
     "CodingError",
@@ -210,12 +210,7 @@ def decode_symbols(dec: RangeDecoder, freqs: np.ndarray) -> np.ndarray:
 def prior_fingerprint(prior: torch.nn.Module) -> str:
     """SHA-256 (hex, 32 chars) of the prior's config and weights: a prior-coded file only decodes
     with the very prior that coded it."""
-    h = hashlib.sha256()
-    h.update(json.dumps(prior.config, sort_keys=True).encode())
-    for k, v in sorted(prior.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    return weights_fingerprint(prior)
 
 
 class PriorStepper:

@@ -1,6 +1,6 @@
 """Held-out photos evaluated WHOLE: reconstruction, PSNR/SSIM, colour fidelity, bits per pixel.
 
-The tiled evaluation in ``models.train.evaluate`` (32x32 tiles) is what the training loop tracks;
+The tiled evaluation in ``models.train_eval.evaluate`` (32x32 tiles) is what the training loop tracks;
 a user looks at whole photos. The models are fully convolutional, so a photo is replicate-padded
 to a multiple of the downsampling factor, encoded, decoded and cropped back to its size.
 """

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import exit_status
+
 # The model, its likelihood, sampling and file (models/prior_model.py) and its training
 # (models/prior_training.py), re-exported: ``models.prior`` stays the one public name.
 from .prior_model import (  # noqa: F401
@@ -51,7 +53,6 @@ from .prior_model import (  # noqa: F401
     _check_sampling_args,
     _filtered_probs,
     _load,
-    _write_json,
     bits_per_index,
     load_prior,
     sample,
@@ -320,12 +321,7 @@ def main(argv: list[str] | None = None):
 
 def _cli() -> int:
     """Command-line entry: user errors print one line (no traceback) and exit with status 2."""
-    try:
-        main()
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(main)
 
 
 if __name__ == "__main__":

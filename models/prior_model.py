@@ -11,10 +11,8 @@ with ``weights_only=True``).  Training: :mod:`models.prior_training`; CLI: :mod:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -290,14 +288,6 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     from .checkpoint import atomic_save
 
     atomic_save(obj, str(path))
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _load(path: str | os.PathLike) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write_json
 from .prior_model import (
     _LN2,
     PRIOR_CONFIGS,
@@ -21,7 +22,6 @@ from .prior_model import (
     IndexPrior,
     _check_indices,
     _load,
-    _write_json,
     bits_per_index,
     save_checkpoint,
     unigram_bits_per_index,
@@ -220,7 +220,7 @@ def run_training(
             train_flat, eval_flat, codebook_size
         )
         metrics["eval_bits_per_image"] = metrics["eval_bits_per_index"] * seq_len
-    _write_json(metrics, out / "metrics.json")
+    atomic_write_json(metrics, out / "metrics.json")
     return metrics
 
 

@@ -43,7 +43,8 @@ import torch
 
 from . import build_model, model_from_checkpoint
 from . import distributed as mdist
-from .checkpoint import load_for_resume
+from .checkpoint import atomic_write_json, load_for_resume
+from .cli import exit_status
 from .data import eval_groups, load_dataset
 from .perceptual import build_perceptual
 from .progress import default_threads
@@ -56,7 +57,6 @@ from .train_eval import (  # noqa: F401  (re-exported: models.train.evaluate & c
     save_reconstructions,
     start_message,
     train_set_codes,
-    write_json,
 )
 from .train_loop import run_loop
 from .train_state import (
@@ -207,7 +207,9 @@ def _train(args, ctx) -> dict:
     run.run_args["backend_resolved"] = backend
     run.run_args["world_size"] = ctx.world_size
     if ctx.is_main:
-        write_json({"model": config, "train": run.run_args}, os.path.join(args.out, "config.json"))
+        atomic_write_json(
+            {"model": config, "train": run.run_args}, os.path.join(args.out, "config.json")
+        )
     run.tb = open_tensorboard(args.out) if ctx.is_main else None
 
     # The step functions are looked up here, at call time, so that a test may swap them.
@@ -241,15 +243,9 @@ def _train(args, ctx) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        train(argv)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (FloatingPointError, mdist.PeerLostError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    """Command-line entry: 0; 2 after a user error; 1 when training itself failed (non-finite
+    loss, lost peer).  Errors print one line, no traceback."""
+    return exit_status(lambda: train(argv), failures=(FloatingPointError, mdist.PeerLostError))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 
 from . import distributed as mdist
+from .checkpoint import atomic_write_json
 from .data import eval_photos
 from .figures import reconstruction_figure
 from .holdout import whole_image_metrics
@@ -28,7 +28,6 @@ __all__ = [
     "evaluate",
     "train_set_codes",
     "save_reconstructions",
-    "write_json",
     "open_tensorboard",
     "evaluate_run",
     "start_message",
@@ -137,14 +136,6 @@ def save_reconstructions(pairs, path: str, scale: int | None = None) -> None:
     os.replace(tmp, path)
 
 
-def write_json(obj, path: str) -> None:
-    """``json.dump`` to ``path`` atomically (temp file + ``os.replace``)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def open_tensorboard(out: str):
     """A TensorBoard ``SummaryWriter`` on ``OUT/tb``, or None when tensorboard is missing."""
     try:
@@ -188,17 +179,12 @@ def start_message(run: TrainingRun) -> str:
     )
 
 
-def finish_run(run: TrainingRun, loop: LoopResult) -> dict:
-    """The end of a run that was not stopped by a signal: final evaluation (raw weights, then the
-    weight EMA), whole held-out photos (rank 0), the last checkpoint, ``reconstructions.png``,
-    ``metrics.json`` and the summary line.  Every rank calls it; returns the metrics dict."""
-    args, ctx, model, ema, tb, log = run.args, run.ctx, run.model, run.ema, run.tb, run.log
-    device, step = run.device, run.step
+def _final_metrics(run: TrainingRun, loop: LoopResult, ev: dict) -> dict:
+    """metrics.json's numbers from the final evaluation ``ev``, the loop and the run's settings."""
+    args, ctx, model, step = run.args, run.ctx, run.model, run.step
     seconds, steps_this_run = loop.seconds, loop.steps_this_run
     train_time, data_time = loop.train_time, loop.data_time
-    ev = evaluate_run(run)
-    pairs = ev.pop("_pairs")
-    metrics = {
+    return {
         "psnr": ev["psnr"],
         "ssim": ev["ssim"],
         "codebook_usage": ev["codebook_usage"],
@@ -235,6 +221,39 @@ def finish_run(run: TrainingRun, loop: LoopResult) -> dict:
         "threads": torch.get_num_threads(),
         "history": loop.history,
     }
+
+
+def _done_message(run: TrainingRun, metrics: dict, png: str) -> str:
+    """The summary the run prints last: speed, held-out quality, whole photos, output paths."""
+    args, ctx, ema, step = run.args, run.ctx, run.ema, run.step
+    return (
+        f"done: {step} steps in {metrics['seconds']:.0f}s ({metrics['steps_per_second']:.2f} steps/s, "
+        f"{metrics['images_per_second']:.0f} images/s on {ctx.world_size} rank(s)) "
+        f"held-out psnr={metrics['psnr']:.2f} dB ssim={metrics['ssim']:.3f} "
+        f"usage={metrics['codebook_usage']:.2f} ppl={metrics['perplexity']:.0f} "
+        f"train_ppl={metrics['train_perplexity']:.0f} "
+        f"codebook_rank_max_abs_diff={run.cb_diff_max:g}"
+        + (f" ema_psnr={metrics['ema']['psnr']:.2f}" if ema is not None else "")
+        + "\n"
+        + "".join(
+            f"  whole {k}: psnr={v['psnr']:.2f} dB dE76={v['delta_e76']:.2f} "
+            f"bias_rgb={v['bias_rgb']}\n"
+            for k, v in metrics.get("whole_image", {}).items()
+            if k != "mean" and "delta_e76" in v
+        )
+        + f"  {os.path.join(args.out, 'metrics.json')}\n  {png}"
+    )
+
+
+def finish_run(run: TrainingRun, loop: LoopResult) -> dict:
+    """The end of a run that was not stopped by a signal: final evaluation (raw weights, then the
+    weight EMA), whole held-out photos (rank 0), the last checkpoint, ``reconstructions.png``,
+    ``metrics.json`` and the summary line.  Every rank calls it; returns the metrics dict."""
+    args, ctx, model, ema, tb, log = run.args, run.ctx, run.model, run.ema, run.tb, run.log
+    device, step = run.device, run.step
+    ev = evaluate_run(run)
+    pairs = ev.pop("_pairs")
+    metrics = _final_metrics(run, loop, ev)
     if ema is not None:
         ev_ema = evaluate_run(run, ema.model)
         metrics["ema"] = {
@@ -262,25 +281,9 @@ def finish_run(run: TrainingRun, loop: LoopResult) -> dict:
             metrics["jpeg_same_bpp"] = reconstruction_figure(
                 model, photos, png, whole=(whole_metrics, whole_recs)
             )
-        write_json(metrics, os.path.join(args.out, "metrics.json"))
+        atomic_write_json(metrics, os.path.join(args.out, "metrics.json"))
     if tb is not None:
         tb.add_scalar("eval/psnr", ev["psnr"], step)
         tb.close()
-    log(
-        f"done: {step} steps in {metrics['seconds']:.0f}s ({metrics['steps_per_second']:.2f} steps/s, "
-        f"{metrics['images_per_second']:.0f} images/s on {ctx.world_size} rank(s)) "
-        f"held-out psnr={metrics['psnr']:.2f} dB ssim={metrics['ssim']:.3f} "
-        f"usage={metrics['codebook_usage']:.2f} ppl={metrics['perplexity']:.0f} "
-        f"train_ppl={metrics['train_perplexity']:.0f} "
-        f"codebook_rank_max_abs_diff={run.cb_diff_max:g}"
-        + (f" ema_psnr={metrics['ema']['psnr']:.2f}" if ema is not None else "")
-        + "\n"
-        + "".join(
-            f"  whole {k}: psnr={v['psnr']:.2f} dB dE76={v['delta_e76']:.2f} "
-            f"bias_rgb={v['bias_rgb']}\n"
-            for k, v in metrics.get("whole_image", {}).items()
-            if k != "mean" and "delta_e76" in v
-        )
-        + f"  {os.path.join(args.out, 'metrics.json')}\n  {png}"
-    )
+    log(_done_message(run, metrics, png))
     return metrics

@@ -20,6 +20,7 @@ import torch
 
 from . import distributed as mdist
 from .checkpoint import save_rotating
+from .steps import StepConfig
 
 __all__ = [
     "CKPT",
@@ -62,7 +63,7 @@ class TrainingRun:
     data_gen: torch.Generator
     groups: dict
     per_rank_batch: int
-    step_cfg: object  # models.steps.StepConfig: micro-batches, precision, device, scaler
+    step_cfg: StepConfig  # micro-batches, precision, device, scaler
     run_args: dict = field(default_factory=dict)
     gen_model: torch.nn.Module | None = None
     disc_model: torch.nn.Module | None = None

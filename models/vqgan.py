@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import AttnBlock, Downsample, NLayerDiscriminator, ResnetBlock, Upsample, group_norm
-from .vqvae import _QuantizerHost, make_quantizer
+from .vqvae import _QuantizerHost, make_quantizer, sized_config
 
 __all__ = ["VQGAN", "VQGANLoss", "vqgan_config", "vqgan_train_step", "make_vqgan_optimizers"]
 
@@ -70,15 +70,7 @@ _TINY = {
 def vqgan_config(size: str = "base", **overrides) -> dict:
     """A VQGAN config dict (``"tiny"`` or ``"base"``) with overrides; unknown keys are an error.
     ``downsample`` is derived from ``ch_mult`` (``2**(len(ch_mult) − 1)``)."""
-    if size not in ("tiny", "base"):
-        raise ValueError(f"config must be 'tiny' or 'base', got {size!r}")
-    cfg = dict(_BASE)
-    if size == "tiny":
-        cfg.update(_TINY)
-    for k, v in overrides.items():
-        if k not in cfg:
-            raise ValueError(f"unknown VQGAN config key {k!r} (known: {sorted(cfg)})")
-        cfg[k] = v
+    cfg = sized_config("VQGAN", _BASE, _TINY, size, overrides)
     cfg["ch_mult"] = [int(m) for m in cfg["ch_mult"]]
     cfg["downsample"] = 2 ** (len(cfg["ch_mult"]) - 1)
     if cfg["gan_loss"] not in ("hinge", "vanilla"):

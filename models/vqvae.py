@@ -57,14 +57,20 @@ def vqvae_config(size: str = "base", **overrides) -> dict:
     """A VQ-VAE config dict (``"tiny"`` for tests/CI, ``"base"`` for real runs) with overrides.
 
     Unknown keys are an error so typos do not silently fall back to defaults."""
+    return sized_config("VQ-VAE", _BASE, _TINY, size, overrides)
+
+
+def sized_config(what: str, base: dict, tiny: dict, size: str, overrides: dict) -> dict:
+    """A fresh config: ``base``, updated with ``tiny`` when ``size == "tiny"``, then with
+    ``overrides``; an unknown size or key (not in ``base``) is a ValueError naming ``what``."""
     if size not in ("tiny", "base"):
         raise ValueError(f"config must be 'tiny' or 'base', got {size!r}")
-    cfg = dict(_BASE)
+    cfg = dict(base)
     if size == "tiny":
-        cfg.update(_TINY)
+        cfg.update(tiny)
     for k, v in overrides.items():
         if k not in cfg:
-            raise ValueError(f"unknown VQ-VAE config key {k!r} (known: {sorted(cfg)})")
+            raise ValueError(f"unknown {what} config key {k!r} (known: {sorted(cfg)})")
         cfg[k] = v
     return cfg
 

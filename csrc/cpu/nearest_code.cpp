@@ -618,7 +618,12 @@ std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x_in, const at
   check_search_args(x_in, cb_in);
   check_sampling(sample_temperature, seed);
   const bool cosine = parse_metric(std::string(metric.data(), metric.size()));
-  const at::Tensor x = x_in.contiguous();
+  // Rows with unit-stride elements are read in place whatever their row stride (one group's
+  // slice of a wider feature dim, e.g. GroupedResidualVQ's chunks): the kernels pack row tiles
+  // themselves, so a contiguous copy of x would be one more pass and one more [N, D] buffer.
+  const bool strided_rows_ok =
+      x_in.dim() == 2 && (x_in.size(1) <= 1 || x_in.stride(1) == 1) && x_in.stride(0) >= 0;
+  const at::Tensor x = strided_rows_ok ? x_in : x_in.contiguous();
   const at::Tensor codebook = cb_in.contiguous();
   const int64_t N = x.size(0);
   const int64_t R = x.dim() == 3 ? N * x.size(1) : N;  // (row, head) pairs

@@ -112,26 +112,69 @@ struct RotationCoefs {
   float cu, cq, s, a, b;  // u = cu·x, q̂ = cq·q
 };
 
+// The fp64 sums run over 8 interleaved lanes (lane d mod 8) combined pairwise, as sum_sq8: a
+// fixed order (deterministic), and vectorizable — one running sum per quantity was a
+// latency-bound chain of dependent fp64 adds (~10x the cost of the STE backward at D = 128).
+// GCC does not vectorize the lane loops by itself here, hence the vector types (one zmm of 8
+// doubles under AVX-512; mul and add stay separate roundings: -ffp-contract=off).
+typedef float RotF8 __attribute__((vector_size(32)));
+typedef double RotD8 __attribute__((vector_size(64)));
+
+// (Output by reference: a 64-byte vector returned by value draws GCC's -Wpsabi ABI note.)
+template <typename T>
+VQK_INLINE inline void load_d8(const T* p, RotD8& out) {
+  float tmp[8];
+  for (int j = 0; j < 8; ++j) tmp[j] = to_f32(p[j]);
+  RotF8 f;
+  std::memcpy(&f, tmp, sizeof(f));
+  out = __builtin_convertvector(f, RotD8);
+}
+
 template <typename T, typename G>
 VQK_INLINE inline RotationCoefs rotation_coefs(const T* row, const T* code, const G* g,
                                                int64_t D) {
   constexpr double kEps = 1e-6;
-  double xx = 0.0, qq = 0.0;
-  for (int64_t d = 0; d < D; ++d) {
-    const double xv = to_f32(row[d]), qv = to_f32(code[d]);
-    xx += xv * xv;
-    qq += qv * qv;
+  constexpr int64_t L = 8;
+  const auto combine = [](const RotD8& l) VQK_INLINE {
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  };
+  RotD8 lxx = {0, 0, 0, 0, 0, 0, 0, 0}, lqq = lxx;
+  int64_t d0 = 0;
+  for (; d0 + L <= D; d0 += L) {
+    RotD8 xv, qv;
+    load_d8(row + d0, xv);
+    load_d8(code + d0, qv);
+    lxx += xv * xv;
+    lqq += qv * qv;
   }
+  for (int64_t j = 0; d0 + j < D; ++j) {
+    const double xv = to_f32(row[d0 + j]), qv = to_f32(code[d0 + j]);
+    lxx[j] += xv * xv;
+    lqq[j] += qv * qv;
+  }
+  const double xx = combine(lxx), qq = combine(lqq);
   const double xn = std::sqrt(xx), qn = std::sqrt(qq);
   const double cu = 1.0 / std::max(xn, kEps), cq = 1.0 / std::max(qn, kEps);
-  double vv = 0.0, vg = 0.0, qg = 0.0;  // v = u + q̂
-  for (int64_t d = 0; d < D; ++d) {
+  RotD8 lvv = {0, 0, 0, 0, 0, 0, 0, 0}, lvg = lvv, lqg = lvv;  // v = u + q̂
+  for (d0 = 0; d0 + L <= D; d0 += L) {
+    RotD8 xv, qv, gd;
+    load_d8(row + d0, xv);
+    load_d8(code + d0, qv);
+    load_d8(g + d0, gd);
+    const RotD8 v = cu * xv + cq * qv;
+    lvv += v * v;
+    lvg += v * gd;
+    lqg += cq * qv * gd;
+  }
+  for (int64_t j = 0; d0 + j < D; ++j) {
+    const int64_t d = d0 + j;
     const double v = cu * to_f32(row[d]) + cq * to_f32(code[d]);
     const double gd = to_f32(g[d]);
-    vv += v * v;
-    vg += v * gd;
-    qg += cq * to_f32(code[d]) * gd;
+    lvv[j] += v * v;
+    lvg[j] += v * gd;
+    lqg[j] += cq * to_f32(code[d]) * gd;
   }
+  const double vv = combine(lvv), vg = combine(lvg), qg = combine(lqg);
   const double vn = std::max(std::sqrt(vv), kEps);
   const double s = qn * cu;
   RotationCoefs c;

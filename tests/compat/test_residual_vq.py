@@ -169,8 +169,8 @@ def test_indices_cross_entropy_is_sum_over_depths():
 
 
 def test_refusals_and_errors():
-    with pytest.raises(NotImplementedError, match="beam"):
-        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, beam_size=4)
+    with pytest.raises(ValueError, match="eval_beam_size"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, eval_beam_size=4)
     with pytest.raises(ValueError, match="heads"):
         ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, heads=2)
     with pytest.raises(TypeError):

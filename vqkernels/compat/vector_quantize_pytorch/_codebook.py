@@ -19,8 +19,6 @@ per-rank samples in multinomial proportions): a valid k-means/dead-code seed, no
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +26,7 @@ from torch import nn
 from ... import distributed as vqdist
 from ... import functional as vqf
 from . import _streamed
+from ._affine import AffineParams
 
 
 def _l2norm(t: torch.Tensor) -> torch.Tensor:
@@ -87,6 +86,8 @@ def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tens
     """Overwrite ``idx[h, n]`` where ``near[h, n]`` with LR's choice (its clamped ``-cdist``
     argmax, see :func:`_lr_nearest`); returns the (head, row) indices of those rows."""
     hs, ns = near.nonzero(as_tuple=True)
+    if hs.numel() == 0:  # the usual case: no row near any code
+        return hs, ns
     for h in hs.unique().tolist():
         rows = ns[hs == h]
         xr = flat[h, rows]
@@ -108,7 +109,17 @@ def _redecide_near_rows_(idx: torch.Tensor, near: torch.Tensor, flat: torch.Tens
     return hs, ns
 
 
-class Codebook(nn.Module):
+def _codes_are_unit(embed: torch.Tensor) -> bool:
+    """Whether a cosine codebook's codes are unit vectors, as LR keeps them (l2-normalised at
+    init, by k-means, dead-code replacement and the EMA update).  A user can still write raw codes
+    (``vq.codebook = codes``, ``_codebook.embed.copy_``); LR then scores ``x̂·c`` against them and
+    returns the raw code, which the fused ``"cosine"`` search (it normalises the codes) would not
+    reproduce, so such codebooks take the ``"dot"`` stand-in.  O(K·d), a rounding margin of 1e-5."""
+    norms = embed.detach().float().norm(dim=-1)
+    return bool(((norms - 1.0).abs() <= 1e-5).all())
+
+
+class Codebook(AffineParams, nn.Module):
     """LR's ``Codebook`` (euclidean and cosine) on fused kernels; arguments as LR's."""
 
     def __init__(
@@ -253,6 +264,8 @@ class Codebook(nn.Module):
         over a non-learnable code set (the op's codes carry no codebook gradient; LR's learnable
         codebook gets one through its commitment loss) under ``"l2"`` or unit-code ``"cosine"``."""
         stochastic = self.stochastic_sample_codes and temperature > 0
+        if self.use_cosine_sim and not _codes_are_unit(self.embed):
+            return False
         return not (stochastic or self.learnable_codebook or self.vq_bridge is not None)
 
     def rotation_quantize(self, flat: torch.Tensor, embed: torch.Tensor):
@@ -344,47 +357,6 @@ class Codebook(nn.Module):
         self.cluster_size.data.copy_(bins)
         self.update_ema()
         self.initted.data.copy_(torch.tensor(True))
-
-    # ------------------------------------------------------------------ affine
-
-    def update_with_decay(self, buffer_name, new_value, decay):
-        old_value = getattr(self, buffer_name)
-        needs_init = getattr(self, buffer_name + "_needs_init", False)
-        if needs_init:
-            self.register_buffer(buffer_name + "_needs_init", torch.tensor(False))
-        if old_value is None or bool(needs_init):
-            self.register_buffer(buffer_name, new_value.detach())
-            return
-        self.register_buffer(buffer_name, old_value * decay + new_value.detach() * (1 - decay))
-
-    def update_affine(self, data, embed, mask=None):
-        var_fn = partial(torch.var, unbiased=False)
-        embed = embed.reshape(embed.shape[0], -1, embed.shape[-1])
-        if self.training:
-            self.update_with_decay("codebook_mean", embed.mean(1, keepdim=True), self.affine_param_codebook_decay)
-            self.update_with_decay("codebook_variance", var_fn(embed, dim=1, keepdim=True),
-                                   self.affine_param_codebook_decay)
-        data = data.reshape(data.shape[0], -1, data.shape[-1])
-        if mask is not None:
-            c = data.shape[0]
-            data = data[mask].reshape(c, -1, data.shape[-1])
-        if not self.sync_affine_param:
-            self.update_with_decay("batch_mean", data.mean(1, keepdim=True), self.affine_param_batch_decay)
-            self.update_with_decay("batch_variance", var_fn(data, dim=1, keepdim=True),
-                                   self.affine_param_batch_decay)
-            return
-        num = torch.tensor(data.shape[-2], device=data.device, dtype=data.dtype)
-        vqdist.all_reduce_sum_(num)
-        batch_sum = data.sum(1, keepdim=True)
-        vqdist.all_reduce_sum_(batch_sum)
-        batch_mean = batch_sum / num
-        self.update_with_decay("batch_mean", batch_mean, self.affine_param_batch_decay)
-        numer = ((data - batch_mean) ** 2).sum(1, keepdim=True)
-        vqdist.all_reduce_sum_(numer)
-        self.update_with_decay("batch_variance", numer / num, self.affine_param_batch_decay)
-
-    def _affine_stds(self):
-        return self.codebook_variance.clamp(min=1e-5).sqrt(), self.batch_variance.clamp(min=1e-5).sqrt()
 
     # ------------------------------------------------------------------ dead codes
 
@@ -528,6 +500,11 @@ class Codebook(nn.Module):
             embed = (embed - self.codebook_mean) * (bstd / cstd) + self.batch_mean
         return embed
 
+    # LR's Codebook.forward runs with CUDA autocast off (``@autocast('cuda', enabled=False)``):
+    # its k-means, distances and Gumbel logits stay fp32 under mixed-precision training; ours
+    # must too, or its k-means and PyTorch stand-ins would run in half precision there.  (Like
+    # LR, CPU autocast is left alone.)
+    @torch.autocast("cuda", enabled=False)
     def forward(self, x, sample_codebook_temp=None, mask=None, freeze_codebook=False,
                 ema_update_weight=None, accum_ema_update=False, ema_update=None, update_usage=True,
                 keep_embed=False, codebook_transform_fn=None, fused_rotation=False):
@@ -564,7 +541,7 @@ class Codebook(nn.Module):
         elif fused_rotation:
             quantize, embed_ind = self.rotation_quantize(flatten, embed)
         else:
-            unit = self.use_cosine_sim and self.vq_bridge is None
+            unit = self.use_cosine_sim and self.vq_bridge is None and _codes_are_unit(embed)
             embed_ind = self.search(flatten, embed, temp, self.training, unit)
             # gather = LR's one-hot @ embed (same values, same gradient to a learnable codebook)
             # (one codebook: unsqueeze, not stack, so the [N, d] codes are not copied again)
@@ -572,9 +549,14 @@ class Codebook(nn.Module):
             quantize = (F.embedding(embed_ind[0], embed[0]).unsqueeze(0) if heads == 1 else
                         torch.stack([F.embedding(embed_ind[h], embed[h]) for h in range(heads)]))
         if dist is None and self.training and self.straight_through and temp > 0:
-            kind = "dot" if self.use_cosine_sim else "neg_cdist"
+            # LR's Gumbel straight-through: one_hot + π − sg(π) with π = softmax(logits/τ), i.e.
+            # the soft codes Σ_k π_k c_k, on the fused soft_quantize (never N x K); LR's logits:
+            # -cdist ("euclidean") or x·c of the already normalized rows and codes ("dot")
+            metric = "dot" if self.use_cosine_sim else "euclidean"
             soft = torch.stack([
-                _streamed.soft_codes(flatten[h], embed[h], kind, temp) for h in range(embed.shape[0])
+                vqf.soft_quantize(flatten[h], embed[h], float(temp), metric, backend=self.backend,
+                                  check_inputs=False)
+                for h in range(embed.shape[0])
             ])
             quantize = quantize + soft - soft.detach()
         if self.training and update_usage and not freeze_codebook:

@@ -14,10 +14,17 @@ codes (``H`` = 1, or the heads with separate codebooks); every op call takes one
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import torch
 import torch.nn.functional as F
 
 from ... import functional as vqf
+
+#: LR's ``return_loss_breakdown`` tuple
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+)
 
 
 def metric_for(use_cosine_sim: bool) -> str:
@@ -38,6 +45,22 @@ def orthogonal_loss(t: torch.Tensor) -> torch.Tensor:
     normed = F.normalize(t, p=2, dim=-1, eps=1e-6)
     cosine = torch.einsum("hid,hjd->hij", normed, normed)
     return (cosine**2).sum() / (h * n**2) - (1 / n)
+
+
+def orthogonal_reg_loss(vq, embed_ind: torch.Tensor) -> torch.Tensor:
+    """LR's orthogonal regularization of the layer ``vq``'s codebook: over the codes in
+    ``embed_ind`` only (``orthogonal_reg_active_codes_only``), then at most
+    ``orthogonal_reg_max_codes`` of them drawn with ``torch.randperm`` (LR's generator call)."""
+    codebook = vq._codebook.embed
+    if vq.orthogonal_reg_active_codes_only:
+        if vq.heads > 1 and vq.separate_codebook_per_head:
+            raise ValueError("orthogonal_reg_active_codes_only is not compatible with separate_codebook_per_head")
+        codebook = codebook[:, torch.unique(embed_ind)]
+    num_codes = codebook.shape[-2]
+    if vq.orthogonal_reg_max_codes is not None and num_codes > vq.orthogonal_reg_max_codes:
+        rand_ids = torch.randperm(num_codes, device=embed_ind.device)[: vq.orthogonal_reg_max_codes]
+        codebook = codebook[:, rand_ids]
+    return orthogonal_loss(codebook)
 
 
 def picked_logits(x: torch.Tensor, codes: torch.Tensor, metric: str) -> torch.Tensor:
@@ -64,7 +87,8 @@ def cross_entropy(flatten: torch.Tensor, embed: torch.Tensor, codes: torch.Tenso
     for h in range(flatten.shape[0]):
         keep = codes[h] >= 0
         safe = codes[h].clamp_min(0)
-        lse = vqf.code_distribution(flatten[h], embed[h], 1.0, metric, backend=backend)[0]
+        # (check_inputs=False, as the layer's searches: LR lets non-finite rows through too)
+        lse = vqf.code_distribution(flatten[h], embed[h], 1.0, metric, backend=backend, check_inputs=False)[0]
         terms.append(lse - picked_logits(flatten[h], F.embedding(safe, embed[h]), metric))
         keeps.append(keep)
     per_row, keep = torch.cat(terms), torch.cat(keeps)
@@ -78,3 +102,25 @@ def cross_entropy_from_logits(dist: torch.Tensor, codes: torch.Tensor) -> torch.
     keep = codes >= 0
     per = torch.logsumexp(dist, -1) - dist.gather(-1, codes.clamp_min(0)[..., None])[..., 0]
     return per.masked_fill(~keep, 0.0).sum() / keep.sum()
+
+
+def diversity_loss(flatten: torch.Tensor, embed: torch.Tensor, metric: str, positions: int,
+                   temperature: float, backend: str = "auto") -> torch.Tensor:
+    """LR's ``codebook_diversity_loss``: ``prob = softmax(dist · T)``, averaged over every dim but
+    the position ``n`` (the second-to-last dim of the layer's rows) and the code, then
+    ``−entropy(avg_prob).mean()`` over the positions.
+
+    ``flatten: [H, N, d]`` (rows of each codebook laid out ``(..., n)``, so row ``i`` is at
+    position ``i mod positions``), ``embed: [H, K, d]`` -> ``[]`` float32.  One grouped
+    ``code_distribution`` call per codebook (``groups`` = position, ``τ = 1/T``) gives the
+    per-position mean ``[positions, K]`` streamed over code tiles, never ``N x K``; every codebook
+    has the same number of rows per position, so LR's mean over the codebooks too is the plain
+    average of theirs.  Differentiable w.r.t. ``flatten`` and ``embed``."""
+    h, n_rows = flatten.shape[:2]
+    groups = torch.arange(n_rows, device=flatten.device) % positions
+    total = None
+    for i in range(h):
+        mean_probs = vqf.code_distribution(flatten[i], embed[i], 1.0 / temperature, metric, groups=groups,
+                                           num_groups=positions, backend=backend, check_inputs=False)[2]
+        total = mean_probs if total is None else total + mean_probs
+    return -entropy(total / h).mean()

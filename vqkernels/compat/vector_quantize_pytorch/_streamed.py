@@ -1,16 +1,13 @@
 """Row-chunked codebook-softmax helpers and the rotation-trick estimator for the VQ drop-ins.
 
-vector-quantize-pytorch (LR) materializes the full ``[N, K]`` distance matrix for its soft terms
-(Gumbel sampling, Gumbel straight-through, codebook-diversity loss, cross-entropy commitment loss,
-``indices=`` loss).  Here the same math runs over chunks of rows, each chunk under activation
-checkpointing, so forward *and* backward memory is ``O(chunk·K)``, never ``N x K``.
+vector-quantize-pytorch (LR) materializes the full ``[N, K]`` distance matrix for its Gumbel
+sampling.  Here the same math runs over chunks of rows (``O(chunk·K)`` memory, never ``N x K``).
 
-PLAIN-PYTORCH STAND-INS (to be switched to the fused ops):
-* ``mean_probs_by_position`` / ``soft_codes`` -> ``vqkernels.code_distribution`` (grouped
-  ``mean_probs``) / ``vqkernels.soft_quantize`` (issue 11; its ``"euclidean"`` metric is LR's
-  ``-cdist``).  The cross-entropy terms already run on ``code_distribution`` (see ``_losses``).
-* ``sample_codes`` (Gumbel-max over the same logits) -> ``nearest_code(..., sample_temperature=)``
-  of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
+PLAIN-PYTORCH STAND-INS (the soft terms already run on the fused codebook-softmax ops: the
+cross-entropy and diversity losses on ``code_distribution`` (see ``_losses``), the Gumbel
+straight-through codes on ``soft_quantize`` (see ``_codebook``)):
+* ``sample_codes`` / ``topk_codes`` (Gumbel-max / top-k over LR's logits; the top-k of beam
+  search has no fused op) -> ``nearest_code(..., sample_temperature=)`` of issue 10k.  The Gumbel noise is drawn per chunk from the torch generator, as LR draws it for
   the whole matrix, so the codes follow the same distribution (not the same draws).
 * ``rotate_to``: the VQ layer uses ``vqkernels.quantize(..., estimator="rotation")`` (issue 10k)
   wherever LR's semantics allow; ``rotate_to`` remains for Gumbel-sampled codes, learnable
@@ -26,11 +23,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ... import dispatch
 
-# rows per chunk: chunk·K fp32 logits stay around 8 MiB (a handful of such buffers live at once)
+# rows per chunk: chunk·K fp32 logits (+ noise) stay around 8 MiB
 _CHUNK_ELEMS = 1 << 21
 
 
@@ -45,59 +41,46 @@ def logits(x: torch.Tensor, embed: torch.Tensor, kind: str) -> torch.Tensor:
     # LR's cdist: the clamp keeps sqrt's gradient finite at 0 (rows that coincide with a code)
     x2 = (x * x).sum(-1, keepdim=True)
     y2 = (embed * embed).sum(-1)
-    return -(x2 + y2 - 2.0 * (x @ embed.t())).clamp(min=1e-8).sqrt()
+    if torch.is_grad_enabled() and (x.requires_grad or embed.requires_grad):
+        return -(x2 + y2 - 2.0 * (x @ embed.t())).clamp(min=1e-8).sqrt()
+    # without autograd (the searches): the same float ops in LR's order, (x² + y²) + (−2·x·y),
+    # in place on two [n, K] buffers instead of five (memory and passes of the row chunks)
+    out = x @ embed.t()
+    out.mul_(-2.0).add_(x2 + y2)
+    return out.clamp_(min=1e-8).sqrt_().neg_()
 
 
-def _maybe_checkpoint(fn, *args):
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-def mean_probs_by_position(xs: torch.Tensor, embed: torch.Tensor, kind: str, scale: float):
-    """``xs: [B, n, d]`` -> ``[n, K]`` = mean over B of ``softmax(scale·logits)`` (LR's
-    ``reduce(prob, '... n l -> n l', 'mean')`` for one codebook), chunked over B."""
-    b, n = xs.shape[0], xs.shape[1]
-    k = embed.shape[0]
-    step = max(1, _rows_per_chunk(k) // max(n, 1))
-
-    def one(xc, e):
-        p = (logits(xc.reshape(-1, xc.shape[-1]), e, kind) * scale).softmax(dim=-1)
-        return p.reshape(xc.shape[0], n, k).sum(0)
-
-    total = None
-    for xc in xs.split(step):
-        part = _maybe_checkpoint(one, xc, embed)
-        total = part if total is None else total + part
-    return total / b
-
-
-def soft_codes(x: torch.Tensor, embed: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
-    """``Σ_k softmax(logits/τ)_k · c_k`` -> ``[n, d]`` (the soft half of LR's Gumbel
-    straight-through ``one_hot + π - sg(π)`` after the codebook matmul)."""
-    step = _rows_per_chunk(embed.shape[0])
-
-    def one(xc, e):
-        return (logits(xc, e, kind) / temperature).softmax(dim=-1) @ e
-
-    return torch.cat([_maybe_checkpoint(one, xc, embed) for xc in x.split(step)])
+def _sampling_logits(lg: torch.Tensor, temperature: float, stochastic: bool) -> torch.Tensor:
+    """LR's ``gumbel_sample`` logits: ``lg/τ + g`` with ``g = −log(−log U)`` (logs clamped at 1e-20
+    as LR; U drawn from the torch generator for the whole chunk, row-major: LR's order) when
+    ``stochastic`` and ``τ > 0``, else ``lg``."""
+    if not (stochastic and temperature > 0):
+        return lg
+    u = torch.zeros_like(lg).uniform_(0, 1)
+    return lg / temperature - torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
 @torch.no_grad()
 def sample_codes(x: torch.Tensor, embed: torch.Tensor, kind: str, temperature: float,
                  stochastic: bool) -> torch.Tensor:
-    """LR's ``gumbel_sample`` index: ``argmax(logits/τ + g)`` with ``g = -log(-log(U))`` (log
-    clamped at 1e-20 as LR) when ``stochastic`` and ``τ > 0``, else ``argmax(logits)``."""
+    """LR's ``gumbel_sample`` index ``argmax`` of :func:`_sampling_logits`: ``x: [N, d]``,
+    ``embed: [K, d]`` -> ``[N] int64``, over row chunks."""
     step = _rows_per_chunk(embed.shape[0])
-    out = []
-    for xc in x.split(step):
-        lg = logits(xc, embed, kind)
-        if stochastic and temperature > 0:
-            u = torch.zeros_like(lg).uniform_(0, 1)
-            noise = -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
-            lg = lg / temperature + noise
-        out.append(lg.argmax(dim=-1))
+    out = [_sampling_logits(logits(xc, embed, kind), temperature, stochastic).argmax(dim=-1)
+           for xc in x.split(step)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+@torch.no_grad()
+def topk_codes(x: torch.Tensor, embed: torch.Tensor, k: int, kind: str, temperature: float,
+               stochastic: bool) -> torch.Tensor:
+    """LR's ``gumbel_sample(topk=k)`` indices, best first: ``x: [N, d]``, ``embed: [K, d]`` ->
+    ``[N, k] int64``: ``topk`` of LR's own logits (so ties and rounding pick LR's codes), over
+    row chunks (``O(chunk·K)`` memory, never ``N x K``)."""
+    step = _rows_per_chunk(embed.shape[0])
+    out = [_sampling_logits(logits(xc, embed, kind), temperature, stochastic).topk(k, dim=-1).indices
+           for xc in x.split(step)]
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long, device=x.device)
 
 
 # ------------------------------------------------------------------------------ rotation trick
@@ -160,10 +143,17 @@ def _rotation_value(x, q, return_patch=False):
     tiny = (x2.float().norm(dim=-1) < 1e-6).nonzero().squeeze(-1)
     vals = o2.new_zeros(0, o2.shape[-1])  # (not a view of `out`: it would keep `out` alive)
     if tiny.numel():
-        xf, qf = x2[tiny].float(), o2[tiny].float()
-        u, qh, w, s = _rotation_frame(xf, qf, xf.norm(dim=-1, keepdim=True))
-        lr_value = s * (xf - 2.0 * w * _rowdot(xf, w) + 2.0 * qh * _rowdot(xf, u))
-        vals = lr_value.to(out.dtype)
+        xf = x2[tiny].float()
+        # Rows that are exactly 0 (a residual equal to its code, frequent in residual stacks):
+        # LR's value is s·(0 − 2·0·w + 2·0·q̂) = 0 for any finite s = ‖q‖/1e-6, so they skip
+        # the frame computation (same values; only the nonzero tiny rows need it).
+        live = xf.ne(0).any(dim=-1).nonzero().squeeze(-1)
+        vals = o2.new_zeros(tiny.shape[0], o2.shape[-1])
+        if live.numel():
+            xl, ql = xf[live], o2[tiny[live]].float()
+            u, qh, w, s = _rotation_frame(xl, ql, xl.norm(dim=-1, keepdim=True))
+            lr_value = s * (xl - 2.0 * w * _rowdot(xl, w) + 2.0 * qh * _rowdot(xl, u))
+            vals[live] = lr_value.to(out.dtype)
         o2[tiny] = vals
     return (out, tiny, vals) if return_patch else out
 
@@ -292,13 +282,15 @@ class ResidualChain:
             q = self.codes(i)
             rotation, tiny, vals = self.step(i)[3:]
             if rotation:
-                v = q
+                # r − v with v = q patched on the tiny rows: subtract q everywhere, then redo
+                # the tiny rows with their patched values (elementwise: the same bits as the
+                # forward's r − v, without a patched copy of q)
+                nr = r - q
                 if tiny.numel():
-                    v = q.clone()
-                    v[tiny] = vals
+                    nr[tiny] = r[tiny] - vals
+                r = nr
             else:
-                v = r + (q - r)
-            r = r - v
+                r = r - (r + (q - r))
             j = i + 1
             if j < depth and (j % m == 0 or j > depth - m):
                 self._replayed[j] = r

@@ -15,8 +15,11 @@ evaluated on every code for every row, plain PyTorch as LR — the per-row codeb
 ``N x K x d`` by construction), and the layer options of ``VectorQuantize`` (rotation trick by
 default, k-means, dead codes, cosine, ...).
 
-Refused (``NotImplementedError``): ``beam_size``/``eval_beam_size`` (beam search over codes) — use
-the upstream package for that.  Where LR 1.32 itself fails we do what it evidently intends:
+Beam search (``beam_size``, ``eval_beam_size``, ``beam_score_quantizer_weights``,
+``forward(beam_size=)``): LR's search, scores, losses and indices of the best path, on a row-chunked
+top-k (see :mod:`._beam`); after a training beam search every depth's codebook is updated from the
+residual it quantized on the chosen path (LR 1.32 updates depth 0 only: a bug, not reproduced).
+Where LR 1.32 itself fails we do what it evidently intends:
 ``forward(indices=...)`` (LR unpacks a 2-tuple into 3 names) returns ``(quantized, Σ per-depth
 cross-entropy)``; ``accept_image_fmap`` (LR's index bookkeeping only works when C == H == W)
 returns indices ``[B, H, W, Q]`` (equal to LR's where LR works).
@@ -33,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed as vqdist
-from . import _streamed
+from . import _beam, _streamed
+from ._beam import frac_gradient as _frac_gradient
 from .vector_quantize import VectorQuantize
 
 __all__ = ["ResidualVQ", "GroupedResidualVQ"]
@@ -41,13 +45,6 @@ __all__ = ["ResidualVQ", "GroupedResidualVQ"]
 
 def _cast_tuple(t, length=1):
     return t if isinstance(t, tuple) else ((t,) * length)
-
-
-def _frac_gradient(t, frac):
-    detached = t.detach()
-    if frac <= 0:
-        return detached
-    return frac * t + (1.0 - frac) * detached
 
 
 def _get_maybe_sync_seed(device, max_size=10_000):
@@ -139,8 +136,8 @@ class ResidualVQ(nn.Module):
             raise ValueError("residual vq is not compatible with multi-headed codes (heads must be 1)")
         if num_quantizers is None and not isinstance(codebook_size, tuple):
             raise ValueError("pass num_quantizers, or codebook_size as a tuple (one size per depth)")
-        if beam_size is not None or eval_beam_size is not None:
-            raise _unsupported("beam_size/eval_beam_size", "beam search; use vector_quantize_pytorch")
+        if eval_beam_size is not None and beam_size is None:
+            raise ValueError("eval_beam_size needs beam_size (as LR)")
         mlp_kwargs = {} if mlp_kwargs is None else mlp_kwargs
         codebook_dim = dim if codebook_dim is None else codebook_dim
         self.codebook_dim = codebook_dim
@@ -181,8 +178,8 @@ class ResidualVQ(nn.Module):
         if self.vq_is_ema_updating and diveq:
             raise ValueError("only one of ema_update or diveq may update the codebook")
         self.quant_grad_frac = quant_grad_frac if not diveq else 1.0
-        self.beam_size = None
-        self.eval_beam_size = None
+        self.beam_size = beam_size
+        self.eval_beam_size = beam_size if eval_beam_size is None else eval_beam_size
         weights = [1.0] * num_quantizers if beam_score_quantizer_weights is None else beam_score_quantizer_weights
         if len(weights) != num_quantizers:
             raise ValueError("beam_score_quantizer_weights needs one weight per quantizer")
@@ -249,8 +246,6 @@ class ResidualVQ(nn.Module):
 
     def forward(self, x, mask=None, indices=None, return_all_codes=False, sample_codebook_temp=None,
                 freeze_codebook=False, beam_size=None, rand_quantize_dropout_fixed_seed=None):
-        if beam_size is not None and beam_size > 1:
-            raise _unsupported("forward(beam_size=...)", "beam search; use vector_quantize_pytorch")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         num_quant, multiple_of, device = self.num_quantizers, self.quantize_dropout_multiple_of, x.device
@@ -280,6 +275,11 @@ class ResidualVQ(nn.Module):
             dropout_index = rand.randrange(self.quantize_dropout_cutoff_index, num_quant)
             if multiple_of != 1:
                 dropout_index = ceil((dropout_index + 1) / multiple_of) * multiple_of - 1
+        beam_size = (self.beam_size if self.training else self.eval_beam_size) if beam_size is None else beam_size
+        if beam_size is not None and beam_size > 1:
+            _beam.check_beam(self, beam_size, return_loss)
+            return self._beam_forward(x, orig_input, mask, return_all_codes, sample_codebook_temp,
+                                      freeze_codebook, beam_size, dropout_index if should_dropout else None)
         all_indices, all_losses, all_residuals = [], [], []
         # Memory: in the default training path each depth saves a recipe of its input instead of
         # the input and its codes (see _streamed.ResidualChain); bit-identical gradients.
@@ -328,28 +328,57 @@ class ResidualVQ(nn.Module):
                 quantized_out = quantized if quantized_out is None else quantized_out + quantized
             all_indices.append(embed_indices)
             all_losses.append(loss.float().reshape(()))
-        if self.training and self.shared_codebook:
-            shared = self.layers[0]
-            if self.vq_is_ema_updating:
-                shared._codebook.update_ema()
-                shared.update_in_place_optimizer()
-            # LR: expire over every depth's residual, rows laid out (n l) per batch element
-            stacked = torch.stack(all_residuals, dim=-2).detach()
-            if fmap:
-                stacked = stacked.movedim(1, -1)  # b c h w l -> b h w l c
-            shared.expire_codes_(stacked.reshape(stacked.shape[0], -1, stacked.shape[-1]))
+        self._update_shared_codebook(all_residuals)
+        if return_loss:
+            return self._finish(x, orig_input, quantized_out, mask), sum(ce_losses)
+        return self._outputs(x, orig_input, quantized_out, mask, torch.stack(all_indices, dim=-1),
+                             torch.stack(all_losses), return_all_codes)
+
+    def _beam_forward(self, x, orig_input, mask, return_all_codes, sample_codebook_temp, freeze_codebook,
+                      beam_size, dropout_index):
+        """LR's beam search (``beam_size > 1``; see :mod:`._beam`), then LR's codebook updates from
+        the best path: each depth's ``update_indices`` with the residual it quantized (EMA, dead
+        codes; even with ``freeze_codebook``, as LR), and the shared codebook's step."""
+        if x.ndim != 3:
+            raise ValueError(f"beam search needs x of shape [B, N, D], got {tuple(orig_input.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:2])):
+            raise ValueError(f"mask must be a bool tensor of shape {list(x.shape[:2])}, got "
+                             f"{mask.dtype} {list(mask.shape)}")
+        quantized_out, all_indices, all_losses, inputs = _beam.residual_beam_search(
+            self, x, mask, beam_size, sample_codebook_temp, freeze_codebook, dropout_index)
+        if self.training:
+            for vq, layer_input, layer_indices in zip(self.layers, inputs, all_indices.unbind(dim=-1)):
+                vq.update_indices(layer_input.detach(), layer_indices, mask=mask)
+        self._update_shared_codebook(inputs)
+        return self._outputs(x, orig_input, quantized_out, mask, all_indices, all_losses, return_all_codes)
+
+    def _update_shared_codebook(self, all_residuals):
+        """Shared codebook, training: LR's one EMA step and dead-code expiry per forward, over every
+        depth's residual (rows laid out (n l) per batch element)."""
+        if not (self.training and self.shared_codebook):
+            return
+        shared = self.layers[0]
+        if self.vq_is_ema_updating:
+            shared._codebook.update_ema()
+            shared.update_in_place_optimizer()
+        stacked = torch.stack(all_residuals, dim=-2).detach()
+        if self.accept_image_fmap:
+            stacked = stacked.movedim(1, -1)  # b c h w l -> b h w l c
+        shared.expire_codes_(stacked.reshape(stacked.shape[0], -1, stacked.shape[-1]))
+
+    def _finish(self, x, orig_input, quantized_out, mask):
+        """diveq, ``project_out`` and LR's masked padding (zeros or the input)."""
         if self.diveq:
             quantized_out = _directional_reparam(x, quantized_out)
-        quantized_out = (self.project_out(quantized_out.movedim(1, -1)).movedim(-1, 1) if fmap
+        quantized_out = (self.project_out(quantized_out.movedim(1, -1)).movedim(-1, 1) if self.accept_image_fmap
                          else self.project_out(quantized_out))
         if mask is not None:
             fill = torch.zeros_like(quantized_out) if self.return_zeros_for_masked_padding else orig_input
             quantized_out = torch.where(mask.unsqueeze(-1), quantized_out, fill)
-        if return_loss:
-            return quantized_out, sum(ce_losses)
-        all_indices = torch.stack(all_indices, dim=-1)
-        all_losses = torch.stack(all_losses)
-        ret = (quantized_out, all_indices, all_losses)
+        return quantized_out
+
+    def _outputs(self, x, orig_input, quantized_out, mask, all_indices, all_losses, return_all_codes):
+        ret = (self._finish(x, orig_input, quantized_out, mask), all_indices, all_losses)
         if not return_all_codes:
             return ret
         return (*ret, self.get_codes_from_indices(all_indices))

@@ -9,11 +9,11 @@ Fused: the nearest-code search and the EMA / k-means statistics (see :mod:`._cod
 rotation trick (LR's default for ``dim > 1``) runs in the fused
 ``quantize(..., estimator="rotation")`` op (search + codes + O(d) backward, every head in one
 call), falling back to the O(d)-per-row autograd function :func:`._streamed.rotate_to` where the
-op cannot keep LR's semantics (see ``forward``); ``commitment_use_cross_entropy_loss`` and the
-``indices=`` loss take their logsumexp from the fused ``code_distribution`` op (see ``_losses``);
-the other distance-based terms (Gumbel sampling and straight-through,
-``codebook_diversity_loss_weight``) are streamed over row chunks, never ``N x K``.  Everything
-else is LR's math in plain PyTorch.
+op cannot keep LR's semantics (see ``forward``); ``commitment_use_cross_entropy_loss``, the
+``indices=`` loss and ``codebook_diversity_loss_weight`` run on the fused ``code_distribution`` op
+(logsumexp; per-position grouped ``mean_probs``: see ``_losses``); Gumbel sampling and
+straight-through are streamed over row chunks, never ``N x K``; ``forward(topk=...)`` is a
+row-chunked top-k search (see ``_beam``).  Everything else is LR's math in plain PyTorch.
 
 Implemented with LR's semantics: ``heads`` (shared or ``separate_codebook_per_head``),
 ``codebook_dim`` (+ ``layernorm_after_project_in``), ``use_cosine_sim``, EMA (``decay``, ``eps``,
@@ -25,8 +25,9 @@ Implemented with LR's semantics: ``heads`` (shared or ``separate_codebook_per_he
 ``commitment_use_cross_entropy_loss``, ``freeze_codebook``, ``affine_param`` (+ sync),
 ``sync_update_v``, ``vq_bridge``, ``route_gradients_to_input``, ``return_zeros_for_masked_padding``,
 ``sync_codebook``, ``forward(codebook_transform_fn=...)`` (implicit neural codebooks: per-row
-codes, plain PyTorch as LR since the codes themselves are ``N x K x d``).  Refused
-(``NotImplementedError``): ``forward(topk=...)`` (beam search): use the upstream package.
+codes, plain PyTorch as LR since the codes themselves are ``N x K x d``), ``forward(topk=...)``
+(the ``k`` best codes per row, LR's per-candidate losses; single head as LR asserts; what
+ResidualVQ's beam search calls).
 
 Deliberate differences: the rotation-trick output is exactly the chosen code (LR's equals it up to
 rounding); masked commitment loss with a projection or heads uses the projected input (LR fails on
@@ -35,7 +36,6 @@ a shape mismatch there); stochastic draws follow LR's distribution, not its exac
 
 from __future__ import annotations
 
-from collections import namedtuple
 from math import sqrt
 
 import torch
@@ -44,15 +44,11 @@ from torch import nn
 
 from ... import dispatch
 from ... import distributed as vqdist
-from . import _losses, _streamed
+from . import _beam, _layout, _losses, _streamed
 from ._codebook import Codebook
+from ._losses import LossBreakdown
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
-
-LossBreakdown = namedtuple(
-    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
-)
-
 
 def _unsupported(name: str, why: str) -> NotImplementedError:
     return NotImplementedError(f"vqkernels.compat.VectorQuantize does not support {name} ({why})")
@@ -69,6 +65,9 @@ class VectorQuantize(nn.Module):
     * ``quantized``: like ``x``; ``indices``: int64, ``x`` without the channel dim (plus a heads dim
       when ``heads > 1``; ``-1`` where masked); ``loss``: ``[]`` float32 (0 in eval).
     * with ``indices=`` given: returns ``(quantized, cross_entropy_loss)`` as LR.
+    * with ``topk=k`` (single head): the ``k`` best codes per row, best first: ``quantized``
+      ``[..., k, D]`` (channel-first layouts ``[B, D, ..., k]``), ``indices [..., k]``, ``loss``
+      ``[..., k]`` per candidate (LR's), no codebook update (see :mod:`._beam`).
 
     Extra keyword-only arguments (not LR's): ``backend`` (vqkernels backend) and
     ``fused_sampling`` (``stochastic_sample_codes`` on ``nearest_code``'s fused Gumbel-max:
@@ -356,7 +355,13 @@ class VectorQuantize(nn.Module):
         ema_update=None,
     ):
         if topk is not None:
-            raise _unsupported("forward(topk=...)", "beam search over codes; use vector_quantize_pytorch")
+            if codebook_transform_fn is not None:
+                raise ValueError("topk cannot be combined with codebook_transform_fn= "
+                                 "(vector-quantize-pytorch 1.32 fails there)")
+            return _beam.vq_topk_forward(self, x, topk, indices=indices, mask=mask, lens=lens,
+                                         sample_codebook_temp=sample_codebook_temp,
+                                         freeze_codebook=freeze_codebook,
+                                         return_loss_breakdown=return_loss_breakdown)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -376,6 +381,7 @@ class VectorQuantize(nn.Module):
         if x.ndim != expect:
             raise ValueError(f"x must have {expect} dims (or [B, D]), got shape {tuple(orig_input.shape)}")
         shape, dtype, heads = x.shape, x.dtype, self.heads
+        heads_layout = (heads, self.separate_codebook_per_head)  # for the _layout helpers
         is_multiheaded, return_loss = heads > 1, indices is not None
         need_transpose = not self.channel_last and not self.accept_image_fmap and not self.accept_3d_fmap and not only_one
         if (self.accept_image_fmap or self.accept_3d_fmap) and mask is not None:
@@ -423,7 +429,7 @@ class VectorQuantize(nn.Module):
         if self.in_place_codebook_optimizer is not None and self.training and not freeze_codebook:
             if mask is not None:
                 sq = F.mse_loss(quantize, x.detach(), reduction="none")
-                loss_mask = self._head_mask(mask, sq)
+                loss_mask = _layout.head_mask(mask, sq, *heads_layout)
                 loss = sq[loss_mask].mean()
             else:
                 loss = F.mse_loss(quantize, x.detach())
@@ -463,15 +469,15 @@ class VectorQuantize(nn.Module):
 
         def ce_loss(codes):
             # codes in LR's layout ([b, n] / [b, n, h]) -> per codebook row order of `flatten`
-            codes = self._codes_to_flat(codes, flatten.shape[0], shape[0])
+            codes = _layout.codes_to_flat(codes, flatten.shape[0], *heads_layout)
             if dist is not None:  # implicit neural codebook: LR's full [H, N, K] logits exist
                 return _losses.cross_entropy_from_logits(dist, codes)
             return _losses.cross_entropy(flatten, embed, codes, metric, self.backend)
 
         if return_loss:
-            return quantize, ce_loss(self._indices_to_internal(indices, spatial, only_one))
+            return quantize, ce_loss(_layout.indices_to_internal(indices, spatial, only_one, self.heads))
 
-        embed_ind = self._ind_from_internal(embed_ind, spatial, only_one)
+        embed_ind = _layout.indices_from_internal(embed_ind, spatial, only_one, *heads_layout)
 
         loss = zero.clone()
         if self.training:
@@ -484,7 +490,7 @@ class VectorQuantize(nn.Module):
                     if mask is not None:
                         m = mask if not is_multiheaded else mask.unsqueeze(-1).expand(*mask.shape, heads)
                         embed_ind = embed_ind.masked_fill(~m, -1)
-                    commit_loss = ce_loss(self._indices_to_internal(embed_ind, spatial, only_one))
+                    commit_loss = ce_loss(_layout.indices_to_internal(embed_ind, spatial, only_one, self.heads))
                 elif mask is not None:
                     # LR compares with the raw input (not projected / normalized) where it
                     # broadcasts against the codes, else it fails; we fall back to x there
@@ -494,24 +500,14 @@ class VectorQuantize(nn.Module):
                         same = False
                     ref = orig_input if same else x
                     sq = F.mse_loss(commit_quantize, ref, reduction="none")
-                    commit_loss = sq[self._head_mask(mask, sq)].mean()
+                    commit_loss = sq[_layout.head_mask(mask, sq, *heads_layout)].mean()
                 elif chained_commit is not None:
                     commit_loss = chained_commit
                 else:
                     commit_loss = F.mse_loss(commit_quantize, x)
                 loss = loss + commit_loss * self.commitment_weight
             if self.has_codebook_orthogonal_loss:
-                codebook = self._codebook.embed
-                if self.orthogonal_reg_active_codes_only:
-                    if is_multiheaded and self.separate_codebook_per_head:
-                        raise ValueError("orthogonal_reg_active_codes_only is not compatible with "
-                                         "separate_codebook_per_head")
-                    codebook = codebook[:, torch.unique(embed_ind)]
-                num_codes = codebook.shape[-2]
-                if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-                    rand_ids = torch.randperm(num_codes, device=x.device)[: self.orthogonal_reg_max_codes]
-                    codebook = codebook[:, rand_ids]
-                orthogonal_reg_loss = _losses.orthogonal_loss(codebook)
+                orthogonal_reg_loss = _losses.orthogonal_reg_loss(self, embed_ind)
                 loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
 
         if is_multiheaded:
@@ -557,61 +553,11 @@ class VectorQuantize(nn.Module):
             and not (self._codebook.straight_through or self._codebook.stochastic_sample_codes)
         )
 
-    # ------------------------------------------------------------------ layout helpers
-
-    def _head_mask(self, mask, like):
-        """LR's loss mask: ``[b, n]`` -> the element layout of ``like`` (``[b, n, d]``,
-        ``[h, b, n, d]`` or ``[1, (b h), n, d]``), broadcast over d."""
-        if like.ndim == 3:
-            m = mask
-        elif self.separate_codebook_per_head:
-            m = mask.unsqueeze(0).expand(like.shape[0], *mask.shape)
-        else:
-            m = mask.repeat_interleave(self.heads, dim=0).unsqueeze(0)
-        return m.unsqueeze(-1).expand(like.shape)
-
-    def _ind_from_internal(self, embed_ind, spatial, only_one):
-        if self.heads > 1:
-            if self.separate_codebook_per_head:
-                embed_ind = embed_ind.permute(1, 2, 0)  # h b n -> b n h
-            else:
-                bh, n = embed_ind.shape[-2:]
-                embed_ind = embed_ind.reshape(bh // self.heads, self.heads, n).permute(0, 2, 1)
-        if spatial is not None:
-            embed_ind = embed_ind.reshape(embed_ind.shape[0], *spatial, *embed_ind.shape[2:])
-        if only_one:
-            embed_ind = embed_ind.squeeze(1)
-        return embed_ind
-
-    def _indices_to_internal(self, indices, spatial, only_one):
-        """LR-layout indices (``[b, ...]`` or ``[b, ..., h]``) -> ``[b, n]`` / ``[b, n, h]``."""
-        if only_one:
-            indices = indices.unsqueeze(1)
-        if spatial is not None:
-            keep = 1 if self.heads > 1 else 0
-            indices = indices.reshape(indices.shape[0], -1, *indices.shape[indices.ndim - keep:])
-        return indices
-
-    def _codes_to_flat(self, codes, num_codebooks, b):
-        """``[b, n]`` / ``[b, n, h]`` -> ``[num_codebooks, N]`` in the row order of ``flatten``."""
-        if self.heads == 1:
-            return codes.reshape(1, -1)
-        if self.separate_codebook_per_head:
-            return codes.permute(2, 0, 1).reshape(num_codebooks, -1)  # h (b n)
-        return codes.permute(0, 2, 1).reshape(1, -1)  # 1 (b h n)
-
     def _diversity_loss(self, flatten, embed, metric, x, dist=None):
-        kind = "dot" if metric == "dot" else "neg_cdist"
         # LR: prob = softmax(dist·T); avg over every dim but (position n, code); -entropy, mean over n
         n = x.shape[-2]
         scale = self.codebook_diversity_temperature
         if dist is not None:  # implicit neural codebook: the full logits exist already
             prob = (dist * scale).softmax(-1)
             return -_losses.entropy(prob.reshape(-1, n, prob.shape[-1]).mean(0)).mean()
-        total = None
-        for h in range(flatten.shape[0]):
-            xs = flatten[h].reshape(-1, n, flatten.shape[-1])
-            part = _streamed.mean_probs_by_position(xs, embed[h], kind, scale) * xs.shape[0]
-            total = part if total is None else total + part
-        rows = flatten.shape[0] * flatten.shape[1] // n
-        return -_losses.entropy(total / rows).mean()
+        return _losses.diversity_loss(flatten, embed, metric, n, scale, self.backend)
