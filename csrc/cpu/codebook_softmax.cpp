@@ -81,6 +81,16 @@ std::vector<int64_t> padded_groups(const std::optional<at::Tensor>& row_group, i
   return groups;
 }
 
+// gt[j·R + r] = grad_mp[group_r, k0 + j]: the tile of grouped mean_probs gradients in the rows-
+// in-lanes layout, gathered row by row (contiguous reads of each group's row of grad_mp).
+VQK_INLINE inline void grad_mp_tile(const float* gmp, const int64_t* row_off, int64_t k0,
+                                    int64_t nc, float* gt) {
+  for (int r = 0; r < kRows; ++r) {
+    const float* src = gmp + row_off[r] + k0;
+    for (int64_t j = 0; j < nc; ++j) gt[j * kRows + r] = src[j];
+  }
+}
+
 at::Tensor padded(const at::Tensor& t, int64_t len, float fill) {
   auto out = at::full({len}, fill, t.options().dtype(at::kFloat));
   if (t.numel()) out.narrow(0, 0, t.numel()).copy_(t);
@@ -206,11 +216,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> code_distribution(
           for (int64_t j = 0; j < nc; ++j) {
             float* lj = l.data() + j * kRows;
             for (int r = 0; r < kRows; ++r) lj[r] = wr[r] * exp_neg(lj[r] - lr[r]);
-            if (!grouped) {
-              acc[j] += hsum_rows(lj);
-            } else {
-              // Rows in increasing order, each into its group (fixed order: deterministic).
-              for (int r = 0; r < kRows; ++r) acc[gr[r] * kCodes + j] += lj[r];
+            if (!grouped) acc[j] += hsum_rows(lj);
+          }
+          if (grouped) {
+            // Rows in increasing order, each row's nc values into its group's fp64 sums (a
+            // fixed order per (group, code): deterministic; contiguous in the codes).
+            for (int r = 0; r < kRows; ++r) {
+              if (wr[r] == 0.0f) continue;  // masked or padding rows add exactly nothing
+              double* ag = acc.data() + gr[r] * kCodes;
+              for (int64_t j = 0; j < nc; ++j) ag[j] += l[j * kRows + r];
             }
           }
         }
@@ -282,6 +296,8 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
             const int64_t k0 = t * kCodes, nc = std::min(kCodes, K - k0);
             logits_tile(P, P.cb, b, k0, nc, l.data(), coef.data());
             float part[kRows] = {};
+            float gt[kCodes * kRows];
+            if (grouped) grad_mp_tile(gmp, go, k0, nc, gt);
             for (int64_t j = 0; j < nc; ++j) {
               if (!grouped) {
                 const float g = gmp[k0 + j];
@@ -289,7 +305,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
                   part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), g, part[r]);
               } else {
                 for (int r = 0; r < kRows; ++r)
-                  part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), gmp[go[r] + k0 + j],
+                  part[r] = std::fma(exp_neg(l[j * kRows + r] - lr[r]), gt[j * kRows + r],
                                      part[r]);
               }
             }
@@ -314,13 +330,15 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
       const float p = exp_neg(z);
       return p * ((a[r] - bh[r] * (z + h[r])) + wr[r] * (g - gb[r]));
     };
+    float gt[kCodes * kRows];
+    if (grouped) grad_mp_tile(gmp, go, k0, nc, gt);
     for (int64_t j = 0; j < nc; ++j) {
       float* lj = l + j * kRows;
       if (!grouped) {
         const float g = gmp[k0 + j];
         for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, g);
       } else {
-        for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, gmp[go[r] + k0 + j]);
+        for (int r = 0; r < kRows; ++r) lj[r] = dl(lj[r], r, gt[j * kRows + r]);
       }
     }
     scale_to_e(P, nc, l, coef);
