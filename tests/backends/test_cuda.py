@@ -606,7 +606,7 @@ def test_emulated_ties_and_strides(emu):
 
 
 def test_emulated_nan_rules(emu):
-    # Unchecked behaviour documented in functional.py: a NaN row gets a valid index and a NaN
+    # Unchecked behaviour documented in vqkernels/functional/__init__.py: a NaN row gets a valid index and a NaN
     # distance; a code containing NaN is never chosen (every comparison with NaN is false).
     x, cb = make_inputs(20, 9, 4, seed=14)
     x[5, 2] = float("nan")

@@ -284,7 +284,7 @@ def test_empty_input(backend):
 
 def test_unchecked_nan_row_documented_behaviour(backend):
     """check_inputs=False: a row of x containing NaN gets a valid index and a NaN distance; the
-    other rows are unaffected (functional.py module docs)."""
+    other rows are unaffected (vqkernels.functional package docs)."""
     x, cb = make_inputs(20, 9, 4, seed=14)
     x[5, 2] = float("nan")
     xd, cbd = x.to(backend.device), cb.to(backend.device)
