@@ -192,15 +192,7 @@ def vq_topk_forward(vq, x, topk, indices=None, mask=None, lens=None, sample_code
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x))}")
     freeze_codebook = vq.freeze_codebook if freeze_codebook is None else freeze_codebook
-    if mask is not None and lens is not None:
-        raise ValueError("pass either mask or lens, not both")
-    if lens is not None:
-        mask = torch.arange(x.shape[1], device=x.device) < lens.to(x.device)[:, None]
-    only_one = x.ndim == 2
-    if only_one:
-        if mask is not None:
-            raise ValueError("mask/lens need a sequence dim; x has shape [B, D]")
-        x = x.unsqueeze(1)
+    x, mask, only_one = _layout.sequence_mask(x, mask, lens)
     if (vq.accept_image_fmap or vq.accept_3d_fmap) and mask is not None:
         raise ValueError("mask is not supported with accept_image_fmap/accept_3d_fmap")
     need_transpose = not vq.channel_last and not vq.accept_image_fmap and not vq.accept_3d_fmap and not only_one

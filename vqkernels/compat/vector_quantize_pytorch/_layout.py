@@ -8,6 +8,22 @@ from __future__ import annotations
 import torch
 
 
+def sequence_mask(x: torch.Tensor, mask, lens):
+    """LR's ``mask=``/``lens=`` and 2-D input rules, shared by the layer and its top-k path:
+    ``lens`` becomes the ``[B, N]`` mask ``arange(N) < lens``; a ``[B, D]`` input becomes
+    ``[B, 1, D]`` (and takes no mask).  Returns ``(x, mask, only_one)``."""
+    if mask is not None and lens is not None:
+        raise ValueError("pass either mask or lens, not both")
+    if lens is not None:
+        mask = torch.arange(x.shape[1], device=x.device) < lens.to(x.device)[:, None]
+    only_one = x.ndim == 2
+    if only_one:
+        if mask is not None:
+            raise ValueError("mask/lens need a sequence dim; x has shape [B, D]")
+        x = x.unsqueeze(1)
+    return x, mask, only_one
+
+
 def head_mask(mask: torch.Tensor, like: torch.Tensor, heads: int, separate: bool) -> torch.Tensor:
     """LR's loss mask: ``[b, n]`` bool -> the element layout of ``like`` (``[b, n, d]``,
     ``[h, b, n, d]`` or ``[1, (b h), n, d]``), broadcast over d."""

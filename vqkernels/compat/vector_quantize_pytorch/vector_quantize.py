@@ -368,15 +368,7 @@ class VectorQuantize(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         orig_input, input_requires_grad = x, x.requires_grad
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
-        if mask is not None and lens is not None:
-            raise ValueError("pass either mask or lens, not both")
-        if lens is not None:
-            mask = torch.arange(x.shape[1], device=x.device) < lens.to(x.device)[:, None]
-        only_one = x.ndim == 2
-        if only_one:
-            if mask is not None:
-                raise ValueError("mask/lens need a sequence dim; x has shape [B, D]")
-            x = x.unsqueeze(1)
+        x, mask, only_one = _layout.sequence_mask(x, mask, lens)
         expect = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else 3
         if x.ndim != expect:
             raise ValueError(f"x must have {expect} dims (or [B, D]), got shape {tuple(orig_input.shape)}")
