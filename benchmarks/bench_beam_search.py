@@ -98,21 +98,9 @@ def make_provider(provider: str, name: str, mode: str, device: str = "cpu"):
     return run
 
 
-_gold: dict[tuple, torch.Tensor] = {}
-
-
-def make_check(name: str, mode: str, device: str):
-    def check(idx) -> dict[str, Any]:
-        key = (name, mode, device)
-        if key not in _gold:
-            _gold.clear()
-            try:
-                _gold[key] = make_provider("vqp", name, mode, device)()
-            except Skip:
-                return {}
-        return {"agree": float((idx == _gold[key]).float().mean())}
-
-    return check
+# the share of indices equal to LR's ("vqp") on the same case, LR run once per case
+_agreement = harness.IndexAgreement(make_provider, reference="vqp")
+make_check = _agreement.check
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                               extra=extra, time_it=False, memory=True)
                     mem_rows.append(mrow)
                     harness.progress(mrow)
-            _gold.clear()
+            _agreement.clear()
             rs = {r["provider"]: r for r in group if r["median_ms"] is not None}
             ms = {r["provider"]: r for r in mem_rows if r["case"] == extra["case"] and r["extra_mib"] is not None}
             if len(rs) == 2:

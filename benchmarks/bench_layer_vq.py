@@ -133,21 +133,9 @@ def make_provider(provider: str, name: str, mode: str, device: str = "cpu"):
     return run
 
 
-_gold: dict[tuple, torch.Tensor] = {}
-
-
-def make_check(name: str, mode: str, device: str):
-    def check(idx) -> dict[str, Any]:
-        key = (name, mode, device)
-        if key not in _gold:
-            _gold.clear()
-            try:
-                _gold[key] = make_provider("vqp", name, mode, device)()
-            except Skip:
-                return {}
-        return {"agree": float((idx == _gold[key]).float().mean())}
-
-    return check
+# the share of indices equal to LR's ("vqp") on the same case, LR run once per case
+_agreement = harness.IndexAgreement(make_provider, reference="vqp")
+make_check = _agreement.check
 
 
 def run_suite(args) -> tuple[list[dict], list[dict], list[dict]]:
@@ -172,7 +160,7 @@ def run_suite(args) -> tuple[list[dict], list[dict], list[dict]]:
                     mrow["measure"] = "memory"
                     mem_rows.append(mrow)
                     harness.progress(mrow)
-            _gold.clear()
+            _agreement.clear()
     summary = []
     for case in dict.fromkeys(r["case"] for r in rows):
         rs = {r["provider"]: r for r in rows if r["case"] == case and r["median_ms"] is not None}

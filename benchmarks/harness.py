@@ -102,6 +102,33 @@ class Skip(Exception):
     """Raised by a factory when its provider cannot run here; the message is the recorded reason."""
 
 
+class IndexAgreement:
+    """The ``agree`` column: the share of a provider's indices equal to a reference provider's on
+    the same case.  The reference runs once per case, and only the latest case's indices are kept
+    (one case's worth of memory); a reference that raises :class:`Skip` leaves the column out."""
+
+    def __init__(self, make_provider: Callable[..., Callable[[], Any]], reference: str):
+        self._make_provider, self._reference = make_provider, reference
+        self._case: tuple | None = None
+        self._indices: Any = None
+
+    def check(self, *case: Any) -> Callable[[Any], dict[str, Any]]:
+        def agree(indices) -> dict[str, Any]:
+            if self._case != case:
+                self.clear()
+                try:
+                    self._indices = self._make_provider(self._reference, *case)()
+                except Skip:
+                    return {}
+                self._case = case
+            return {"agree": float((indices == self._indices).float().mean())}
+
+        return agree
+
+    def clear(self) -> None:
+        self._case, self._indices = None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
