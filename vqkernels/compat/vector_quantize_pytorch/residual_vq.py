@@ -94,10 +94,6 @@ class MLP(nn.Module):
         return x[0] if one_headed else x
 
 
-def _unsupported(name, why):
-    return NotImplementedError(f"vqkernels.compat.ResidualVQ does not support {name} ({why})")
-
-
 class ResidualVQ(nn.Module):
     """LR's ``ResidualVQ`` (Algorithm 1 of SoundStream) on fused kernels; see the module docs.
 

@@ -50,9 +50,6 @@ from ._losses import LossBreakdown
 
 __all__ = ["VectorQuantize", "LossBreakdown"]
 
-def _unsupported(name: str, why: str) -> NotImplementedError:
-    return NotImplementedError(f"vqkernels.compat.VectorQuantize does not support {name} ({why})")
-
 
 class VectorQuantize(nn.Module):
     """vector-quantize-pytorch's ``VectorQuantize`` on fused kernels (see the module docs).
