@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nearest_code import interpreting
+from ._search import interpreting
 
 _METRIC_IDS = {"l2": 0, "dot": 1, "euclidean": 2}
 _EUCLID_EPS = 1e-8

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .nearest_code import interpreting
+from ._search import interpreting
 
 __all__ = ["cluster_stats", "ema_update_", "segment_sums", "numel_f32"]
 

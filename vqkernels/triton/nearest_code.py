@@ -49,16 +49,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._search import (  # noqa: F401 - re-exported: quantize.py, ema_update.py, the tests
+from ._search import (  # noqa: F401 (_HOPPER_SHAPES, _SMEM_BUDGET, prune_search_configs: tests read them here)
     _HOPPER_SHAPES,
     _SMEM_BUDGET,
     SEARCH_CONFIGS,
-    autotune_enabled,
     fold_splits,
     interpreting,
     n_bucket,
     prune_search_configs,
-    round_tf32,
     row_sq_norm,
     search_autotune,
     search_meta,

@@ -28,21 +28,17 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .ema_update import numel_f32, segment_sums
-from .nearest_code import (
-    check_args,
-    code_aux,
+from ._search import (
     fold_splits,
-    head_views,
     interpreting,
     n_bucket,
-    num_splits,
     search_autotune,
     search_meta,
     search_rows,
-    split_buffers,
     split_range,
 )
+from .ema_update import numel_f32, segment_sums
+from .nearest_code import check_args, code_aux, head_views, num_splits, split_buffers
 
 __all__ = ["quantize", "quantize_backward"]
 
