@@ -21,6 +21,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+class Skip(Exception):
+    """Raised by a factory when its provider cannot run here; the message is the recorded reason."""
+
+
 def _is_cuda(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
