@@ -433,12 +433,18 @@ def _opcheck_cases():
         ("code_distribution", (xb, cbb, w, 2.0, "l2"), "cd-bf16"),
         ("code_distribution", (x[:0], cb, w[:0], 1.0, "l2"), "cd-N0"),
         ("code_distribution", (x, cb[:1], w, 1.0, "dot"), "cd-K1"),
+        ("code_distribution", (x.clone().requires_grad_(), cb, w, 0.5, "l2"), "cd-frozen-cb"),
         ("code_distribution", (xt, cb, w, 0.01, "l2"), "cd-strided-tau0.01"),
         ("code_distribution_backward", (gl, gh, gm, x, cb, w, lse, ent, 0.5, "l2"), "cdb"),
         (
             "code_distribution_backward",
             (gl, empty, empty, x, cb, w, lse, ent, 0.5, "l2"),
             "cdb-lse-only",
+        ),
+        (  # an EMA codebook: no codebook-gradient pass, an empty grad_codebook
+            "code_distribution_backward",
+            (gl, gh, gm, x, cb, w, lse, ent, 0.5, "l2", None, 0, False),
+            "cdb-no-grad-codebook",
         ),
         ("soft_quantize", (xb, cbb, cbb, 1.0, "dot"), "sq-bf16"),
         ("soft_quantize_backward", (go, x, cb, cb, out, slse, 0.5, "dot"), "sqb"),

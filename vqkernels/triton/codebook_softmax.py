@@ -326,12 +326,14 @@ def _code_distribution_backward_op(
     grad_logsumexp: torch.Tensor, grad_entropy: torch.Tensor, grad_mean_probs: torch.Tensor,
     x: torch.Tensor, codebook: torch.Tensor, row_weight: torch.Tensor, logsumexp: torch.Tensor,
     entropy: torch.Tensor, temperature: float, metric: str, row_group: torch.Tensor | None = None,
-    num_groups: int = 0,
+    num_groups: int = 0, need_grad_codebook: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     n, d = x.shape
     k = codebook.shape[0]
     gx = torch.zeros((n, d), dtype=torch.float32, device=x.device)
-    gc = torch.zeros((k, d), dtype=torch.float32, device=x.device)
+    # Without need_grad_codebook: an empty [0] grad_codebook and no code-backward kernel (a second
+    # full streamed pass over every logits tile).
+    gc = torch.zeros((k, d) if need_grad_codebook else (0,), dtype=torch.float32, device=x.device)
     if n > 0:
         zn = torch.zeros(n, dtype=torch.float32, device=x.device)
         gl = grad_logsumexp.float().contiguous() if grad_logsumexp.numel() else zn
@@ -360,10 +362,11 @@ def _code_distribution_backward_op(
             xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gx, *common, METRIC=mid,
             HAS_GROUPS=grouped, **b,
         )  # fmt: skip
-        wrap_triton(_cd_code_bwd_kernel)[(triton.cdiv(k, b["BLOCK_K"]),)](
-            xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gc, *common, METRIC=mid,
-            HAS_GROUPS=grouped, **b,
-        )  # fmt: skip
+        if need_grad_codebook:
+            wrap_triton(_cd_code_bwd_kernel)[(triton.cdiv(k, b["BLOCK_K"]),)](
+                xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gc, *common, METRIC=mid,
+                HAS_GROUPS=grouped, **b,
+            )  # fmt: skip
     return gx.to(x.dtype), gc.to(codebook.dtype)
 
 
@@ -381,11 +384,12 @@ def _cd_backward(ctx, grad_lse, grad_ent, grad_mp):
     x, codebook, row_weight, lse, ent, row_group = ctx.saved_tensors
     empty = x.new_empty((0,), dtype=torch.float32)
     grads = [empty if g is None else g for g in (grad_lse, grad_ent, grad_mp)]
+    need_grad_codebook = ctx.needs_input_grad[1]  # False for an EMA codebook: skip its pass
     gx, gc = torch.ops.vqkernels.code_distribution_backward_triton(
         *grads, x, codebook, row_weight, lse, ent, ctx.temperature, ctx.metric, row_group,
-        ctx.num_groups,
+        ctx.num_groups, need_grad_codebook,
     )  # fmt: skip
-    return (gx, gc) + (None,) * (ctx.num_inputs - 2)
+    return (gx, gc if need_grad_codebook else None) + (None,) * (ctx.num_inputs - 2)
 
 
 _code_distribution_op.register_autograd(_cd_backward, setup_context=_cd_setup)
