@@ -429,6 +429,7 @@ def _opcheck_cases():
                 f"sq-{m}",
             ),
         ]
+    flagged = (gl, gh, gm, x, cb, w, lse, ent, 0.5, "l2", None, 0)
     cases += [
         ("code_distribution", (xb, cbb, w, 2.0, "l2"), "cd-bf16"),
         ("code_distribution", (x[:0], cb, w[:0], 1.0, "l2"), "cd-N0"),
@@ -441,11 +442,9 @@ def _opcheck_cases():
             (gl, empty, empty, x, cb, w, lse, ent, 0.5, "l2"),
             "cdb-lse-only",
         ),
-        (  # an EMA codebook: no codebook-gradient pass, an empty grad_codebook
-            "code_distribution_backward",
-            (gl, gh, gm, x, cb, w, lse, ent, 0.5, "l2", None, 0, False),
-            "cdb-no-grad-codebook",
-        ),
+        # need_grad_codebook / need_grad_x False (an EMA codebook / a detached x): [0] grads
+        ("code_distribution_backward", (*flagged, False), "cdb-no-grad-codebook"),
+        ("code_distribution_backward", (*flagged, True, False), "cdb-no-grad-x"),
         ("soft_quantize", (xb, cbb, cbb, 1.0, "dot"), "sq-bf16"),
         ("soft_quantize_backward", (go, x, cb, cb, out, slse, 0.5, "dot"), "sqb"),
     ]

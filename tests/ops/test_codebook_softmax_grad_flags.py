@@ -1,4 +1,4 @@
-"""``code_distribution_backward(..., need_grad_codebook=False)``: the codebook-gradient pass skipped.
+"""``code_distribution_backward(..., need_grad_codebook, need_grad_x)``: unneeded gradient passes skipped.
 
 The losses of the LR drop-in run ``code_distribution`` against an EMA codebook buffer that does
 not require grad; the autograd backward then passes ``need_grad_codebook=False`` and every
@@ -6,6 +6,7 @@ backend skips the streamed code pass.  The flag must not change ``grad_x`` by a 
 row pass that computes it is the same code either way), and the codebook's gradient must be
 absent (``None`` through autograd, an empty ``[0]`` tensor from the op itself).  That the backward
 is cheaper is measured by ``benchmarks/bench_beam_search.py --suite losses``, not asserted here.
+``need_grad_x=False`` (x detached, a learnable codebook) likewise skips the grad_x row pass.
 """
 
 from __future__ import annotations
@@ -56,13 +57,16 @@ def test_flag_off_gives_same_grad_x_bits_and_empty_grad_codebook(backend, shape,
     lse, ent, _ = reference.code_distribution(x, cb, w, 0.7, metric, row_group, groups)
     gl, gh, gm = _upstream(n, k, groups, dev)
     args = (gl, gh, gm, x, cb, w, lse, ent, 0.7, metric, row_group, groups)
-    gx_on, gc_on = op(*args)  # the default (need_grad_codebook=True): the existing signature
+    gx_on, gc_on = op(*args)  # the defaults (both flags True): the existing signature
     gx_off, gc_off = op(*args, False)
     assert gc_on.shape == cb.shape
     assert gc_off.shape == (0,) and gc_off.dtype == cb.dtype
     assert gx_off.dtype == gx_on.dtype and torch.equal(gx_off, gx_on), "grad_x changed bits"
     # The flag-on result is not vacuous: the codebook does get a gradient then.
     assert bool(gc_on.abs().sum() > 0)
+    gx_none, gc_only = op(*args, True, False)  # need_grad_x=False
+    assert gx_none.shape == (0,) and gx_none.dtype == x.dtype
+    assert gc_only.dtype == gc_on.dtype and torch.equal(gc_only, gc_on), "grad_codebook changed"
 
 
 def test_flag_off_with_no_upstream_gradient_is_empty(cpu_backend):
@@ -78,6 +82,8 @@ def test_flag_off_with_no_upstream_gradient_is_empty(cpu_backend):
     ):
         gx, gc = op(*args, False)
         assert gc.shape == (0,) and torch.equal(gx, torch.zeros_like(x))
+        gx, gc = op(*args, True, False)
+        assert gx.shape == (0,) and torch.equal(gc, torch.zeros_like(cb))
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -96,3 +102,18 @@ def test_frozen_codebook_gets_no_grad_and_same_grad_x(backend, metric):
         grads[cb_grad] = (xg.grad, cg.grad)
     assert grads[True][1] is not None and grads[False][1] is None
     assert torch.equal(grads[True][0], grads[False][0])
+
+
+def test_detached_x_gets_no_grad_and_same_grad_codebook(backend):
+    """The mirror case: x without requires_grad, the codebook's gradient bits unchanged."""
+    if backend.name not in dispatch.OP_TABLE["code_distribution"]:
+        pytest.skip(f"code_distribution has no {backend.name} implementation")
+    x, cb = make_inputs(21, 40, 6, seed=3, device=backend.device)
+    grads = {}
+    for x_grad in (True, False):
+        xg, cg = x.clone().requires_grad_(x_grad), cb.clone().requires_grad_()
+        lse, ent, mp = vqkernels.code_distribution(xg, cg, 0.5, "l2", backend=backend.name)
+        (lse.mean() - ent.mean() + (mp * mp.clamp_min(1e-9).log()).sum()).backward()
+        grads[x_grad] = (xg.grad, cg.grad)
+    assert grads[True][0] is not None and grads[False][0] is None
+    assert torch.equal(grads[True][1], grads[False][1])
