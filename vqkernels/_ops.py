@@ -164,8 +164,12 @@ torch.library.register_autograd(
 #     group ids outside [0, G): an error (checked by functional/ and the cpu kernel)
 # code_distribution_backward(grad_logsumexp[N] or [0], grad_entropy[N] or [0],
 #     grad_mean_probs[K] ([G,K] grouped) or [0], x, codebook, row_weight, logsumexp, entropy,
-#     temperature, metric, row_group, num_groups)
+#     temperature, metric, row_group, num_groups, need_grad_codebook=True, need_grad_x=True)
 #     -> (grad_x[N,D] dtype of x, grad_codebook[K,D] dtype of codebook)   ([0] grads = zero)
+#     need_grad_codebook=False: grad_codebook is an empty [0] tensor and the kernels skip the
+#     streamed code pass that computes it (autograd passes ctx.needs_input_grad[1]: the
+#     codebook is usually an EMA buffer without requires_grad); need_grad_x=False likewise for
+#     grad_x (ctx.needs_input_grad[0])
 # soft_quantize(x[N,D], keys[K,D], values[K,D], temperature, metric)
 #     -> (out[N,D] dtype of x, logsumexp[N] f32, indices[N] i64 = argmax_k logits, ties -> lowest)
 # soft_quantize_backward(grad_out[N,D], x, keys, values, out, logsumexp, temperature, metric)
@@ -181,8 +185,8 @@ _lib.define(
 _lib.define(
     "code_distribution_backward(Tensor grad_logsumexp, Tensor grad_entropy, "
     "Tensor grad_mean_probs, Tensor x, Tensor codebook, Tensor row_weight, Tensor logsumexp, "
-    "Tensor entropy, float temperature, str metric, Tensor? row_group=None, int num_groups=0) "
-    "-> (Tensor grad_x, Tensor grad_codebook)"
+    "Tensor entropy, float temperature, str metric, Tensor? row_group=None, int num_groups=0, "
+    "bool need_grad_codebook=True, bool need_grad_x=True) -> (Tensor grad_x, Tensor grad_codebook)"
 )
 _lib.define(
     "soft_quantize(Tensor x, Tensor keys, Tensor values, float temperature, str metric) "
@@ -222,12 +226,14 @@ def _code_distribution_fake(
 @torch.library.register_fake(f"{NAMESPACE}::code_distribution_backward")
 def _code_distribution_backward_fake(
     grad_logsumexp, grad_entropy, grad_mean_probs, x, codebook, row_weight, logsumexp, entropy,
-    temperature, metric, row_group=None, num_groups=0,
+    temperature, metric, row_group=None, num_groups=0, need_grad_codebook=True, need_grad_x=True,
 ):  # fmt: skip
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(codebook, memory_format=torch.contiguous_format),
-    )
+    def grad_like(t, needed):  # an unneeded gradient is an empty [0] tensor
+        if not needed:
+            return t.new_empty((0,))
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return grad_like(x, need_grad_x), grad_like(codebook, need_grad_codebook)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::soft_quantize")
@@ -271,11 +277,15 @@ def code_distribution_autograd(namespace: str = NAMESPACE):
             empty if g is None else g.float().contiguous()
             for g in (grad_logsumexp, grad_entropy, grad_mean_probs)
         ]
+        # A codebook without requires_grad (an EMA buffer, the usual case in the losses) skips
+        # the codebook-gradient pass: a second full streamed pass over every logits tile.
+        need_grad_x, need_grad_codebook = ctx.needs_input_grad[:2]
         op = getattr(torch.ops, namespace).code_distribution_backward
         grad_x, grad_cb = op(
             *grads, x, codebook, row_weight, logsumexp, entropy, ctx.temperature, ctx.metric,
-            row_group, ctx.num_groups,
+            row_group, ctx.num_groups, need_grad_codebook, need_grad_x,
         )  # fmt: skip
+        grad_x, grad_cb = grad_x if need_grad_x else None, grad_cb if need_grad_codebook else None
         return (grad_x, grad_cb) + (None,) * (ctx.num_inputs - 2)
 
     return backward

@@ -3,8 +3,9 @@
 // │ code_distribution(x[N,D], codebook[K,D], row_weight[N] f32, τ, metric, row_group[N]|None,  │
 // │     G) -> (logsumexp[N] f32, entropy[N] f32, mean_probs[K] f32 ([G,K] with row_group))     │
 // │ code_distribution_backward(g_lse[N]|[0], g_H[N]|[0], g_mp[K]|[G,K]|[0], x, codebook,       │
-// │     row_weight, logsumexp, entropy, τ, metric, row_group, G)                               │
-// │     -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb)                                  │
+// │     row_weight, logsumexp, entropy, τ, metric, row_group, G, need_grad_codebook=true,      │
+// │     need_grad_x=true) -> (grad_x[N,D] dtype x, grad_codebook[K,D] dtype cb; [0] when the   │
+// │     matching need_grad_* flag is false: that gradient's pass is skipped)                   │
 // │ soft_quantize(x[N,D], keys[K,D], values[K,D], τ, metric)                                   │
 // │     -> (out[N,D] dtype x, lse[N] f32, indices[N] i64 = argmax_k l_ik, ties -> lowest)      │
 // │ soft_quantize_backward(grad_out, x, keys, values, out, lse, τ, metric)                     │
@@ -242,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     const at::Tensor& x, const at::Tensor& codebook, const at::Tensor& row_weight,
     const at::Tensor& lse, const at::Tensor& entropy, double temperature,
     c10::string_view metric_name, const std::optional<at::Tensor>& row_group,
-    int64_t num_groups) {
+    int64_t num_groups, bool need_grad_codebook, bool need_grad_x) {
   check_2d_pair(x, codebook, "code_distribution_backward");
   const Metric metric = parse_softmax_metric(metric_name, "code_distribution_backward");
   const int64_t N = x.size(0), K = codebook.size(0), D = x.size(1);
@@ -257,9 +258,17 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
   TORCH_CHECK(!has_m || grad_mp.numel() == G * K, "code_distribution_backward: grad_mean_probs ",
               "must have G·K = ", G * K, " entries or none, got ", grad_mp.sizes());
   auto f32 = x.options().dtype(at::kFloat);
-  if (N == 0 || (!has_l && !has_h && !has_m)) {
-    return {at::zeros({N, D}, x.options()), at::zeros({K, D}, codebook.options())};
-  }
+  // Without need_grad_codebook (autograd: the codebook does not require grad, e.g. an EMA
+  // buffer) grad_codebook is an empty [0] tensor and the code pass below is skipped; likewise
+  // grad_x and the grad_x row pass without need_grad_x (ḡ's row pass serves both, it stays).
+  auto no_grad_codebook = [&] {
+    return need_grad_codebook ? at::zeros({K, D}, codebook.options())
+                              : at::empty({0}, codebook.options());
+  };
+  auto no_grad_x = [&] {
+    return need_grad_x ? at::zeros({N, D}, x.options()) : at::empty({0}, x.options());
+  };
+  if (N == 0 || (!has_l && !has_h && !has_m)) return {no_grad_x(), no_grad_codebook()};
   const int64_t nb = (N + kRows - 1) / kRows, R = nb * kRows;
   // Row offsets into grad_mean_probs [G, K]: row i reads g_ik = grad_mp[group_i, k].
   std::vector<int64_t> goff =
@@ -344,10 +353,18 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     scale_to_e(P, nc, l, coef);
   };
 
-  auto gx32 = at::empty({N, D}, f32);
-  grad_x_pass(P, isa, [&](int64_t b, int64_t k0, int64_t nc, float* l, float* coef, float*,
-                          float*) VQK_INLINE { e_tile(b, k0, nc, l, coef); },
-              gx32.data_ptr<float>());
+  at::Tensor grad_x = no_grad_x();
+  if (need_grad_x) {
+    auto gx32 = at::empty({N, D}, f32);
+    grad_x_pass(P, isa, [&](int64_t b, int64_t k0, int64_t nc, float* l, float* coef, float*,
+                            float*) VQK_INLINE { e_tile(b, k0, nc, l, coef); },
+                gx32.data_ptr<float>());
+    grad_x = gx32.to(x.scalar_type());
+  }
+
+  // The code pass recomputes every logits tile a second time (a full GEMM-class pass over all
+  // tiles), so skipping it roughly halves the backward when only grad_x is wanted.
+  if (!need_grad_codebook) return {grad_x, no_grad_codebook()};
 
   auto gc32 = at::empty({K, D}, f32);
   float* gcp = gc32.data_ptr<float>();
@@ -377,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
       }
     });
   });
-  return {gx32.to(x.scalar_type()), gc32.to(codebook.scalar_type())};
+  return {grad_x, gc32.to(codebook.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x,

@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> code_distribution_backward(
     const at::Tensor& grad_mean_probs, const at::Tensor& x, const at::Tensor& codebook,
     const at::Tensor& row_weight, const at::Tensor& logsumexp, const at::Tensor& entropy,
     double temperature, c10::string_view metric, const std::optional<at::Tensor>& row_group,
-    int64_t num_groups);
+    int64_t num_groups, bool need_grad_codebook, bool need_grad_x);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize(const at::Tensor& x,
                                                              const at::Tensor& keys,
                                                              const at::Tensor& values,

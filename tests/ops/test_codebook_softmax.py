@@ -429,10 +429,12 @@ def _opcheck_cases():
                 f"sq-{m}",
             ),
         ]
+    flagged = (gl, gh, gm, x, cb, w, lse, ent, 0.5, "l2", None, 0)
     cases += [
         ("code_distribution", (xb, cbb, w, 2.0, "l2"), "cd-bf16"),
         ("code_distribution", (x[:0], cb, w[:0], 1.0, "l2"), "cd-N0"),
         ("code_distribution", (x, cb[:1], w, 1.0, "dot"), "cd-K1"),
+        ("code_distribution", (x.clone().requires_grad_(), cb, w, 0.5, "l2"), "cd-frozen-cb"),
         ("code_distribution", (xt, cb, w, 0.01, "l2"), "cd-strided-tau0.01"),
         ("code_distribution_backward", (gl, gh, gm, x, cb, w, lse, ent, 0.5, "l2"), "cdb"),
         (
@@ -440,6 +442,9 @@ def _opcheck_cases():
             (gl, empty, empty, x, cb, w, lse, ent, 0.5, "l2"),
             "cdb-lse-only",
         ),
+        # need_grad_codebook / need_grad_x False (an EMA codebook / a detached x): [0] grads
+        ("code_distribution_backward", (*flagged, False), "cdb-no-grad-codebook"),
+        ("code_distribution_backward", (*flagged, True, False), "cdb-no-grad-x"),
         ("soft_quantize", (xb, cbb, cbb, 1.0, "dot"), "sq-bf16"),
         ("soft_quantize_backward", (go, x, cb, cb, out, slse, 0.5, "dot"), "sqb"),
     ]

@@ -88,10 +88,14 @@ def code_distribution(
     return lse.to(out_dtype), entropy.to(out_dtype), mean_probs.to(out_dtype)
 
 
-def _chain_scores(ds, x, codebook, metric):
-    """Gradients of ``Σ_ik ds_ik · s(x_i, c_k)`` w.r.t. x and the codebook (fp64/fp32 as given)."""
+def _chain_scores(ds, x, codebook, metric, need_grad_codebook=True, need_grad_x=True):
+    """Gradients of ``Σ_ik ds_ik · s(x_i, c_k)`` w.r.t. x and the codebook (fp64/fp32 as given);
+    each is ``None`` without its ``need_grad_*`` flag (its product is skipped)."""
     if metric == "dot":
-        return ds @ codebook, ds.T @ x
+        return (
+            ds @ codebook if need_grad_x else None,
+            ds.T @ x if need_grad_codebook else None,
+        )
     if metric == "l2":
         # s = −‖x‖² + 2·x·c − ‖c‖²: ∂s/∂x = 2(c − x), ∂s/∂c = 2(x − c).
         e = 2.0 * ds
@@ -99,8 +103,8 @@ def _chain_scores(ds, x, codebook, metric):
         d2 = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ codebook.T) + (codebook * codebook).sum(-1)
         # s = −sqrt(d²) above the clamp: ∂s/∂x = (c − x)/sqrt(d²); 0 where the clamp is active.
         e = torch.where(d2 > EUCLIDEAN_EPS, ds / d2.clamp_min(EUCLIDEAN_EPS).sqrt(), 0.0)
-    grad_x = e @ codebook - x * e.sum(1, keepdim=True)
-    grad_c = e.T @ x - codebook * e.sum(0).unsqueeze(-1)
+    grad_x = e @ codebook - x * e.sum(1, keepdim=True) if need_grad_x else None
+    grad_c = e.T @ x - codebook * e.sum(0).unsqueeze(-1) if need_grad_codebook else None
     return grad_x, grad_c
 
 
@@ -117,6 +121,8 @@ def code_distribution_backward(
     metric: str,
     row_group: torch.Tensor | None = None,
     num_groups: int = 0,
+    need_grad_codebook: bool = True,
+    need_grad_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed-form backward of :func:`code_distribution` (what the kernels compute).
 
@@ -125,7 +131,9 @@ def code_distribution_backward(
     ``∂L/∂l_ik = p_ik·(grad_lse_i − grad_H_i·(l_ik − lse_i + H_i) + w_i·(g_ik − ḡ_i))``
     (``∂H/∂l_k = −p_k(log p_k + H)``), then ``∂L/∂s = ∂L/∂l / τ`` chained through the scores.
     Empty (``numel 0``) gradients mean zero.  Returns ``(grad_x, grad_codebook)`` in the inputs'
-    dtypes.
+    dtypes; without ``need_grad_codebook`` ``grad_codebook`` is an empty ``[0]`` tensor (autograd
+    passes False when the codebook does not require grad, and the kernels then skip the code pass)
+    and ``grad_x`` is unchanged; ``need_grad_x`` likewise for ``grad_x`` (the grad_x row pass).
     """
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf, cf = x.to(cdt), codebook.to(cdt)
@@ -147,8 +155,11 @@ def code_distribution_backward(
         gbar = (p * g).sum(-1, keepdim=True)
         dl = dl + row_weight.to(cdt).reshape(n, 1) * (g - gbar)
     ds = p * dl / temperature
-    grad_x, grad_c = _chain_scores(ds, xf, cf, metric)
-    return grad_x.to(x.dtype), grad_c.to(codebook.dtype)
+    grad_x, grad_c = _chain_scores(ds, xf, cf, metric, need_grad_codebook, need_grad_x)
+    return (
+        x.new_empty((0,)) if grad_x is None else grad_x.to(x.dtype),
+        codebook.new_empty((0,)) if grad_c is None else grad_c.to(codebook.dtype),
+    )
 
 
 def soft_quantize(

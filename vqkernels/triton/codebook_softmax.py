@@ -326,12 +326,14 @@ def _code_distribution_backward_op(
     grad_logsumexp: torch.Tensor, grad_entropy: torch.Tensor, grad_mean_probs: torch.Tensor,
     x: torch.Tensor, codebook: torch.Tensor, row_weight: torch.Tensor, logsumexp: torch.Tensor,
     entropy: torch.Tensor, temperature: float, metric: str, row_group: torch.Tensor | None = None,
-    num_groups: int = 0,
+    num_groups: int = 0, need_grad_codebook: bool = True, need_grad_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     n, d = x.shape
     k = codebook.shape[0]
-    gx = torch.zeros((n, d), dtype=torch.float32, device=x.device)
-    gc = torch.zeros((k, d), dtype=torch.float32, device=x.device)
+    # Without need_grad_codebook: an empty [0] grad_codebook and no code-backward kernel (a second
+    # full streamed pass over every logits tile); need_grad_x likewise for the row-backward one.
+    gx = torch.zeros((n, d) if need_grad_x else (0,), dtype=torch.float32, device=x.device)
+    gc = torch.zeros((k, d) if need_grad_codebook else (0,), dtype=torch.float32, device=x.device)
     if n > 0:
         zn = torch.zeros(n, dtype=torch.float32, device=x.device)
         gl = grad_logsumexp.float().contiguous() if grad_logsumexp.numel() else zn
@@ -356,14 +358,16 @@ def _code_distribution_backward_op(
                 HAS_GROUPS=grouped, **b,
             )  # fmt: skip
         tail = (rel, gl, gh, ent, w, gm, gbar, grp)
-        wrap_triton(_cd_row_bwd_kernel)[(triton.cdiv(n, b["BLOCK_N"]),)](
-            xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gx, *common, METRIC=mid,
-            HAS_GROUPS=grouped, **b,
-        )  # fmt: skip
-        wrap_triton(_cd_code_bwd_kernel)[(triton.cdiv(k, b["BLOCK_K"]),)](
-            xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gc, *common, METRIC=mid,
-            HAS_GROUPS=grouped, **b,
-        )  # fmt: skip
+        if need_grad_x:
+            wrap_triton(_cd_row_bwd_kernel)[(triton.cdiv(n, b["BLOCK_N"]),)](
+                xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gx, *common, METRIC=mid,
+                HAS_GROUPS=grouped, **b,
+            )  # fmt: skip
+        if need_grad_codebook:
+            wrap_triton(_cd_code_bwd_kernel)[(triton.cdiv(k, b["BLOCK_K"]),)](
+                xa, sxn, sxd, xsq, ca, sck, scd, csq, *tail, gc, *common, METRIC=mid,
+                HAS_GROUPS=grouped, **b,
+            )  # fmt: skip
     return gx.to(x.dtype), gc.to(codebook.dtype)
 
 
@@ -381,10 +385,13 @@ def _cd_backward(ctx, grad_lse, grad_ent, grad_mp):
     x, codebook, row_weight, lse, ent, row_group = ctx.saved_tensors
     empty = x.new_empty((0,), dtype=torch.float32)
     grads = [empty if g is None else g for g in (grad_lse, grad_ent, grad_mp)]
+    # False for an EMA codebook (or a detached x): that gradient's pass is skipped
+    need_grad_x, need_grad_codebook = ctx.needs_input_grad[:2]
     gx, gc = torch.ops.vqkernels.code_distribution_backward_triton(
         *grads, x, codebook, row_weight, lse, ent, ctx.temperature, ctx.metric, row_group,
-        ctx.num_groups,
+        ctx.num_groups, need_grad_codebook, need_grad_x,
     )  # fmt: skip
+    gx, gc = gx if need_grad_x else None, gc if need_grad_codebook else None
     return (gx, gc) + (None,) * (ctx.num_inputs - 2)
 
 
