@@ -45,6 +45,7 @@ from .codebook_softmax_tiles import (
     _logits,
     _relative_lse,
     _sq_norms,
+    _store_operand_grad,
 )
 
 __all__ = ["code_distribution", "soft_quantize"]
@@ -225,13 +226,8 @@ def _cd_row_bwd_kernel(
         cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
         acc += tl.dot(e, cv, input_precision="ieee")
         esum += tl.sum(e, axis=1)
-    if METRIC != 1:
-        xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
-        acc = acc - xv * esum[:, None]
-    tl.store(
-        gx_ptr + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], acc,
-        mask=mask_n[:, None] & mask_d[None, :],
-    )  # fmt: skip
+    _store_operand_grad(gx_ptr, acc, esum, x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d,
+                        mask_d, D, METRIC)  # fmt: skip
 
 
 @triton.jit
@@ -265,13 +261,8 @@ def _cd_code_bwd_kernel(
         xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
         acc += tl.dot(tl.trans(e), xv, input_precision="ieee")
         esum += tl.sum(e, axis=0)
-    if METRIC != 1:
-        cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
-        acc = acc - cv * esum[:, None]
-    tl.store(
-        gc_ptr + offs_k[:, None].to(tl.int64) * D + offs_d[None, :], acc,
-        mask=mask_k[:, None] & mask_d[None, :],
-    )  # fmt: skip
+    _store_operand_grad(gc_ptr, acc, esum, c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d,
+                        mask_d, D, METRIC)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- launchers

@@ -21,6 +21,7 @@ from .codebook_softmax_tiles import (
     _logits,
     _relative_lse,
     _sq_norms,
+    _store_operand_grad,
 )
 
 __all__ = ["soft_quantize"]
@@ -130,13 +131,8 @@ def _sq_row_bwd_kernel(
         cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
         acc += tl.dot(e, cv, input_precision="ieee")
         esum += tl.sum(e, axis=1)
-    if METRIC != 1:
-        xv = _load_rows(x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d, mask_d)
-        acc = acc - xv * esum[:, None]
-    tl.store(
-        gx_ptr + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], acc,
-        mask=mask_n[:, None] & mask_d[None, :],
-    )  # fmt: skip
+    _store_operand_grad(gx_ptr, acc, esum, x_ptr, stride_xn, stride_xd, offs_n, mask_n, offs_d,
+                        mask_d, D, METRIC)  # fmt: skip
 
 
 @triton.jit
@@ -168,12 +164,12 @@ def _sq_code_bwd_kernel(
         acc_k += tl.dot(tl.trans(e), xv, input_precision="ieee")
         acc_v += tl.dot(tl.trans(p), go, input_precision="ieee")
         esum += tl.sum(e, axis=0)
-    if METRIC != 1:
-        cv = _load_rows(c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d, mask_d)
-        acc_k = acc_k - cv * esum[:, None]
-    off = offs_k[:, None].to(tl.int64) * D + offs_d[None, :]
-    tl.store(gk_ptr + off, acc_k, mask=mask_k[:, None] & mask_d[None, :])
-    tl.store(gv_ptr + off, acc_v, mask=mask_k[:, None] & mask_d[None, :])
+    _store_operand_grad(gk_ptr, acc_k, esum, c_ptr, stride_ck, stride_cd, offs_k, mask_k, offs_d,
+                        mask_d, D, METRIC)  # fmt: skip
+    tl.store(  # the values enter the output linearly: their gradient has no own-operand term
+        gv_ptr + offs_k[:, None].to(tl.int64) * D + offs_d[None, :], acc_v,
+        mask=mask_k[:, None] & mask_d[None, :],
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- launchers

@@ -67,6 +67,22 @@ def _e_factor(dl, coef, inv_tau, METRIC: tl.constexpr):
     return e
 
 
+@triton.jit
+def _store_operand_grad(out_ptr, acc, esum, u_ptr, stride_r, stride_d, offs_r, mask_r, offs_d,
+                        mask_d, D, METRIC: tl.constexpr):  # fmt: skip
+    """The epilogue of every gradient pass: l2 and euclidean logits depend on u − v, so the
+    gradient w.r.t. the pass's own operand u (x in a row pass, the codes in a code pass) is
+    ``acc − u·esum`` with ``acc = Σ e·v`` and ``esum = Σ e`` accumulated over the streamed tiles
+    (the u term applied once, here, not per tile); dot logits (METRIC 1) have no u term.  Stores
+    the [rows, BLOCK_D] fp32 tile into the contiguous [rows, D] output."""
+    if METRIC != 1:
+        acc = acc - _load_rows(u_ptr, stride_r, stride_d, offs_r, mask_r, offs_d, mask_d) * esum[:, None]
+    tl.store(
+        out_ptr + offs_r[:, None].to(tl.int64) * D + offs_d[None, :], acc,
+        mask=mask_r[:, None] & mask_d[None, :],
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- launchers
 
 
