@@ -29,10 +29,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import reference
 
 __all__ = [
+    "LargestAtenOutput",
     "U32",
     "LOWP_FLOOR",
     "CORE_SHAPES",
@@ -553,3 +555,20 @@ def require_feature(backend, op: str, *features: str) -> None:
     why = dispatch._op_refusal(backend.name, op, tuple(features))
     if why:
         pytest.skip(why)
+
+
+class LargestAtenOutput(TorchDispatchMode):
+    """While active, records in ``largest`` the element count of the largest tensor any aten op
+    produces (forward and backward): how the tests show a layer never materializes an N×K (or
+    N×2^d) matrix, whatever its code path."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -101,22 +101,12 @@ def test_rotation_fallback_equals_the_ops_rotation_estimator():
 
 def test_sim_vq_train_step_never_materializes_n_by_k():
     # upstream's cdist is N x K; the drop-in's largest tensor is the implicit codebook (K x D)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
-            return out
+    from vqkernels.testing import LargestAtenOutput
 
     n, k, d = 600, 2048, 8
     simvq = SimVQ(dim=d, codebook_size=k)
     x = torch.randn(2, n // 2, d, requires_grad=True)
-    with LargestOutput():
+    with LargestAtenOutput() as sizes:
         q, _, loss = simvq(x)
         (q.sum() + loss).backward()
-    assert LargestOutput.largest <= max(k * d, n * d) < n * k // 16
+    assert sizes.largest <= max(k * d, n * d) < n * k // 16

@@ -45,25 +45,14 @@ def test_per_row_batch_entropy_equals_per_sample():
 def test_lfq_train_step_never_materializes_n_by_codebook():
     # record the size of every tensor any aten op produces during a training step (forward and
     # backward) of the compat LFQ at 2^16 codes: nothing may come near N x 2^d elements
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from vqkernels.compat import LFQ
-
-    class LargestOutput(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
-            return out
+    from vqkernels.testing import LargestAtenOutput
 
     n, d = 512, 16
     lfq = LFQ(dim=d)
     x = (torch.randn(2, n // 2, d) * 0.05).requires_grad_()
-    with LargestOutput():
+    with LargestAtenOutput() as sizes:
         q, _, aux = lfq(x)
         (q.sum() + aux).backward()
     # the [2^d] mean distribution and the [N, 2^(d/2) + 1] prefix sums are the largest
-    assert LargestOutput.largest <= max(2**d, n * (2 ** (d // 2) + 1)) < n * 2**d // 64
+    assert sizes.largest <= max(2**d, n * (2 ** (d // 2) + 1)) < n * 2**d // 64
