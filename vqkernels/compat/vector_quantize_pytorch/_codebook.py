@@ -264,9 +264,11 @@ class Codebook(AffineParams, nn.Module):
         over a non-learnable code set (the op's codes carry no codebook gradient; LR's learnable
         codebook gets one through its commitment loss) under ``"l2"`` or unit-code ``"cosine"``."""
         stochastic = self.stochastic_sample_codes and temperature > 0
-        if self.use_cosine_sim and not _codes_are_unit(self.embed):
+        if stochastic or self.learnable_codebook or self.vq_bridge is not None:
             return False
-        return not (stochastic or self.learnable_codebook or self.vq_bridge is not None)
+        # last: the unit-code check reads the codebook (a host sync on a GPU), and the forward's
+        # search asks it again whenever this returns False
+        return not self.use_cosine_sim or _codes_are_unit(self.embed)
 
     def rotation_quantize(self, flat: torch.Tensor, embed: torch.Tensor):
         """``flat: [H, N, d]`` (differentiable), ``embed: [H, K, d]`` -> ``(quantize [H, N, d],
